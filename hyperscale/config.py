@@ -1,0 +1,187 @@
+"""One typed, validated config tree: YAML presets + dotted ``key=value`` overrides.
+
+Each component owns its section and receives only that section. Unknown keys and
+wrong types are errors that name the key and what is allowed. The resolved tree
+is written next to every run's outputs and into every checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hyperscale.diffusion.schedule import Prediction, ScheduleKind
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key and the allowed values in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class RunSection(Section):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+
+
+class ScheduleSection(Section):
+    kind: ScheduleKind = ScheduleKind.linear
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(2e-2, gt=0, lt=1)
+
+
+class ModelSection(Section):
+    """The denoiser backbone. ``pretrained_teacher_model`` loads an exported model
+    (local directory, hub id or ``s3://``); otherwise the architecture below is built."""
+    kind: Literal["unet2d"] = "unet2d"
+    pretrained_teacher_model: Optional[str] = None
+    prediction_type: Prediction = Prediction.eps
+    sample_size: int = 28
+    in_channels: int = 1
+    num_classes: int = 10
+    block_out_channels: list[int] = [32, 64, 64]
+    attention_levels: list[bool] = [False, False, True]
+    layers_per_block: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _levels(self) -> "ModelSection":
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+        return self
+
+
+class DataSection(Section):
+    dataset: Literal["fashion_mnist"] = "fashion_mnist"
+    root: Optional[str] = None  # IDX directory; None = Debian's location
+    train_shards_path_or_url: Optional[str] = None  # WebDataset shards (brace expansion)
+    split: Literal["train", "test"] = "train"
+    batch_size: int = Field(64, ge=1)  # per worker
+
+
+class TrainSection(Section):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    lr_warmup_steps: int = Field(100, ge=0)
+    lr_min_ratio: float = Field(1.0, gt=0, le=1)  # cosine decay to lr*ratio (1.0 = constant)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint path or "latest"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    max_failures: int = Field(0, ge=-1)
+
+
+class MethodSection(Section):
+    """Base of every method's section; ``name`` selects the method in the registry."""
+    name: str
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    schedule: ScheduleSection = ScheduleSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    method: MethodSection = Field(default_factory=lambda: _method_section({"name": "denoising"}))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            data = dict(data)
+            data["method"] = _method_section(data["method"])
+        return data
+
+
+def _method_section(raw: dict) -> MethodSection:
+    from hyperscale.methods.registry import method_config_class  # methods register their sections
+
+    return method_config_class(raw.get("name", "denoising")).model_validate(raw)
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+    key, _, raw = item.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[path[-1]] = value
+    return tree
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def format_errors(err: ValidationError, root: type[BaseModel] = Config) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed keys here: {', '.join(_allowed_keys(root, e['loc']))}"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
+                     else f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def from_dict(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err)) from None

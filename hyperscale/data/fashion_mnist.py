@@ -1,0 +1,89 @@
+"""Fashion-MNIST from the standard IDX files (Xiao et al. 2017; MIT licence).
+
+Default location is Debian's ``dataset-fashion-mnist`` package
+(``/usr/share/datasets/fashion-mnist``); any directory holding the four
+``*-idx?-ubyte[.gz]`` files works.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
+               "sandal", "shirt", "sneaker", "bag", "ankle boot")
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class DatasetMissingError(FileNotFoundError):
+    pass
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _find(root: Path, stem: str) -> Path:
+    for cand in (root / stem, root / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    raise DatasetMissingError(
+        f"Fashion-MNIST file '{stem}[.gz]' not found in {root}. Install it with "
+        f"'apt-get install dataset-fashion-mnist' (files land in {DEFAULT_ROOT}), or pass a "
+        f"directory holding the standard IDX files (data.root=... or HYPERSCALE_FMNIST_ROOT).")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one IDX file (magic 0x0000 08 NDIM, big-endian dims, uint8 payload)."""
+    with _open(path) as f:
+        magic = f.read(4)
+        if len(magic) != 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08:
+            raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic!r})")
+        ndim = magic[3]
+        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        data = np.frombuffer(f.read(), dtype=np.uint8)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated IDX payload ({data.size} bytes for dims {dims})")
+    return data.reshape(dims)
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, 28, 28) and int64 labels (N,)."""
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """Images as float in [-1, 1], shape (N, 1, 28, 28), and long labels."""
+        return to_model_range(self.images), torch.from_numpy(self.labels.astype(np.int64))
+
+
+def to_model_range(images_u8: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.array(images_u8)).float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """(N, 1, H, W) in [-1, 1] -> uint8 (N, H, W)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu().numpy()
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ImageSet:
+    if split not in _FILES:
+        raise ValueError(f"unknown split '{split}'; allowed: {sorted(_FILES)}")
+    root = Path(root or os.environ.get("HYPERSCALE_FMNIST_ROOT") or DEFAULT_ROOT)
+    img_stem, lab_stem = _FILES[split]
+    images, labels = read_idx(_find(root, img_stem)), read_idx(_find(root, lab_stem))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
+    return ImageSet(images, labels.astype(np.int64))

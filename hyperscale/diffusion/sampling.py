@@ -1,0 +1,272 @@
+"""Few-step samplers on a discrete VP schedule: DDIM, LCM and TCD, plus the 1-step generator call.
+
+DDIM: Song, Meng, Ermon, "Denoising Diffusion Implicit Models" (arXiv 2010.02502).
+LCM: Luo et al., "Latent Consistency Models" (arXiv 2310.04378).
+TCD: Zheng et al., "Trajectory Consistency Distillation" (arXiv 2402.19159).
+
+Each sampler reproduces the diffusers scheduler of the same name step for step
+(DDIMScheduler, LCMScheduler, TCDScheduler with clip_sample=False, no thresholding,
+eps prediction, init_noise_sigma = 1), including where diffusers draws its noise: pass
+the same seeded ``torch.Generator`` and the draws coincide. The samplers only see a
+``Denoiser`` (``denoiser(x_t, t, cond, out=...)`` with ``.schedule``), so the network's
+own prediction type never matters here.
+
+Shapes: x, noise (B, ...); t a python int (one timestep for the whole batch);
+abar arguments are floats, scalars or (B,) tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hyperscale.diffusion.schedule import Prediction, bcast
+
+
+class Spacing(str, Enum):
+    """DDIM grid spacings, as ``timestep_spacing`` in diffusers (Lin et al. 2305.08891, Table 2)."""
+    leading = "leading"
+    trailing = "trailing"
+    linspace = "linspace"
+
+
+class PrevRule(str, Enum):
+    """Where a DDIM step lands. ``stride``: t - T // n, as DDIMScheduler.step does for every
+    spacing; ``grid``: the next grid entry (clean data after the last). They agree for
+    "leading" and for "trailing" when n divides T; for "linspace" only ``grid`` lands on the grid."""
+    stride = "stride"
+    grid = "grid"
+
+
+class NoiseInput(str, Enum):
+    """How a 1-step generator feeds noise z in at timestep t. ``unit``: x_t = z (diffusers
+    pipelines: Hyper-SDXL 1-step UNet at t = 800, DMD2 at t = 399). ``sigma``: x_t = sigma_t z,
+    i.e. x~ = sigma~ z in VE coordinates (SIM / SiD, sigma~ = 2.5)."""
+    unit = "unit"
+    sigma = "sigma"
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """What a sampler hands its callback after each step: x the new sample (B, ...) and x0 the
+    step's clean estimate (DDIM/TCD: predicted x_0; LCM: the boundary-conditioned ``denoised``)."""
+    index: int
+    t: int
+    x: Tensor
+    x0: Tensor
+
+
+Callback = Callable[[SamplerStep], None]
+
+
+def timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: Spacing | str = "leading",
+              steps_offset: int = 0) -> Tensor:
+    """Descending DDIM grid, shape (num_steps,), long; equal to DDIMScheduler.set_timesteps."""
+    n, T, spacing = num_steps, num_train_timesteps, Spacing(spacing)
+    if not 1 <= n <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {n}")
+    if spacing is Spacing.linspace:
+        ts = np.linspace(0, T - 1, n).round()[::-1]
+    elif spacing is Spacing.leading:
+        ts = np.arange(n) * (T // n) + steps_offset
+        ts = ts[::-1]
+    else:  # numpy's float arange/round, so the grid equals diffusers' to the last index
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+def lcm_timesteps(num_steps: int, original_inference_steps: int | None = 50,
+                  num_train_timesteps: int = 1000) -> Tensor:
+    """LCM/TCD grid, shape (num_steps,), long: n indices evenly spread over the descending
+    distillation grid {k-1, 2k-1, ..., T-1} with k = T // original_inference_steps
+    (LCMScheduler / TCDScheduler.set_timesteps(n) with that config value).
+    ``None`` spreads them over all of {0, ..., T-1}, which is what TCDScheduler does when
+    ``original_inference_steps`` is passed to set_timesteps explicitly."""
+    T = num_train_timesteps
+    if original_inference_steps is None:
+        origin = np.arange(T)
+    else:
+        origin = np.arange(1, original_inference_steps + 1) * (T // original_inference_steps) - 1
+    if not 1 <= num_steps <= len(origin):
+        raise ValueError(f"num_steps must be in [1, {len(origin)}], got {num_steps}")
+    origin = origin[::-1]
+    idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(origin[idx].astype(np.int64).copy())
+
+
+def _f64(v: Tensor | float) -> Tensor:
+    return v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64)
+
+
+def predict_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor | float) -> Tensor:
+    """x_0 from eps at x_t, shape of x_t."""
+    abar_t = _f64(abar_t)
+    # DDIM eq. 12, "predicted x_0": (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    return (x_t - bcast((1 - abar_t).sqrt(), x_t) * eps) / bcast(abar_t.sqrt(), x_t)
+
+
+def ddim_sigma(abar_t: Tensor | float, abar_s: Tensor | float, eta: float = 1.0) -> Tensor:
+    """Noise scale of a stochastic DDIM step t -> s < t (eta = 1 is DDPM's posterior std)."""
+    abar_t, abar_s = _f64(abar_t), _f64(abar_s)
+    if eta == 0:  # also keeps the deterministic inversion (s > t) free of sqrt(negative)
+        return torch.zeros_like(abar_s * abar_t)
+    # DDIM eq. 16: sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)
+    return eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+
+
+def ddim_update(x0: Tensor, eps: Tensor, abar_s: Tensor | float, sigma: Tensor | float = 0.0,
+                noise: Tensor | None = None) -> Tensor:
+    """x_s from the (x0, eps) pair; ``noise`` (shape of x0) is needed when sigma > 0."""
+    abar_s, sigma = _f64(abar_s), _f64(sigma)
+    # DDIM eq. 12: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
+    x_s = bcast(abar_s.sqrt(), x0) * x0 + bcast((1 - abar_s - sigma ** 2).clamp(min=0).sqrt(), x0) * eps
+    return x_s if noise is None else x_s + bcast(sigma, x0) * noise
+
+
+def ddim_jump(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_s: Tensor | float) -> Tensor:
+    """Deterministic DDIM move from t to s (s < t denoises, s > t inverts), shape of x_t.
+
+    Exact when eps is the true noise: a_t x0 + s_t eps -> a_s x0 + s_s eps."""
+    return ddim_update(predict_x0(x_t, eps, abar_t), eps, abar_s)
+
+
+def ddim_step(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_s: Tensor | float,
+              eta: float = 0.0, noise: Tensor | None = None, clip_x0: bool = False) -> Tensor:
+    """Stochastic DDIM step t -> s < t; as DDIMScheduler.step (eps is not re-derived after clipping)."""
+    if eta > 0 and noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    x0 = predict_x0(x_t, eps, abar_t)
+    x0 = x0.clamp(-1, 1) if clip_x0 else x0
+    sigma = ddim_sigma(abar_t, abar_s, eta)
+    return ddim_update(x0, eps, abar_s, sigma, noise if eta > 0 else None)
+
+
+def lcm_boundary(t: int, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[float, float]:
+    """(c_skip, c_out) of the LCM consistency parameterisation at timestep t."""
+    u = t * timestep_scaling
+    # LCM eq. 9 with CM's c_skip = sigma_data^2 / (u^2 + sigma_data^2), c_out = u / sqrt(u^2 + sigma_data^2)
+    return sigma_data ** 2 / (u ** 2 + sigma_data ** 2), u / math.sqrt(u ** 2 + sigma_data ** 2)
+
+
+def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    # drawn on the generator's device, as diffusers' randn_tensor does, so seeds reproduce it
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _eps(denoiser, x: Tensor, t: int, cond) -> Tensor:
+    tb = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    return denoiser(x, tb, cond, out=Prediction.eps)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, noise: Tensor, cond, num_steps: int, spacing: Spacing | str = "leading",
+                eta: float = 0.0, clip_x0: bool = False, generator: torch.Generator | None = None,
+                final_alpha_cumprod: float | None = None, steps_offset: int = 0,
+                prev: PrevRule | str = "stride", callback: Callback | None = None) -> Tensor:
+    """DDIM from x_T = noise (B, ...) to x_0 (B, ...).
+
+    ``final_alpha_cumprod``: abar used once a step lands below t = 0; None means 1.0
+    (DDIMScheduler(set_alpha_to_one=True)); pass ``schedule.alphas_cumprod[0]`` for False.
+    Noise for eta > 0 is drawn at every step, as diffusers does."""
+    sched = denoiser.schedule
+    T, final = sched.num_train_timesteps, 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
+    ts, prev = timesteps(num_steps, T, spacing, steps_offset).tolist(), PrevRule(prev)
+    x = noise
+    for i, t in enumerate(ts):
+        if prev is PrevRule.stride:
+            s = t - T // num_steps
+        else:
+            s = ts[i + 1] if i + 1 < len(ts) else -1
+        abar_t, abar_s = sched.abar(t), sched.abar(s, final)
+        eps = _eps(denoiser, x, t, cond)
+        x0 = predict_x0(x, eps, abar_t)
+        x0 = x0.clamp(-1, 1) if clip_x0 else x0
+        z = _randn(x, generator) if eta > 0 else None
+        x = ddim_update(x0, eps, abar_s, ddim_sigma(abar_t, abar_s, eta), z)
+        if callback is not None:
+            callback(SamplerStep(i, t, x, x0))
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(denoiser, noise: Tensor, cond, num_steps: int, original_inference_steps: int = 50,
+               generator: torch.Generator | None = None, timesteps: list[int] | Tensor | None = None,
+               timestep_scaling: float = 10.0, sigma_data: float = 0.5,
+               callback: Callback | None = None) -> Tensor:
+    """LCM multistep sampling from x_T = noise (B, ...) to x_0 (B, ...), as LCMScheduler.
+
+    Each step: x0 from eps, denoised = c_skip x_t + c_out x0, then (except at the last step)
+    re-noise to the next timestep with fresh noise. ``timesteps`` (descending) overrides the grid."""
+    sched = denoiser.schedule
+    ts = _grid(timesteps, num_steps, original_inference_steps, sched.num_train_timesteps)
+    x = noise
+    for i, t in enumerate(ts):
+        eps = _eps(denoiser, x, t, cond)
+        c_skip, c_out = lcm_boundary(t, timestep_scaling, sigma_data)
+        denoised = c_out * predict_x0(x, eps, sched.abar(t)) + c_skip * x
+        if i + 1 < len(ts):
+            abar_prev = sched.abar(ts[i + 1])
+            # LCM Alg. 3 (multistep): x_{t'} = sqrt(abar_t') denoised + sqrt(1 - abar_t') z
+            x = ddim_update(denoised, _randn(x, generator), abar_prev)
+        else:
+            x = denoised
+        if callback is not None:
+            callback(SamplerStep(i, t, x, denoised))
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
+               original_inference_steps: int | None = 50, generator: torch.Generator | None = None,
+               timesteps: list[int] | Tensor | None = None, callback: Callback | None = None) -> Tensor:
+    """TCD (gamma = eta) from x_T = noise (B, ...), as TCDScheduler.
+
+    Step t -> t_prev: DDIM jump to s = floor((1 - eta) t_prev), then, when eta > 0 and not the
+    last step, re-noise s -> t_prev with fresh noise. The last step has t_prev = 0, so, as in
+    diffusers, the result is x at timestep 0 (abar_0 < 1), not a jump to abar = 1."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    sched = denoiser.schedule
+    ts = _grid(timesteps, num_steps, original_inference_steps, sched.num_train_timesteps)
+    x = noise
+    for i, t in enumerate(ts):
+        last = i + 1 == len(ts)
+        t_prev = 0 if last else ts[i + 1]
+        # floor in float32, exactly as TCDScheduler (long tensor times a python float)
+        s = int(torch.floor((1 - eta) * torch.tensor(t_prev, dtype=torch.float32)))
+        abar_prev, abar_s = sched.abar(t_prev), sched.abar(s)
+        eps = _eps(denoiser, x, t, cond)
+        x0 = predict_x0(x, eps, sched.abar(t))
+        x = ddim_update(x0, eps, abar_s)
+        if eta > 0 and not last:
+            # TCD eq. 19 (SSS): x_{t_prev} = sqrt(abar_prev / abar_s) x_s + sqrt(1 - abar_prev / abar_s) z
+            r = abar_prev / abar_s
+            x = bcast(r.sqrt(), x) * x + bcast((1 - r).sqrt(), x) * _randn(x, generator)
+        if callback is not None:
+            callback(SamplerStep(i, t, x, x0))
+    return x
+
+
+def _grid(custom, num_steps: int, original_inference_steps: int | None, T: int) -> list[int]:
+    if custom is None:
+        return lcm_timesteps(num_steps, original_inference_steps, T).tolist()
+    custom = [int(t) for t in custom]
+    if any(b >= a for a, b in zip(custom, custom[1:])) or custom[0] >= T:
+        raise ValueError(f"timesteps must be descending and below {T}, got {custom}")
+    return custom
+
+
+def one_step(denoiser, noise: Tensor, cond, t: int | Tensor, noise_input: NoiseInput | str = "unit") -> Tensor:
+    """x0 prediction (B, ...) from pure noise (B, ...) at a fixed timestep t; the forward pass of a
+    1-step generator, so gradients flow (no no_grad here)."""
+    tb = torch.as_tensor(t, device=noise.device).long().expand(noise.shape[0])
+    x_t = noise
+    if NoiseInput(noise_input) is NoiseInput.sigma:
+        x_t = bcast(denoiser.schedule.alpha_sigma(tb)[1], noise) * noise
+    return denoiser(x_t, tb, cond, out=Prediction.x0)

@@ -1,0 +1,44 @@
+"""Plain denoising training (DDPM, Ho et al. 2020, eq. 14) with optional Min-SNR
+weighting (Hang et al. 2023) and label dropout for classifier-free guidance
+(Ho & Salimans 2022). Trains the teacher; the first method in the registry."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from hyperscale.config import MethodSection
+from hyperscale.diffusion.schedule import Prediction
+from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.registry import register
+
+
+class DenoisingConfig(MethodSection):
+    name: Literal["denoising"] = "denoising"
+    label_dropout: float = Field(0.1, ge=0, le=1)  # p(cond -> null) for CFG
+    weighting: Literal["uniform", "min_snr"] = "min_snr"
+    min_snr_gamma: float = Field(5.0, gt=0)
+
+
+class Denoising(Method):
+    trainable = ("generator",)
+
+    def generator_loss(self, batch: Batch, *, generator, **_) -> LossOut:
+        x0, cond = batch.x0, batch.cond
+        sched = generator.schedule
+        t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = sched.add_noise(x0, eps, t)
+        drop = torch.rand(cond.shape, device=cond.device) < self.config.label_dropout
+        cond = torch.where(drop, generator.null_cond(cond), cond)
+        eps_hat = generator(x_t, t, cond, out=Prediction.eps)
+        per = (eps_hat - eps).pow(2).flatten(1).mean(1)
+        if self.config.weighting == "min_snr":
+            # eps-loss weight min(SNR, gamma)/SNR (Min-SNR, eq. 8 for eps-prediction)
+            snr = sched.snr(t).to(per.dtype)
+            per = per * torch.clamp(snr, max=self.config.min_snr_gamma) / snr
+        return LossOut(per, {"loss/denoise_mse": (eps_hat - eps).pow(2).mean().detach()})
+
+
+register("denoising", DenoisingConfig, Denoising)

@@ -1,0 +1,96 @@
+"""Build denoisers from config sections and save/load them as exports
+(``model.safetensors`` + ``hyperscale_model.json``), loadable without the trainer or Ray.
+
+A model source is a local directory, a hub id (resolved through huggingface_hub,
+which honours HF_HUB_OFFLINE) or an ``s3://bucket/prefix`` (downloaded via boto3).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hyperscale.diffusion.schedule import NoiseSchedule
+from hyperscale.models.denoiser import BaseDenoiser
+from hyperscale.models.unet import ClassUNetDenoiser, unet_config
+
+EXPORT_META = "hyperscale_model.json"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def schedule_from_section(s) -> NoiseSchedule:
+    return NoiseSchedule.from_config(s.kind, s.num_train_timesteps, s.beta_start, s.beta_end)
+
+
+def build_denoiser(model_section, schedule_section) -> BaseDenoiser:
+    """A fresh denoiser, or the exported one named by ``pretrained_teacher_model``."""
+    if model_section.pretrained_teacher_model:
+        return load_denoiser(model_section.pretrained_teacher_model)
+    m = model_section
+    cfg = unet_config(m.sample_size, m.in_channels, m.block_out_channels, m.layers_per_block,
+                      m.num_classes, m.attention_levels, m.dropout)
+    return ClassUNetDenoiser(schedule_from_section(schedule_section), cfg, m.prediction_type)
+
+
+def _meta(model: BaseDenoiser) -> dict[str, Any]:
+    if not isinstance(model, ClassUNetDenoiser):
+        raise TypeError(f"no exporter for {type(model).__name__}")
+    return {"format": "hyperscale-denoiser/1", "adapter": "class_unet2d",
+            "prediction_type": model.prediction_type.value, "unet": model.unet_config,
+            "alphas_cumprod": model.schedule.alphas_cumprod.tolist()}
+
+
+def save_denoiser(model: BaseDenoiser, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Atomic export: written to a temp dir beside the target, then renamed into place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / EXPORT_WEIGHTS))
+        meta = _meta(model) | {"extra": extra or {}}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def resolve_source(source: str) -> Path:
+    """Local directory, ``s3://bucket/prefix`` or hub id -> local directory."""
+    if source.startswith("s3://"):
+        from hyperscale.data.s3 import download_prefix
+
+        return download_prefix(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise FileNotFoundError(f"model source '{source}' is neither an export directory, "
+                                f"an s3:// prefix nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source))
+
+
+def load_denoiser(source: str | os.PathLike, map_location: str = "cpu") -> BaseDenoiser:
+    path = resolve_source(str(source))
+    meta_path = path / EXPORT_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: no {EXPORT_META}; not a hyperscale export")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("adapter") != "class_unet2d":
+        raise ValueError(f"{path}: unsupported adapter {meta.get('adapter')!r}")
+    sched = NoiseSchedule(torch.tensor(meta["alphas_cumprod"], dtype=torch.float64))
+    model = ClassUNetDenoiser(sched, meta["unet"], meta["prediction_type"])
+    model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=map_location))
+    return model.eval()

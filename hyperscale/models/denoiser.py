@@ -1,0 +1,82 @@
+"""The ``Denoiser`` protocol: every backbone is seen by methods and samplers only through it.
+
+A denoiser maps (x_t, t, cond) to a prediction in the caller's choice of
+parameterisation (eps / x0 / v / score). Backbone specifics (diffusers
+``UNet2DModel`` with class labels today; ``UNet2DConditionModel`` + text encoders
++ VAE for SD and the PixArt transformer behind the same seam) live in adapters.
+Classifier-free guidance is a wrapper, so losses never branch on it.
+
+Shapes: x_t (B, C, H, W); t (B,) integer timesteps on the schedule's grid;
+cond is backbone specific: a (B,) long tensor of class labels here, where label
+``num_classes`` is the "null" class used for CFG.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from hyperscale.diffusion.schedule import NoiseSchedule, Prediction, cfg_combine, convert
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    schedule: NoiseSchedule
+    prediction_type: Prediction
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
+                 out: Prediction | str = Prediction.eps) -> Tensor: ...
+
+    def null_cond(self, cond: Tensor) -> Tensor: ...
+
+
+class BaseDenoiser(nn.Module):
+    """Holds the schedule and does the prediction-type conversion; subclasses implement ``raw``."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction_type: Prediction | str = Prediction.eps):
+        super().__init__()
+        self.schedule = schedule
+        self.prediction_type = Prediction(prediction_type)
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
+
+    def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
+                out: Prediction | str = Prediction.eps) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        pred = self.raw(x_t, t, cond)
+        ab = self.alphas_cumprod.to(x_t.dtype)[t]
+        return convert(pred, x_t, ab.sqrt(), (1 - ab).sqrt(), self.prediction_type, out)
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance around any denoiser: one batched call on [uncond; cond]."""
+
+    def __init__(self, inner: nn.Module, guidance_scale: float):
+        super().__init__()
+        self.inner = inner
+        self.guidance_scale = float(guidance_scale)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.inner.schedule
+
+    @property
+    def prediction_type(self) -> Prediction:
+        return self.inner.prediction_type
+
+    def null_cond(self, cond: Tensor) -> Tensor:
+        return self.inner.null_cond(cond)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
+                out: Prediction | str = Prediction.eps) -> Tensor:
+        if self.guidance_scale == 1.0 or cond is None:
+            return self.inner(x_t, t, cond, out=out)
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        # Guidance combines eps (a linear function of x0/v/score at fixed x_t, so any works).
+        both = self.inner(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                          torch.cat([self.null_cond(cond), cond]), out=out)
+        uncond, cnd = both.chunk(2)
+        return cfg_combine(uncond, cnd, self.guidance_scale)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: Debian's Fashion-MNIST package and a virtualenv with hyperscale.
+# Idempotent; safe to rerun. Needs Python 3.11 and (for the data set) root or sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${HYPERSCALE_FMNIST_ROOT:-}" ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch==2.13.0 is pinned with the rest in one resolve so no CUDA torch is pulled (STACK.md §1).
+if ! .venv/bin/python -c "import hyperscale, ray, deepspeed, diffusers, efficientnet_lite_pytorch" 2>/dev/null; then
+  DS_BUILD_OPS=0 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" -c constraints.lock.txt
+fi
+.venv/bin/python -c "import torch; print('hyperscale env ready: torch', torch.__version__)"

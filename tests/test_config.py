@@ -1,0 +1,62 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hyperscale.config import Config, ConfigError, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_validates_and_round_trips(preset):
+    cfg = load_config(preset)
+    again = Config.model_validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(ROOT / "jobs/configs/teacher.yaml",
+                      ["train.lr=1e-3", "model.block_out_channels=[8,16,16]", "schedule.kind=cosine",
+                       "train.resume_from_checkpoint=latest"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.block_out_channels == [8, 16, 16]
+    assert cfg.schedule.kind.value == "cosine"
+    assert cfg.train.resume_from_checkpoint == "latest"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.bogus=1", "train.bogus: unknown key; allowed keys here: adam_beta1"),
+    ("nosuchsection.x=1", "nosuchsection: unknown key; allowed keys here: data, method, model"),
+    ("train.lr=fast", "train.lr"),
+    ("schedule.kind=sigmoid", "'linear', 'scaled_linear' or 'cosine'"),
+    ("method.name=nope", "unknown method 'nope'; allowed: denoising"),
+    ("method.weighting=foo", "'uniform' or 'min_snr'"),
+    ("model.attention_levels=[true]", "one entry per block_out_channels"),
+    ("train.max_steps", "not of the form dotted.key=value"),
+])
+def test_bad_input_names_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "jobs/configs/teacher.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dry_run_prints_resolved_config_and_exits_zero():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain_teacher.py"), "--dry-run", "train.max_steps=7"],
+                         capture_output=True, text=True, check=True).stdout
+    tree = yaml.safe_load(out)
+    assert tree["train"]["max_steps"] == 7 and tree["method"]["name"] == "denoising"
+
+
+def test_cli_rejects_unknown_key_with_exit_2():
+    p = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain_teacher.py"), "--dry-run", "train.nope=1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "train.nope: unknown key" in p.stderr
