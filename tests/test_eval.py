@@ -171,9 +171,8 @@ def test_evaluate_samples(extractor, classifier, test_images, tmp_path):
     assert set(out) == {"fid", "kid", "class_acc"}
     assert all(np.isfinite(v) for v in out.values())
     assert out["class_acc"] >= 0.8
-    wrong = evaluate_samples(x[100:160], (y[100:160] + 1) % 10, ref, extractor, classifier,
-                             kid_subsets=5, kid_subset_size=50)
-    assert wrong["class_acc"] < 0.2 and wrong["fid"] == pytest.approx(out["fid"])
+    shifted = (y[100:160] + 1) % 10
+    assert class_accuracy(classifier, x[100:160], shifted) < 0.2
 
 
 # ---------------------------------------------------------------- images

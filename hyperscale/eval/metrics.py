@@ -73,6 +73,10 @@ def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, float]:
     return x, float(np.linalg.norm(x @ x - a) / denom)
 
 
+def _max_diag_imag(x: np.ndarray) -> float:
+    return float(np.max(np.abs(np.diagonal(x).imag))) if np.iscomplexobj(x) else 0.0
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
                      mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
@@ -80,9 +84,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
     d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})      (Heusel et al. 2017, eq. 6)
 
     mu: (D,), sigma: (D, D). When S1 S2 is near-singular (few samples, D large), sqrtm
-    can fail or be inaccurate; then both covariances get ``SQRTM_EPS`` on the diagonal
-    and the root is recomputed. A small imaginary residue from the real Schur method is
-    dropped; a large one (diagonal |imag| > ``IMAG_TOL``) raises.
+    can fail, be inaccurate or come out with a clearly complex diagonal; then both
+    covariances get ``SQRTM_EPS`` on the diagonal and the root is recomputed. A small
+    imaginary residue (diagonal |imag| <= ``IMAG_TOL``) is dropped; a larger one that
+    survives the offset raises.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -90,16 +95,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
         raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
     diff = mu1 - mu2
     covmean, err = _sqrtm(s1 @ s2)
-    if err > SQRTM_REL_TOL:
+    if err > SQRTM_REL_TOL or _max_diag_imag(covmean) > IMAG_TOL:
         offset = np.eye(len(mu1)) * SQRTM_EPS
         covmean, err = _sqrtm((s1 + offset) @ (s2 + offset))
         if not np.all(np.isfinite(covmean)):
             raise FloatingPointError("sqrtm(S1 S2) is not finite even with the eps offset")
-    if np.iscomplexobj(covmean):
-        max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
-        if max_imag > IMAG_TOL:
-            raise ValueError(f"sqrtm(S1 S2) has a large imaginary component ({max_imag:.3g})")
-        covmean = covmean.real
+    if _max_diag_imag(covmean) > IMAG_TOL:
+        raise ValueError(f"sqrtm(S1 S2) has a large imaginary component ({_max_diag_imag(covmean):.3g})")
+    covmean = covmean.real
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 

@@ -18,6 +18,7 @@ def register(name: str, config_cls: type["MethodSection"], method_cls: type["Met
 
 def _load_builtin() -> None:
     import hyperscale.methods.denoising  # noqa: F401  (registers itself)
+    import hyperscale.methods.sim  # noqa: F401
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,157 @@
+"""The quality suite of BENCHMARK.md §1: the step-vs-quality table on Fashion-MNIST.
+
+Every generator row is produced on the same fixed noise, the same class-balanced
+labels and the same sample count, then scored by FID/KID on EfficientNet-Lite0
+features (relative numbers; see ``FID_NOTE``) and by the project's classifier.
+Records follow BENCHMARK.md's envelope (suite, commit, date, machine, command,
+settings, rows).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from hyperscale.data.fashion_mnist import load_fashion_mnist
+from hyperscale.diffusion.sampling import sample_ddim
+from hyperscale.eval.classifier import classifier_card, load_classifier
+from hyperscale.eval.features import FeatureExtractor, reference_stats
+from hyperscale.eval.images import plot_fid_vs_steps, save_grid
+from hyperscale.eval.metrics import FID_NOTE, evaluate_samples
+from hyperscale.models.denoiser import CFGDenoiser
+
+SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise (B,C,H,W), labels (B,)) -> images in [-1, 1]
+
+
+@dataclass
+class QualitySettings:
+    fid_samples: int = 2000  # per row; class-balanced; the same for every row
+    batch_size: int = 250
+    seed: int = 0
+    teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])
+    guidance_scale: float = 2.0  # teacher CFG (w = 1: none)
+    spacing: str = "trailing"  # DDIM grid; "trailing" starts every row at t = T-1
+    clip_x0: bool = True
+    image_size: int = 64  # feature-network input (EfficientNet-Lite0)
+    reference_limit: int | None = None  # None: all 10k test images (tests use fewer)
+    threads: int = field(default_factory=lambda: torch.get_num_threads())
+
+
+def fixed_inputs(s: QualitySettings, shape=(1, 28, 28)) -> tuple[Tensor, Tensor]:
+    """The shared evaluation inputs: class-balanced labels and their noise, from ``s.seed``."""
+    labels = torch.arange(s.fid_samples) % 10
+    noise = torch.randn((s.fid_samples, *shape), generator=torch.Generator().manual_seed(s.seed))
+    return noise, labels
+
+
+def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int) -> tuple[Tensor, float]:
+    """All samples in batches; returns (images, samples/s over the whole set)."""
+    out = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(labels), batch_size):
+            out.append(fn(noise[i:i + batch_size], labels[i:i + batch_size]).clamp(-1, 1))
+    return torch.cat(out), len(labels) / (time.perf_counter() - t0)
+
+
+def teacher_ddim(teacher, steps: int, s: QualitySettings) -> SampleFn:
+    guided = CFGDenoiser(teacher, s.guidance_scale)
+    return lambda z, y: sample_ddim(guided, z, y, steps, spacing=s.spacing, clip_x0=s.clip_x0)
+
+
+def machine() -> str:
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class QualityRun:
+    """Scores generator rows one by one; ``write`` records the table, grids and plot."""
+
+    def __init__(self, s: QualitySettings, out_dir: Path, log=print):
+        self.s, self.out_dir, self.log = s, Path(out_dir), log
+        torch.set_num_threads(s.threads)
+        self.extractor = FeatureExtractor(image_size=s.image_size)
+        self.ref = reference_stats(self.extractor, limit=s.reference_limit, verbose=True)
+        self.classifier = load_classifier()
+        self.noise, self.labels = fixed_inputs(s)
+        self.rows: list[dict] = []
+
+    def _score(self, generator: str, steps: int, images: Tensor, sps: float | None) -> dict:
+        m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier)
+        row = {"generator": generator, "steps": steps, **m, "samples_per_s": sps}
+        grid = self.out_dir / "grids" / f"{generator}-{steps}.png"
+        order = torch.argsort(self.labels[:100] * 1000 + torch.arange(100))  # one class per row
+        save_grid(images[:100][order], grid, nrow=10)
+        row["grid"] = str(grid.relative_to(self.out_dir))
+        self.rows.append(row)
+        sps_txt = f"{sps:8.1f}" if sps else "       -"
+        self.log(f"[bench] {generator:>18} steps {steps:>3}  FID {m['fid']:8.2f}  KID {m['kid']:.4f}  "
+                 f"acc {m['class_acc']:.3f}  samples/s {sps_txt}")
+        return row
+
+    def add_real_data(self) -> dict:
+        """The floor: real training images (same count) against the test reference."""
+        train = load_fashion_mnist("train")
+        g = torch.Generator().manual_seed(self.s.seed + 1)
+        idx = torch.cat([torch.nonzero(torch.from_numpy(train.labels) == c).flatten()[
+            torch.randperm(int((train.labels == c).sum()), generator=g)[:(self.labels == c).sum()]]
+            for c in range(10)])
+        images, labels = train.tensors()
+        imgs = torch.empty(len(self.labels), 1, 28, 28)
+        for c in range(10):  # place each class's real images where the evaluation labels ask for it
+            imgs[self.labels == c] = images[idx[labels[idx] == c]]
+        return self._score("real-data", 0, imgs, None)
+
+    def add(self, generator: str, steps: int, fn: SampleFn) -> dict:
+        images, sps = generate(fn, self.noise, self.labels, self.s.batch_size)
+        return self._score(generator, steps, images, sps)
+
+    def write(self, command: str) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"suite": "quality", "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+                  "machine": machine(), "command": command,
+                  "settings": asdict(self.s) | {"fid_note": FID_NOTE, "reference": "Fashion-MNIST test, 10k",
+                                                "feature_net": "EfficientNet-Lite0 (ImageNet)",
+                                                "classifier_test_acc": classifier_card().get("test_accuracy")},
+                  "rows": self.rows}
+        path = self.out_dir / "quality.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
+        return path
+
+
+def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str | None = None) -> Path:
+    from hyperscale.models.build import load_denoiser
+
+    teacher = load_denoiser(teacher_dir)
+    run = QualityRun(s, Path(out_dir))
+    run.add_real_data()
+    for steps in s.teacher_steps:
+        run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))
+    return run.write(command or " ".join([Path(sys.executable).name] + sys.argv))

@@ -1,0 +1,226 @@
+"""SIM: data-free one-step distillation by Score Implicit Matching.
+
+Luo, Huang, Geng, Kolter, Qi, "One-Step Diffusion Distillation through Score Implicit
+Matching", NeurIPS 2024 (arXiv 2410.16794); derivation and surrogates as in
+ALGORITHMS.md §1.3-1.6. A one-step generator x0 = D_theta(sigma~_init z; sigma~_init), a
+frozen teacher D_phi and an online fake score D_psi (both copies of the teacher at the start).
+
+All formulas are in VE/denoiser form: x~ = x0 + sigma~ eps and score s = (D - x~) / sigma~^2.
+Per sample, with Delta = D_phi(x_t) - D_psi(x_t) (so y = s_p - s_psi = Delta / sigma~^2):
+
+    L_SIM  = d'(y)^T (s_psi - grad log q(x_t|x0))            (divergence "sg", the paper's)
+    L_full = L_SIM + d(y)                                      (divergence "full")
+
+Nothing in them is detached: gradients reach theta through x0 and through x_t in the inputs
+of the teacher and fake networks; only their parameters are frozen (by the trainer).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from hyperscale.config import MethodSection
+from hyperscale.diffusion.sampling import one_step
+from hyperscale.diffusion.schedule import NoiseSchedule, Prediction, bcast
+from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.registry import register
+from hyperscale.models.denoiser import CFGDenoiser
+
+Distance = Literal["l2", "pseudo_huber", "normalized"]
+Divergence = Literal["sg", "full"]
+
+
+class SimConfig(MethodSection):
+    """SIM hyperparameters; defaults and why.
+
+    distance: "pseudo_huber" (the paper's recommended d, §1.4: a bounded, self-normalising
+        direction); "l2" is the Fisher divergence (= SiD with alpha = 1); "normalized" is
+        the c -> 0 limit y / ||y|| (Dive3D's practice).
+    huber_c: pseudo-Huber c per sqrt(dim) in denoiser (pixel) units: the distance acts on
+        Delta = sigma~^2 y with c = huber_c * sqrt(C*H*W) at every t (a valid per-t distance,
+        so exactness holds), the iCT convention that makes c resolution independent.
+        The paper's value was not recovered (§1.4): tune it against the logged
+        ``sim/y_norm``; below c the direction turns L2-like.
+    divergence: "sg" (default, the paper: sampling distribution held fixed) or "full".
+    variant / sid_alpha: "sid" swaps in SiD's generator loss
+        Delta^T[(D_phi - x0) - alpha Delta] as a baseline (alpha = 1.2 is SiD's shipped value).
+    init_sigma: 2.5, the generator's fixed VE input level (§1.1; the grid step nearest it).
+    teacher_guidance_scale: CFG on the teacher only, fake score unguided (§1.7). 1.0 (none)
+        is the CIFAR setting and keeps the target the teacher's own distribution.
+    generator_t_range: fractions of the DDPM grid, t drawn uniformly in between. The grid
+        is where the teacher and fake were trained (uniform t), so they are accurate there.
+        0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
+        is SiD's truncation (t_max = 800, sigma~ <= 24.4 on its Karras grid; sigma~ = 25.7 at
+        t = 800 on the linear grid), above which x_t says little about x0 (§1.6).
+    generator_weighting: "uniform" w(t) in denoiser units (the integrand above times
+        sigma~^2 for pseudo-Huber/normalized; times sigma~^4 / 2 for L2, so L2 SIM equals SiD
+        exactly): every t gets O(1) gradients. "sid" also divides per sample by
+        mean|x0 - D_phi| (stop-grad, SiD/DMD2), a heuristic: it depends on x0, not on x_t
+        alone, so the surrogate is no longer exact.
+    fake_t_range / fake_weighting: DSM for the fake score on detached generator samples with
+        the teacher's own loss, eps-MSE uniform over the whole grid (§1.5, as DMD2 does);
+        "min_snr" optional.
+    critic_steps: fake-score updates per generator update; 1 as SiD and DI (§1.6).
+    Labels: data-free; batch.cond supplies the class labels (random labels in training).
+    """
+    name: Literal["sim"] = "sim"
+    distance: Distance = "pseudo_huber"
+    huber_c: float = Field(0.01, ge=0)
+    divergence: Divergence = "sg"
+    variant: Literal["sim", "sid"] = "sim"
+    sid_alpha: float = 1.2
+    init_sigma: float = Field(2.5, gt=0)
+    teacher_guidance_scale: float = Field(1.0, ge=0)
+    generator_t_range: tuple[float, float] = (0.02, 0.8)
+    generator_weighting: Literal["uniform", "sid"] = "uniform"
+    fake_t_range: tuple[float, float] = (0.0, 1.0)
+    fake_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    critic_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SimConfig":
+        for key in ("generator_t_range", "fake_t_range"):
+            lo, hi = getattr(self, key)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{key} must satisfy 0 <= lo <= hi <= 1, got {(lo, hi)}")
+        return self
+
+
+def distance_terms(y: Tensor, distance: Distance, c: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    """d(y) (B,) and d'(y) (B, ...) for y (B, ...); c: scalar or (B,), ignored for l2."""
+    sq = y.flatten(1).pow(2).sum(1)
+    if distance == "l2":
+        # §1.4: d = ||y||^2, d' = 2y
+        return sq, 2 * y
+    c = torch.zeros_like(sq) if distance == "normalized" else torch.as_tensor(c, dtype=y.dtype, device=y.device)
+    # §1.4: d = sqrt(||y||^2 + c^2) - c, d' = y / sqrt(||y||^2 + c^2); clamped before the sqrt,
+    # so y = 0 (fake = teacher at the start) gives d' = 0 and finite gradients
+    r = (sq + c * c).clamp_min(1e-30).sqrt()
+    return r - c, y / bcast(r, y)
+
+
+def sim_integrand(d_phi: Tensor, d_psi: Tensor, x0: Tensor, sigma: Tensor | float | None = None, *,
+                  distance: Distance = "pseudo_huber", c: Tensor | float = 0.0,
+                  divergence: Divergence = "sg") -> tuple[Tensor, Tensor]:
+    """Per-sample SIM surrogate at one noise level; returns (loss (B,), d(y) (B,)).
+
+    d_phi, d_psi: teacher and fake x0-predictions at x_t, (B, ...); x0: generator output (B, ...).
+    sigma: VE noise level sigma~, scalar or (B,): y and the Stein term are in score units.
+    None works in denoiser units, i.e. uses the per-t distance d_t(y) = d(sigma~^2 y).
+    """
+    s2 = 1.0 if sigma is None else bcast(torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device) ** 2, x0)
+    # §1.3 denoiser form: y = s_p - s_psi = (D_phi - D_psi) / sigma~^2
+    y = (d_phi - d_psi) / s2
+    # §1.3: s_psi(x_t) - grad log q(x_t | x0) = (D_psi - x_t)/sigma~^2 + (x_t - x0)/sigma~^2
+    stein = (d_psi - x0) / s2
+    d, d_prime = distance_terms(y, distance, c)
+    # §1.3: L_SIM = d'(y)^T (s_psi - grad log q(x_t|x0)); D_full adds d(y)
+    loss = (d_prime * stein).flatten(1).sum(1)
+    return (loss + d if divergence == "full" else loss), d
+
+
+def sid_integrand(d_phi: Tensor, d_psi: Tensor, x0: Tensor, alpha: float) -> Tensor:
+    """SiD's generator loss per sample (B,), inputs (B, ...)."""
+    delta = d_phi - d_psi
+    # §1.3 (SiD): (D_phi - D_psi)^T [(D_phi - x0) - alpha (D_phi - D_psi)]
+    return (delta * ((d_phi - x0) - alpha * delta)).flatten(1).sum(1)
+
+
+def sample_shape(denoiser) -> tuple[int, ...]:
+    """Per-sample shape (C, H, W) of a denoiser's data: a ``sample_shape`` attribute, else the
+    UNet adapter's ``unet_config``; CFG wrappers are looked through."""
+    while not hasattr(denoiser, "sample_shape") and hasattr(denoiser, "inner"):
+        denoiser = denoiser.inner
+    if hasattr(denoiser, "sample_shape"):
+        return tuple(denoiser.sample_shape)
+    cfg = denoiser.unet_config
+    size = cfg["sample_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(cfg["in_channels"]),) + size
+
+
+def draw_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float], device) -> Tensor:
+    """n integer timesteps (n,), uniform on the grid between the two fractions of T - 1."""
+    last = schedule.num_train_timesteps - 1
+    lo, hi = round(t_range[0] * last), round(t_range[1] * last)
+    return torch.randint(lo, hi + 1, (n,), device=device)
+
+
+class Sim(Method):
+    """SIM generator loss (§1.3) and fake-score DSM (§1.5); roles by name."""
+    trainable = ("generator", "fake_score")
+    critic = "fake_score"
+    init_from_teacher = ("generator", "fake_score")
+    needs_teacher = True
+    needs_data = False
+
+    def critic_steps(self) -> int:
+        return self.config.critic_steps
+
+    def generate(self, generator, z: Tensor, cond) -> Tensor:
+        """x0 (B, C, H, W) from noise z (B, C, H, W): one differentiable call at sigma~_init (§1.1)."""
+        t = generator.schedule.timestep_for_sigma_ve(self.config.init_sigma)
+        return one_step(generator, z, cond, t, noise_input="sigma")
+
+    def _samples(self, generator, cond: Tensor) -> Tensor:
+        p = next(iter(generator.parameters()), None)
+        dtype = p.dtype if p is not None else torch.get_default_dtype()
+        z = torch.randn((cond.shape[0],) + sample_shape(generator), device=cond.device, dtype=dtype)
+        return self.generate(generator, z, cond)
+
+    def per_sample(self, d_phi: Tensor, d_psi: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """The configured integrand in denoiser units, (loss (B,), distance (B,)); inputs (B, ...)."""
+        cfg = self.config
+        if cfg.variant == "sid":
+            loss = sid_integrand(d_phi, d_psi, x0, cfg.sid_alpha)
+            dist = (d_phi - d_psi).flatten(1).pow(2).sum(1)
+        else:
+            c = cfg.huber_c * math.sqrt(x0[0].numel())
+            loss, dist = sim_integrand(d_phi, d_psi, x0, None, distance=cfg.distance, c=c,
+                                       divergence=cfg.divergence)
+            if cfg.distance == "l2":  # w = sigma~^4 / 2: L2 SIM = SiD(alpha=1), L2 full = SiD(alpha=0.5)
+                loss, dist = loss / 2, dist / 2
+        if cfg.generator_weighting == "sid":
+            # SiD/DMD2 normaliser: per-sample mean|x0 - D_phi|, stop-grad, clipped at 1e-5
+            loss = loss / (x0 - d_phi).detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+        return loss, dist
+
+    def generator_loss(self, batch: Batch, *, generator, fake_score, teacher, **_) -> LossOut:
+        cond = batch.cond
+        x0 = self._samples(generator, cond)
+        sched = teacher.schedule
+        t = draw_timesteps(sched, x0.shape[0], self.config.generator_t_range, x0.device)
+        x_t = sched.add_noise(x0, torch.randn_like(x0), t)
+        if self.config.teacher_guidance_scale != 1.0:
+            teacher = CFGDenoiser(teacher, self.config.teacher_guidance_scale)
+        d_phi = teacher(x_t, t, cond, out=Prediction.x0)
+        d_psi = fake_score(x_t, t, cond, out=Prediction.x0)
+        loss, dist = self.per_sample(d_phi, d_psi, x0)
+        y_norm = (d_phi - d_psi).detach().flatten(1).norm(dim=1)
+        return LossOut(loss, {"sim/y_norm": y_norm.mean(), "sim/dist": dist.detach().mean(),
+                              "sim/sigma": sched.sigma_ve(t).mean().to(x0.dtype),
+                              "sim/x0_std": x0.detach().std()})
+
+    def critic_loss(self, batch: Batch, *, generator, fake_score, **_) -> LossOut:
+        cond = batch.cond
+        with torch.no_grad():  # §1.5: DSM on detached generator samples
+            x0 = self._samples(generator, cond)
+        sched = fake_score.schedule
+        t = draw_timesteps(sched, x0.shape[0], self.config.fake_t_range, x0.device)
+        eps = torch.randn_like(x0)
+        eps_hat = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.eps)
+        mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
+        per = mse
+        if self.config.fake_weighting == "min_snr":
+            # eps-loss weight min(SNR, gamma) / SNR (Min-SNR, eq. 8)
+            snr = sched.snr(t).to(mse.dtype)
+            per = mse * torch.clamp(snr, max=self.config.min_snr_gamma) / snr
+        return LossOut(per, {"loss/fake_dsm": mse.detach().mean()})
+
+
+register("sim", SimConfig, Sim)
