@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from hyperscale.diffusion.schedule import Prediction, ScheduleKind
 
@@ -99,7 +99,8 @@ class Config(Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
-    method: MethodSection = Field(default_factory=lambda: _method_section({"name": "denoising"}))
+    # SerializeAsAny: dumps keep the concrete method's fields, not just the base's ``name``.
+    method: SerializeAsAny[MethodSection] = Field(default_factory=lambda: _method_section({"name": "denoising"}))
 
     @model_validator(mode="before")
     @classmethod
@@ -148,16 +149,34 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def format_errors(err: ValidationError, root: type[BaseModel] = Config) -> str:
+def format_errors(err: ValidationError, root: type[BaseModel] = Config, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown key; allowed keys here: {', '.join(_allowed_keys(root, e['loc']))}"
         lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
                      else f"  {key}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _validate(tree: dict) -> Config:
+    """Validate the method section on its own first, so its errors name ``method.<key>``."""
+    tree = dict(tree)
+    raw = tree.get("method") or {"name": "denoising"}
+    if isinstance(raw, dict):
+        from hyperscale.methods.registry import method_config_class
+
+        cls = method_config_class(raw.get("name", "denoising"))
+        try:
+            tree["method"] = cls.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(format_errors(err, root=cls, prefix="method.")) from None
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -169,11 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = apply_overrides(tree, overrides or [])
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_errors(err)) from None
+    return _validate(apply_overrides(tree, overrides or []))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -181,7 +196,4 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_dict(tree: dict) -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_errors(err)) from None
+    return _validate(tree)

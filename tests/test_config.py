@@ -60,3 +60,17 @@ def test_cli_rejects_unknown_key_with_exit_2():
     p = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain_teacher.py"), "--dry-run", "train.nope=1"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "train.nope: unknown key" in p.stderr
+
+
+def test_method_section_survives_dump_and_reload():
+    from hyperscale.config import from_dict
+
+    cfg = load_config(ROOT / "jobs/configs/teacher.yaml", ["method.label_dropout=0.3"])
+    assert from_dict(cfg.model_dump(mode="json")).method.label_dropout == 0.3  # what Ray workers receive
+    assert "label_dropout: 0.3" in to_yaml(cfg)
+
+
+def test_method_key_errors_name_the_method_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "jobs/configs/teacher.yaml", ["method.label_dropotu=0.3"])
+    assert "method.label_dropotu: unknown key; allowed keys here: label_dropout" in str(err.value)

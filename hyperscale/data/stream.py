@@ -50,3 +50,30 @@ class InMemoryStream:
     def load_state_dict(self, state: dict) -> None:
         self.cursor = Cursor(int(state["epoch"]), int(state["position"]))
         self._order = self._epoch_order(self.cursor.epoch)
+
+
+class LabelStream:
+    """Conditioning only, for data-free methods: uniform class labels, exactly resumable.
+
+    Each rank draws from its own generator seeded by (seed, rank); the generator's
+    state is the cursor.
+    """
+
+    def __init__(self, batch_size: int, num_classes: int, rank: int = 0, seed: int = 0):
+        self.batch_size, self.num_classes = batch_size, num_classes
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + 7919 * (rank + 1))
+        self.batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[None, Tensor]:
+        self.batches += 1
+        return None, torch.randint(0, self.num_classes, (self.batch_size,), generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches = int(state["batches"])

@@ -38,7 +38,7 @@ class ClassifierConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -125,7 +125,7 @@ def class_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size:
     return float((pred == torch.as_tensor(labels).long()).float().mean())
 
 
-def train_classifier(epochs: int = 3, config: ClassifierConfig | None = None,
+def train_classifier(epochs: int = 2, config: ClassifierConfig | None = None,
                      train_config: TrainConfig | None = None, root: str | os.PathLike | None = None,
                      log_every: int = 100) -> TrainResult:
     """Train on the Fashion-MNIST training split (AdamW, one-cycle LR, light augmentation)

@@ -53,5 +53,13 @@ class Method:
     def generator_loss(self, batch: Batch, **roles) -> LossOut:
         raise NotImplementedError
 
+    def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
+        """Images (B, C, H, W) from noise z with the trained generator (for grids and evaluation)."""
+        raise NotImplementedError
+
+    def export_meta(self, generator) -> dict:
+        """Extra metadata stored with the exported generator (e.g. how a 1-step generator samples)."""
+        return {}
+
     def critic_loss(self, batch: Batch, **roles) -> LossOut:
         raise NotImplementedError

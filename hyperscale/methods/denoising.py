@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from hyperscale.config import MethodSection
+from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.base import Batch, LossOut, Method
 from hyperscale.methods.registry import register
@@ -39,6 +40,10 @@ class Denoising(Method):
             snr = sched.snr(t).to(per.dtype)
             per = per * torch.clamp(snr, max=self.config.min_snr_gamma) / snr
         return LossOut(per, {"loss/denoise_mse": (eps_hat - eps).pow(2).mean().detach()})
+
+    def sample(self, generator, z, cond):
+        """DDIM, 25 trailing steps, no guidance: a quick look, not the benchmark."""
+        return sample_ddim(generator, z, cond, 25, spacing="trailing", clip_x0=True)
 
 
 register("denoising", DenoisingConfig, Denoising)

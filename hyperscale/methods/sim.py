@@ -43,15 +43,16 @@ class SimConfig(MethodSection):
     huber_c: pseudo-Huber c per sqrt(dim) in denoiser (pixel) units: the distance acts on
         Delta = sigma~^2 y with c = huber_c * sqrt(C*H*W) at every t (a valid per-t distance,
         so exactness holds), the iCT convention that makes c resolution independent.
-        The paper's value was not recovered (§1.4): tune it against the logged
-        ``sim/y_norm``; below c the direction turns L2-like.
+        The paper's value was not recovered (§1.4). 0.01 makes the direction normalised once
+        D_phi and D_psi differ by more than ~1% RMS per entry and keeps it smooth (finite at
+        Delta = 0, where fake = teacher at the start); tune it against ``sim/y_norm``.
     divergence: "sg" (default, the paper: sampling distribution held fixed) or "full".
     variant / sid_alpha: "sid" swaps in SiD's generator loss
         Delta^T[(D_phi - x0) - alpha Delta] as a baseline (alpha = 1.2 is SiD's shipped value).
     init_sigma: 2.5, the generator's fixed VE input level (§1.1; the grid step nearest it).
     teacher_guidance_scale: CFG on the teacher only, fake score unguided (§1.7). 1.0 (none)
         is the CIFAR setting and keeps the target the teacher's own distribution.
-    generator_t_range: fractions of the DDPM grid, t drawn uniformly in between. The grid
+    generator_t_range: fractions of the DDPM grid (of T - 1), t drawn uniformly in between. The grid
         is where the teacher and fake were trained (uniform t), so they are accurate there.
         0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
         is SiD's truncation (t_max = 800, sigma~ <= 24.4 on its Karras grid; sigma~ = 25.7 at
@@ -166,6 +167,14 @@ class Sim(Method):
         """x0 (B, C, H, W) from noise z (B, C, H, W): one differentiable call at sigma~_init (§1.1)."""
         t = generator.schedule.timestep_for_sigma_ve(self.config.init_sigma)
         return one_step(generator, z, cond, t, noise_input="sigma")
+
+    def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
+        return self.generate(generator, z, cond)
+
+    def export_meta(self, generator) -> dict:
+        """How the exported weights sample: one call at the grid step nearest sigma~_init, x_t = sigma_t z."""
+        t = generator.schedule.timestep_for_sigma_ve(self.config.init_sigma)
+        return {"generator": {"timestep": int(t), "noise_input": "sigma"}}
 
     def _samples(self, generator, cond: Tensor) -> Tensor:
         p = next(iter(generator.parameters()), None)

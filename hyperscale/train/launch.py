@@ -33,6 +33,33 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  runtime_env=env, log_to_driver=True)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _absolute(value: str | None) -> str | None:
+    """A relative local path -> absolute (cwd first, then the repo root), so Ray workers, whose
+    working directory differs, find it. URLs, hub ids and "latest" pass through."""
+    if not value or "://" in value or value == "latest":
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for base in (Path.cwd(), REPO):
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return value  # a hub id, or a path that does not exist yet: the loader says which
+
+
+def resolve_paths(cfg: Config) -> Config:
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.pretrained_teacher_model = _absolute(cfg.model.pretrained_teacher_model)
+    cfg.data.root = _absolute(cfg.data.root)
+    cfg.data.train_shards_path_or_url = _absolute(cfg.data.train_shards_path_or_url)
+    cfg.train.resume_from_checkpoint = _absolute(cfg.train.resume_from_checkpoint)
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    return cfg
+
+
 def write_resolved(cfg: Config) -> Path:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +76,8 @@ def run_training(cfg: Config) -> dict:
 
     from hyperscale.train.worker import train_loop
 
-    out = write_resolved(cfg).resolve()
+    cfg = resolve_paths(cfg)
+    out = write_resolved(cfg)
     t = cfg.train
     ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)))
     trainer = TorchTrainer(

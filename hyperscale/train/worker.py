@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from hyperscale.config import Config, from_dict, to_yaml
 from hyperscale.data.fashion_mnist import load_fashion_mnist
-from hyperscale.data.stream import InMemoryStream
+from hyperscale.data.stream import InMemoryStream, LabelStream
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method
 from hyperscale.models.build import build_denoiser, load_denoiser, save_denoiser
@@ -57,9 +57,22 @@ def build_roles(cfg: Config, method):
     return roles, frozen
 
 
-def build_stream(cfg: Config, rank: int, world: int) -> InMemoryStream:
+def build_stream(cfg: Config, method, rank: int, world: int) -> InMemoryStream | LabelStream:
+    if not method.needs_data:  # data-free: class labels only
+        return LabelStream(cfg.data.batch_size, cfg.model.num_classes, rank, seed=cfg.run.seed)
     images, labels = load_fashion_mnist(cfg.data.split, cfg.data.root).tensors()
     return InMemoryStream(images, labels, cfg.data.batch_size, rank, world, seed=cfg.run.seed)
+
+
+@torch.no_grad()
+def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
+    """10 x 10 samples from the (EMA) generator, one class per row, fixed seed."""
+    from hyperscale.eval.images import save_grid
+
+    labels = torch.arange(10).repeat_interleave(10) % cfg.model.num_classes
+    z = torch.randn((len(labels), cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size),
+                    generator=torch.Generator().manual_seed(cfg.run.seed))
+    save_grid(method.sample(model.eval(), z, labels).clamp(-1, 1), path, nrow=10)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -75,7 +88,7 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
     gen_name = method.trainable[0]
     ema = EMA(roles[gen_name].module, cfg.train.ema_decay, cfg.train.ema_warmup)
-    stream = build_stream(cfg, rank, world)
+    stream = build_stream(cfg, method, rank, world)
     counters = StepCounters()
 
     run_root = Path(loop_config["run_root"])
@@ -100,7 +113,7 @@ def train_loop(loop_config: dict) -> None:
 
     def next_batch() -> Batch:
         x, y = next(stream)
-        return Batch(cond=y, x0=x if method.needs_data else None)
+        return Batch(cond=y, x0=x)
 
     def save_state(step: int) -> dict:
         # Per-rank data cursors and RNG streams are gathered so every rank resumes exactly.
@@ -127,7 +140,7 @@ def train_loop(loop_config: dict) -> None:
             sps = (step - s0) * cfg.data.batch_size * world / max(elapsed, 1e-9)
             eta = (cfg.train.max_steps - step) * cfg.data.batch_size * world / max(sps, 1e-9)
             metrics |= {"step": step, "samples": counters.samples * world, "samples_per_s": sps,
-                        "epoch": stream.cursor.epoch}
+                        }
             if rank == 0:
                 losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
                 print(f"[hyperscale] step {step}/{cfg.train.max_steps} {losses} "
@@ -146,7 +159,9 @@ def train_loop(loop_config: dict) -> None:
 
     if rank == 0:
         export = Path(loop_config["export_dir"])
-        save_denoiser(ema.model, export / "ema", {"step": counters.step, "ema_decay": cfg.train.ema_decay})
-        save_denoiser(roles[gen_name].module, export / "raw", {"step": counters.step})
+        meta = method.export_meta(ema.model)
+        save_denoiser(ema.model, export / "ema", meta | {"step": counters.step, "ema_decay": cfg.train.ema_decay})
+        save_denoiser(roles[gen_name].module, export / "raw", meta | {"step": counters.step})
+        write_sample_grid(method, ema.model, cfg, export.parent / "samples.png")
     if world > 1:
         dist.barrier()

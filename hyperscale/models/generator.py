@@ -1,0 +1,50 @@
+"""A servable 1-step generator: a denoiser called once on noise at a fixed timestep.
+
+Exported like any denoiser (``model.safetensors`` + ``hyperscale_model.json``) with
+``extra.generator = {"timestep": t, "noise_input": "sigma"|"unit"}``, so it loads
+without the trainer or Ray: ``load_generator(dir)(z, labels)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from hyperscale.diffusion.sampling import NoiseInput, one_step
+from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
+
+
+class OneStepGenerator(nn.Module):
+    def __init__(self, denoiser: nn.Module, timestep: int, noise_input: NoiseInput | str = NoiseInput.sigma):
+        super().__init__()
+        self.denoiser, self.timestep, self.noise_input = denoiser, int(timestep), NoiseInput(noise_input)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        c = self.denoiser.unet_config
+        return (c["in_channels"], c["sample_size"], c["sample_size"])
+
+    def forward(self, z: Tensor, cond: Tensor) -> Tensor:
+        """z: (B, C, H, W) standard normal; cond: (B,) labels -> x0 (B, C, H, W)."""
+        return one_step(self.denoiser, z, cond, self.timestep, self.noise_input)
+
+    def meta(self) -> dict:
+        return {"generator": {"timestep": self.timestep, "noise_input": self.noise_input.value}}
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn((len(labels), *self.sample_shape), generator=generator)
+        return self(z, labels).clamp(-1, 1)
+
+
+def load_generator(source: str | os.PathLike) -> OneStepGenerator:
+    path = resolve_source(str(source))
+    extra = json.loads((Path(path) / EXPORT_META).read_text()).get("extra", {})
+    if "generator" not in extra:
+        raise ValueError(f"{path}: an export of a multi-step denoiser, not a 1-step generator "
+                         f"(no extra.generator in {EXPORT_META})")
+    g = extra["generator"]
+    return OneStepGenerator(load_denoiser(path), g["timestep"], g["noise_input"]).eval()

@@ -1,0 +1,111 @@
+"""One contract, every registered method: finite per-sample losses of shape (B,), gradients
+that reach the intended role whatever the requires_grad flags, and a teacher that never changes
+under the real two-player step. Runs on a tiny class-conditional UNet denoiser."""
+import copy
+
+import pytest
+import torch
+
+from hyperscale.config import load_config
+from hyperscale.methods.base import Batch
+from hyperscale.methods.registry import build_method, method_config_class, method_names
+from hyperscale.models.build import build_denoiser
+from hyperscale.train.step import Role, StepCounters, two_player_step
+
+TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,true]"]
+B = 2
+
+
+def _setup(name: str):
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY)
+    method = build_method(method_config_class(name)())
+    teacher = build_denoiser(cfg.model, cfg.schedule).eval().requires_grad_(False) if method.needs_teacher else None
+    roles = {}
+    for role in method.trainable:
+        roles[role] = copy.deepcopy(teacher) if role in method.init_from_teacher else build_denoiser(cfg.model, cfg.schedule)
+        roles[role].train()
+        # Trainable copies must differ from the teacher as after some training: a fresh copy
+        # makes teacher-vs-copy differences (and so some gradients) exactly zero.
+        with torch.no_grad():
+            for p in roles[role].parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    frozen = {"teacher": teacher} if teacher is not None else {}
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randint(0, cfg.model.num_classes, (B,), generator=g)
+    x0 = torch.rand(B, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size, generator=g) * 2 - 1
+    batch = Batch(cond=cond, x0=x0 if method.needs_data else None)
+    return method, roles, frozen, batch
+
+
+def _grads(method, loss_name: str, roles: dict, frozen: dict, batch: Batch, active) -> dict:
+    """Parameter gradients of every role after one backward of the mean loss; ``active`` is the
+    module whose parameters require grad (None: every role's, teacher included)."""
+    modules = list(roles.values()) + list(frozen.values())
+    for m in modules:
+        m.requires_grad_(active is None or m is active)
+    torch.manual_seed(2)
+    out = getattr(method, loss_name)(batch, **roles, **frozen)
+    assert out.loss.shape == (B,) and torch.isfinite(out.loss).all(), loss_name
+    assert all(torch.isfinite(v).all() and not v.requires_grad for v in out.metrics.values())
+    out.loss.mean().backward()
+    grads = {n: [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+             for n, m in (roles | frozen).items()}
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+        m.requires_grad_(False)
+    return grads
+
+
+def _nonzero(gs) -> bool:
+    return any(g is not None and g.abs().sum() > 0 for g in gs)
+
+
+def _equal(a, b) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
+
+
+@pytest.fixture(params=method_names())
+def setup(request):
+    return _setup(request.param)
+
+
+def test_generator_loss_gradients_reach_the_generator_and_ignore_requires_grad(setup):
+    method, roles, frozen, batch = setup
+    gen = method.trainable[0]
+    everything = _grads(method, "generator_loss", roles, frozen, batch, None)
+    trainer_mode = _grads(method, "generator_loss", roles, frozen, batch, roles[gen])
+    assert _nonzero(everything[gen])
+    assert _equal(everything[gen], trainer_mode[gen])  # the loss does not read requires_grad
+    assert all(not _nonzero(g) for n, g in trainer_mode.items() if n != gen)
+
+
+def test_critic_loss_trains_the_critic_only(setup):
+    method, roles, frozen, batch = setup
+    if method.critic is None:
+        pytest.skip("single-player method")
+    everything = _grads(method, "critic_loss", roles, frozen, batch, None)
+    trainer_mode = _grads(method, "critic_loss", roles, frozen, batch, roles[method.critic])
+    assert _nonzero(everything[method.critic])
+    assert _equal(everything[method.critic], trainer_mode[method.critic])
+    # generator samples are detached: nothing reaches the generator (or the teacher)
+    assert all(not _nonzero(g) for n, g in everything.items() if n != method.critic)
+
+
+def test_teacher_never_changes_and_trainable_roles_do(setup):
+    method, modules, frozen, batch = setup
+    teacher_before = {k: v.clone() for k, v in frozen["teacher"].state_dict().items()} if frozen else {}
+    before = {n: copy.deepcopy(m.state_dict()) for n, m in modules.items()}
+    roles = {}
+    for n, m in modules.items():
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        roles[n] = Role(n, m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), 1.0)
+    counters = StepCounters()
+    torch.manual_seed(3)
+    for _ in range(2):
+        two_player_step(method, lambda: batch, roles, frozen, None, counters)
+    assert counters.skipped == {}
+    for k, v in teacher_before.items():
+        assert torch.equal(frozen["teacher"].state_dict()[k], v), k
+    for n, m in modules.items():
+        assert any(not torch.equal(v, before[n][k]) for k, v in m.state_dict().items()), n
