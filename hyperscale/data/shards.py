@@ -38,6 +38,7 @@ from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, to_model_range
+from hyperscale.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,11 @@ def _write_tar_atomically(path: Path, samples: Iterable[dict]) -> None:
 
     Readers see either no shard or a complete one; on any error the temp file is removed.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "xb") as f:
+    with atomic_file(path, fsync=True) as tmp:
+        with open(tmp, "wb") as f:
             with wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME) as writer:
                 for sample in samples:
                     writer.write(sample)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_shards(image_set: ImageSet, pattern_dir: str | os.PathLike, prefix: str = "train",

@@ -27,6 +27,7 @@ from hyperscale.eval.classifier import classifier_card, load_classifier
 from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import FID_NOTE, evaluate_samples
+from hyperscale.io import atomic_file
 from hyperscale.models.denoiser import CFGDenoiser
 
 SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise (B,C,H,W), labels (B,)) -> images in [-1, 1]
@@ -104,8 +105,9 @@ class QualityRun:
         m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier)
         row = {"generator": generator, "steps": steps, **m, "samples_per_s": sps}
         grid = self.out_dir / "grids" / f"{generator}-{steps}.png"
-        order = torch.argsort(self.labels[:100] * 1000 + torch.arange(100))  # one class per row
-        save_grid(images[:100][order], grid, nrow=10)
+        n = min(100, len(self.labels))
+        order = torch.argsort(self.labels[:n] * 1000 + torch.arange(n))  # one class per row
+        save_grid(images[:n][order], grid, nrow=10)
         row["grid"] = str(grid.relative_to(self.out_dir))
         self.rows.append(row)
         sps_txt = f"{sps:8.1f}" if sps else "       -"
@@ -139,9 +141,8 @@ class QualityRun:
                                                 "classifier_test_acc": classifier_card().get("test_accuracy")},
                   "rows": self.rows}
         path = self.out_dir / "quality.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
         plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
         return path
 

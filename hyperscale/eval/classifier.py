@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hyperscale.data.fashion_mnist import load_fashion_mnist
+from hyperscale.io import atomic_file
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "classifier"
 WEIGHTS = "model.safetensors"
@@ -164,25 +164,6 @@ def train_classifier(epochs: int = 2, config: ClassifierConfig | None = None,
     return TrainResult(model, acc, train_seconds, tc, history)
 
 
-def _public_mode(path) -> None:
-    """mkstemp creates 0600 files; give the result the usual umask-based mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: FashionClassifier, directory: str | os.PathLike = DEFAULT_DIR,
                     card: dict | None = None) -> Path:
     """Write ``model.safetensors`` and ``classifier.json`` ({"config": ..., **card}, where
@@ -190,9 +171,11 @@ def save_classifier(model: FashionClassifier, directory: str | os.PathLike = DEF
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    with atomic_file(directory / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {"config": asdict(model.config), **(card or {})}
-    _atomic_write(directory / CARD, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    with atomic_file(directory / CARD) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 

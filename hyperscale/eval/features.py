@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from hyperscale.data.fashion_mnist import load_fashion_mnist, to_model_range
 from hyperscale.eval.metrics import ReferenceStats, gaussian_stats
+from hyperscale.io import atomic_file
 
 IMAGE_SIZE = 64
 FEATURE_DIM = 1280
@@ -128,16 +128,9 @@ def _settings_key(settings: dict) -> str:
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def reference_stats(extractor: FeatureExtractor | None = None, split: str = "test",

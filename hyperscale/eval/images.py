@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -12,17 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from hyperscale.eval.metrics import FID_NOTE
-
-
-def _atomic_path(path: Path):
-    """A temp file next to ``path`` (same suffix); the caller moves it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; give the usual mode
-    return Path(tmp)
+from hyperscale.io import atomic_file
 
 
 def make_grid(images: Tensor, nrow: int = 10, padding: int = 2) -> np.ndarray:
@@ -46,15 +35,9 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 10, padding: 
     """Write ``images`` (N, 1|3, H, W) in [-1, 1] as one PNG grid, ``nrow`` per row."""
     from PIL import Image
 
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
+    with atomic_file(path) as tmp:
         Image.fromarray(make_grid(images, nrow, padding)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def plot_fid_vs_steps(rows: Iterable[Mapping], path: str | os.PathLike,
@@ -100,12 +83,6 @@ def plot_fid_vs_steps(rows: Iterable[Mapping], path: str | os.PathLike,
     if lines or floors:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hyperscale.diffusion.schedule import NoiseSchedule
+from hyperscale.io import atomic_dir
 from hyperscale.models.denoiser import BaseDenoiser
 from hyperscale.models.unet import ClassUNetDenoiser, unet_config
 
@@ -48,29 +47,19 @@ def _meta(model: BaseDenoiser) -> dict[str, Any]:
 
 def save_denoiser(model: BaseDenoiser, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Atomic export: written to a temp dir beside the target, then renamed into place."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = _meta(model) | {"extra": extra or {}}
+    with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / EXPORT_WEIGHTS))
-        meta = _meta(model) | {"extra": extra or {}}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def resolve_source(source: str) -> Path:
     """Local directory, ``s3://bucket/prefix`` or hub id -> local directory."""
     if source.startswith("s3://"):
-        from hyperscale.data.s3 import download_prefix
-
-        return download_prefix(source)
+        raise NotImplementedError(f"model source '{source}': s3:// sources arrive with the S3 data path "
+                                  f"(scale-out issue); download the export and pass a local directory")
     path = Path(source).expanduser()
     if path.is_dir():
         return path

@@ -8,15 +8,14 @@ Layout of one checkpoint directory:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from hyperscale.io import atomic_dir
 
 STATE = "state.pt"
 META = "meta.json"
@@ -34,20 +33,11 @@ def set_rng_state(state: dict) -> None:
 
 def write_checkpoint(directory: Path, state: dict, meta: dict, config_yaml: str) -> Path:
     """Write into a temp dir next to ``directory`` and rename it into place (atomic on POSIX)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         torch.save(state, tmp / STATE)
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / META).write_text(json.dumps(meta))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def read_checkpoint(directory: Path) -> dict:

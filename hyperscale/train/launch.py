@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,7 +69,6 @@ def write_resolved(cfg: Config) -> Path:
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``; returns the final metrics. Outputs land in ``cfg.run.output_dir``:
     config.yaml, checkpoints/ (Ray storage), export/ema and export/raw, metrics.json."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
