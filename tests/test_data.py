@@ -16,13 +16,11 @@ import pytest
 import torch
 
 from hyperscale.data import shards as shards_mod
-from hyperscale.data.fashion_mnist import (CLASS_NAMES, DEFAULT_ROOT, DatasetMissingError, ImageSet,
+from hyperscale.data.fashion_mnist import (CLASS_NAMES, DatasetMissingError, ImageSet,
                                            load_fashion_mnist, read_idx, to_uint8)
 from hyperscale.data.shards import (expand_shard_urls, shard_dataset, shard_pattern, write_shards)
 
 REPO = Path(__file__).resolve().parent.parent
-have_debian_data = pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(),
-                                      reason="apt-get install dataset-fashion-mnist")
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -55,7 +53,6 @@ def _stream_all(stream) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------- IDX loader
 
-@have_debian_data
 def test_loader_reads_debian_files():
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     assert len(train) == 60000 and len(test) == 10000
