@@ -29,6 +29,7 @@ from hyperscale.diffusion.schedule import NoiseSchedule, Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method
 from hyperscale.methods.registry import register
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.generator import sample_shape
 
 Distance = Literal["l2", "pseudo_huber", "normalized"]
 Divergence = Literal["sg", "full"]
@@ -130,19 +131,6 @@ def sid_integrand(d_phi: Tensor, d_psi: Tensor, x0: Tensor, alpha: float) -> Ten
     delta = d_phi - d_psi
     # §1.3 (SiD): (D_phi - D_psi)^T [(D_phi - x0) - alpha (D_phi - D_psi)]
     return (delta * ((d_phi - x0) - alpha * delta)).flatten(1).sum(1)
-
-
-def sample_shape(denoiser) -> tuple[int, ...]:
-    """Per-sample shape (C, H, W) of a denoiser's data: a ``sample_shape`` attribute, else the
-    UNet adapter's ``unet_config``; CFG wrappers are looked through."""
-    while not hasattr(denoiser, "sample_shape") and hasattr(denoiser, "inner"):
-        denoiser = denoiser.inner
-    if hasattr(denoiser, "sample_shape"):
-        return tuple(denoiser.sample_shape)
-    cfg = denoiser.unet_config
-    size = cfg["sample_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(cfg["in_channels"]),) + size
 
 
 def draw_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float], device) -> Tensor:

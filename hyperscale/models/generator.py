@@ -17,26 +17,31 @@ from hyperscale.diffusion.sampling import NoiseInput, one_step
 from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
 
 
+def sample_shape(denoiser) -> tuple[int, ...]:
+    """Per-sample shape (C, H, W) of a denoiser's data: a ``sample_shape`` attribute, else the
+    UNet adapter's ``unet_config``; CFG wrappers are looked through."""
+    while not hasattr(denoiser, "sample_shape") and hasattr(denoiser, "inner"):
+        denoiser = denoiser.inner
+    if hasattr(denoiser, "sample_shape"):
+        return tuple(denoiser.sample_shape)
+    cfg = denoiser.unet_config
+    size = cfg["sample_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(cfg["in_channels"]),) + size
+
+
 class OneStepGenerator(nn.Module):
     def __init__(self, denoiser: nn.Module, timestep: int, noise_input: NoiseInput | str = NoiseInput.sigma):
         super().__init__()
         self.denoiser, self.timestep, self.noise_input = denoiser, int(timestep), NoiseInput(noise_input)
 
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        c = self.denoiser.unet_config
-        return (c["in_channels"], c["sample_size"], c["sample_size"])
-
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
         """z: (B, C, H, W) standard normal; cond: (B,) labels -> x0 (B, C, H, W)."""
         return one_step(self.denoiser, z, cond, self.timestep, self.noise_input)
 
-    def meta(self) -> dict:
-        return {"generator": {"timestep": self.timestep, "noise_input": self.noise_input.value}}
-
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        z = torch.randn((len(labels), *self.sample_shape), generator=generator)
+        z = torch.randn((len(labels), *sample_shape(self.denoiser)), generator=generator)
         return self(z, labels).clamp(-1, 1)
 
 

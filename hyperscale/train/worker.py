@@ -138,8 +138,7 @@ def train_loop(loop_config: dict) -> None:
             elapsed = time.time() - t0
             sps = (step - s0) * cfg.data.batch_size * world / max(elapsed, 1e-9)
             eta = (cfg.train.max_steps - step) * cfg.data.batch_size * world / max(sps, 1e-9)
-            metrics |= {"step": step, "samples": counters.samples * world, "samples_per_s": sps,
-                        }
+            metrics |= {"step": step, "samples": counters.samples * world, "samples_per_s": sps}
             if rank == 0:
                 losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
                 print(f"[hyperscale] step {step}/{cfg.train.max_steps} {losses} "
