@@ -1,6 +1,10 @@
-"""Benchmarks (BENCHMARK.md). The quality suite: the teacher's DDIM rows and the real-data floor.
+"""Benchmarks (BENCHMARK.md §1–2).
 
-    python jobs/bench.py --suite quality [--teacher assets/teacher] [--fid-samples 2000]
+    # quality: real-data floor, teacher DDIM rows, one 1-step row per student, one run
+    python jobs/bench.py --suite quality --student sim-pseudo-huber=runs/sim/export/ema \\
+        --student sim-l2=runs/sim-l2/export/ema
+    # speed: 1-step students vs the teacher at 25 and 50 steps, same batch, same process
+    python jobs/bench.py --suite speed --student sim-pseudo-huber=runs/sim/export/ema
 """
 import argparse
 import shlex
@@ -10,23 +14,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperscale.eval.bench import QualitySettings, run_quality  # noqa: E402
+from hyperscale.eval.bench import QualitySettings, parse_students, run_quality  # noqa: E402
+from hyperscale.eval.speed import SpeedSettings, run_speed  # noqa: E402
 
 if __name__ == "__main__":
-    d = QualitySettings()
+    d, sd = QualitySettings(), SpeedSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["quality"], default="quality")
-    p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id, s3://)")
+    p.add_argument("--suite", choices=["quality", "speed"], default="quality")
+    p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=PATH",
+                   help="an exported 1-step generator to add as a row (repeatable)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
-    p.add_argument("--fid-samples", type=int, default=d.fid_samples)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--steps", default=",".join(map(str, d.teacher_steps)), help="teacher DDIM step counts")
+    p.add_argument("--fid-samples", type=int, default=d.fid_samples, help="quality: samples per row")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"sampling batch (quality default {d.batch_size}, speed default {sd.batch_size})")
+    p.add_argument("--steps", default=None, help="teacher DDIM step counts, comma separated "
+                   f"(quality default {d.teacher_steps}, speed default {sd.teacher_steps})")
+    p.add_argument("--repeats", type=int, default=sd.repeats, help="speed: timed batches per teacher row")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing)
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args()
-    s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size, seed=a.seed,
-                        teacher_steps=[int(x) for x in a.steps.split(",")],
-                        guidance_scale=a.guidance_scale, spacing=a.spacing)
-    path = run_quality(a.teacher, a.out, s, command="python jobs/bench.py " + shlex.join(sys.argv[1:]))
+    command = "python jobs/bench.py " + shlex.join(sys.argv[1:])
+    try:
+        students = parse_students(a.student)
+    except ValueError as e:
+        p.error(str(e))
+    steps = [int(x) for x in a.steps.split(",")] if a.steps else None
+    if a.suite == "quality":
+        s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
+                            teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
+                            spacing=a.spacing)
+        path = run_quality(a.teacher, a.out, s, command=command, students=students)
+    else:
+        if not students:
+            p.error("--suite speed needs at least one --student NAME=PATH")
+        s = SpeedSettings(batch_size=a.batch_size or sd.batch_size, teacher_steps=steps or sd.teacher_steps,
+                          repeats=a.repeats, guidance_scale=a.guidance_scale, spacing=a.spacing, seed=a.seed)
+        path = run_speed(a.teacher, students, a.out, s, command=command)
     print(f"[bench] wrote {path}")

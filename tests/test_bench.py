@@ -5,22 +5,34 @@ import torch
 from PIL import Image
 
 from hyperscale.config import load_config
-from hyperscale.eval.bench import QualitySettings, run_quality
+import pytest
+
+from hyperscale.eval.bench import QualitySettings, parse_students, run_quality
+from hyperscale.eval.speed import SpeedSettings, run_speed
+from hyperscale.methods.sim import Sim, SimConfig
 from hyperscale.models.build import build_denoiser, save_denoiser
+
+
+def tiny_teacher_and_student(tmp_path):
+    """A tiny untrained teacher and a 1-step generator exported the way the trainer exports one."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
+    teacher = build_denoiser(cfg.model, cfg.schedule)
+    save_denoiser(teacher, tmp_path / "teacher")
+    save_denoiser(teacher, tmp_path / "student", Sim(SimConfig()).export_meta(teacher))
+    return str(tmp_path / "teacher"), str(tmp_path / "student")
 
 
 def test_quality_suite_writes_record_grids_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERSCALE_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
-    save_denoiser(build_denoiser(cfg.model, cfg.schedule), tmp_path / "teacher")
+    teacher, student = tiny_teacher_and_student(tmp_path)
     s = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1, 2], reference_limit=200)
-    path = run_quality(str(tmp_path / "teacher"), str(tmp_path / "bench"), s, command="test")
+    path = run_quality(teacher, str(tmp_path / "bench"), s, command="test", students={"sim-l2": student})
     rec = json.loads(path.read_text())
     assert {"suite", "commit", "date", "machine", "command", "settings", "rows"} <= rec.keys()
     assert rec["suite"] == "quality" and rec["settings"]["fid_samples"] == 20
     assert [(r["generator"], r["steps"]) for r in rec["rows"]] == [("real-data", 0), ("teacher-ddim", 1),
-                                                                  ("teacher-ddim", 2)]
+                                                                  ("teacher-ddim", 2), ("sim-l2", 1)]
     for r in rec["rows"]:
         assert {"fid", "kid", "class_acc", "samples_per_s"} <= r.keys()
         assert Image.open(tmp_path / "bench" / r["grid"]).size[0] > 0
@@ -28,3 +40,32 @@ def test_quality_suite_writes_record_grids_and_plot(tmp_path, monkeypatch):
     assert real["fid"] < untrained["fid"]  # an untrained net is far from the data
     assert real["class_acc"] > 0.8 and untrained["samples_per_s"] > 0
     assert (tmp_path / "bench" / "quality_fid_vs_steps.png").is_file()
+
+
+def test_quality_suite_rejects_a_multi_step_export_as_student(tmp_path):
+    teacher, _ = tiny_teacher_and_student(tmp_path)
+    with pytest.raises(ValueError, match="not a 1-step generator"):
+        run_quality(teacher, str(tmp_path / "bench"), QualitySettings(fid_samples=10), students={"x": teacher})
+
+
+def test_student_specs_are_checked():
+    assert parse_students(["a=x/y", "b=z"]) == {"a": "x/y", "b": "z"}
+    for bad in (["nopath"], ["=x"], ["a="], ["a=x", "a=y"]):
+        with pytest.raises(ValueError, match="student"):
+            parse_students(bad)
+
+
+def test_speed_suite_times_students_against_the_teacher(tmp_path):
+    teacher, student = tiny_teacher_and_student(tmp_path)
+    s = SpeedSettings(batch_size=4, teacher_steps=[2, 3], repeats=1)
+    rec = json.loads(run_speed(teacher, {"sim-pseudo-huber": student}, str(tmp_path), s, command="t",
+                               log=lambda *_: None).read_text())
+    assert rec["suite"] == "speed"
+    assert [(r["generator"], r["steps"], r["batch"]) for r in rec["rows"]] == [
+        ("teacher-ddim", 2, 4), ("teacher-ddim", 3, 4), ("sim-pseudo-huber", 1, 4)]
+    gen = rec["rows"][-1]
+    for t in rec["rows"][:2]:
+        assert gen[f"speedup_vs_teacher_{t['steps']}"] == pytest.approx(gen["samples_per_s"] / t["samples_per_s"])
+        assert t["network_calls_per_sample"] == 2 * t["steps"]  # CFG doubles the teacher's calls
+    with pytest.raises(ValueError, match="--student"):
+        run_speed(teacher, {}, str(tmp_path), s)

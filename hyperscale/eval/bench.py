@@ -133,26 +133,52 @@ class QualityRun:
         return self._score(generator, steps, images, sps)
 
     def write(self, command: str) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"suite": "quality", "commit": commit(), "date": time.strftime("%Y-%m-%d"),
-                  "machine": machine(), "command": command,
-                  "settings": asdict(self.s) | {"fid_note": FID_NOTE, "reference": "Fashion-MNIST test, 10k",
-                                                "feature_net": "EfficientNet-Lite0 (ImageNet)",
-                                                "classifier_test_acc": classifier_card().get("test_accuracy")},
-                  "rows": self.rows}
-        path = self.out_dir / "quality.json"
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=1))
+        settings = asdict(self.s) | {"fid_note": FID_NOTE, "reference": "Fashion-MNIST test, 10k",
+                                     "feature_net": "EfficientNet-Lite0 (ImageNet)",
+                                     "classifier_test_acc": classifier_card().get("test_accuracy")}
+        path = write_record(self.out_dir, "quality", settings, self.rows, command)
         plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
         return path
 
 
-def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str | None = None) -> Path:
+def write_record(out_dir: str | os.PathLike, suite: str, settings: dict, rows: list[dict],
+                 command: str | None = None) -> Path:
+    """``<out_dir>/<suite>.json`` in BENCHMARK.md's envelope, written atomically."""
+    record = {"suite": suite, "commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "command": command or " ".join([Path(sys.executable).name] + sys.argv),
+              "settings": settings, "rows": rows}
+    path = Path(out_dir) / f"{suite}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def parse_students(specs: list[str]) -> dict[str, str]:
+    """``["name=path", ...]`` -> {name: path}: exported 1-step generators to add as rows."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"student '{spec}': expected name=path, e.g. sim-l2=runs/sim-l2/export/ema")
+        if name in out:
+            raise ValueError(f"student '{name}' given twice")
+        out[name] = path
+    return out
+
+
+def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str | None = None,
+                students: dict[str, str] | None = None) -> Path:
+    """The real-data floor, the teacher's DDIM rows, then one 1-step row per student export."""
     from hyperscale.models.build import load_denoiser
+    from hyperscale.models.generator import load_generator
 
     teacher = load_denoiser(teacher_dir)
+    gens = {name: load_generator(path) for name, path in (students or {}).items()}  # fail before the slow part
     run = QualityRun(s, Path(out_dir))
     run.add_real_data()
     for steps in s.teacher_steps:
         run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))
-    return run.write(command or " ".join([Path(sys.executable).name] + sys.argv))
+    for name, gen in gens.items():
+        run.add(name, 1, gen)
+    return run.write(command)

@@ -76,7 +76,7 @@ def plot_fid_vs_steps(rows: Iterable[Mapping], path: str | os.PathLike,
         ax.set_xticks(all_steps)
         ax.set_xticklabels([str(s) for s in all_steps])
         ax.minorticks_off()
-    ax.set_xlabel("sampling steps (NFE)")
+    ax.set_xlabel("sampling steps (network calls per sample: steps, ×2 with CFG)")
     ax.set_ylabel("FID ↓")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
