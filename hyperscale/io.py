@@ -51,3 +51,20 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def absolute_local(value: str | None) -> str | None:
+    """A relative local path -> absolute (cwd first, then the repo root), so Ray workers and
+    replicas, whose working directory differs, find it. URLs, hub ids and "latest" pass through."""
+    if not value or "://" in value or value == "latest":
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for base in (Path.cwd(), REPO):
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return value  # a hub id, or a path that does not exist yet: the loader says which

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -153,7 +153,16 @@ def lcm_boundary(t: int, timestep_scaling: float = 10.0, sigma_data: float = 0.5
     return sigma_data ** 2 / (u ** 2 + sigma_data ** 2), u / math.sqrt(u ** 2 + sigma_data ** 2)
 
 
-def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _randn(like: Tensor, generator: Generators) -> Tensor:
+    """Noise shaped like ``like``. One generator draws the whole batch; a sequence holds one
+    generator per sample, so each sample's noise is independent of what it is batched with."""
+    if isinstance(generator, Sequence):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        return torch.cat([_randn(like[i:i + 1], g) for i, g in enumerate(generator)])
     # drawn on the generator's device, as diffusers' randn_tensor does, so seeds reproduce it
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
@@ -166,7 +175,7 @@ def _eps(denoiser, x: Tensor, t: int, cond) -> Tensor:
 
 @torch.no_grad()
 def sample_ddim(denoiser, noise: Tensor, cond, num_steps: int, spacing: Spacing | str = "leading",
-                eta: float = 0.0, clip_x0: bool = False, generator: torch.Generator | None = None,
+                eta: float = 0.0, clip_x0: bool = False, generator: Generators = None,
                 final_alpha_cumprod: float | None = None, steps_offset: int = 0,
                 prev: PrevRule | str = "stride", callback: Callback | None = None) -> Tensor:
     """DDIM from x_T = noise (B, ...) to x_0 (B, ...).
@@ -196,7 +205,7 @@ def sample_ddim(denoiser, noise: Tensor, cond, num_steps: int, spacing: Spacing 
 
 @torch.no_grad()
 def sample_lcm(denoiser, noise: Tensor, cond, num_steps: int, original_inference_steps: int = 50,
-               generator: torch.Generator | None = None, timesteps: list[int] | Tensor | None = None,
+               generator: Generators = None, timesteps: list[int] | Tensor | None = None,
                timestep_scaling: float = 10.0, sigma_data: float = 0.5,
                callback: Callback | None = None) -> Tensor:
     """LCM multistep sampling from x_T = noise (B, ...) to x_0 (B, ...), as LCMScheduler.
@@ -223,7 +232,7 @@ def sample_lcm(denoiser, noise: Tensor, cond, num_steps: int, original_inference
 
 @torch.no_grad()
 def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
-               original_inference_steps: int | None = 50, generator: torch.Generator | None = None,
+               original_inference_steps: int | None = 50, generator: Generators = None,
                timesteps: list[int] | Tensor | None = None, callback: Callback | None = None) -> Tensor:
     """TCD (gamma = eta) from x_T = noise (B, ...), as TCDScheduler.
 

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from hyperscale.config import Config, to_yaml
+from hyperscale.io import absolute_local
 
 # Without this, every ray.train.report() blocks ~2 s (STACK.md §3).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -32,29 +33,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  runtime_env=env, log_to_driver=True)
 
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _absolute(value: str | None) -> str | None:
-    """A relative local path -> absolute (cwd first, then the repo root), so Ray workers, whose
-    working directory differs, find it. URLs, hub ids and "latest" pass through."""
-    if not value or "://" in value or value == "latest":
-        return value
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    for base in (Path.cwd(), REPO):
-        if (base / p).exists():
-            return str((base / p).resolve())
-    return value  # a hub id, or a path that does not exist yet: the loader says which
 
 
 def resolve_paths(cfg: Config) -> Config:
     cfg = cfg.model_copy(deep=True)
-    cfg.model.pretrained_teacher_model = _absolute(cfg.model.pretrained_teacher_model)
-    cfg.data.root = _absolute(cfg.data.root)
-    cfg.data.train_shards_path_or_url = _absolute(cfg.data.train_shards_path_or_url)
-    cfg.train.resume_from_checkpoint = _absolute(cfg.train.resume_from_checkpoint)
+    cfg.model.pretrained_teacher_model = absolute_local(cfg.model.pretrained_teacher_model)
+    cfg.data.root = absolute_local(cfg.data.root)
+    cfg.data.train_shards_path_or_url = absolute_local(cfg.data.train_shards_path_or_url)
+    cfg.train.resume_from_checkpoint = absolute_local(cfg.train.resume_from_checkpoint)
     cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
     return cfg
 

@@ -1,0 +1,235 @@
+"""Generation without Ray: load an export, validate a request, sample, encode images.
+
+The serving layer (``hyperscale/serve``) wraps exactly this; scripts and notebooks use it
+directly::
+
+    gen = ImageGenerator.load("runs/sim/export/ema")
+    images = gen.generate([Job(GenerateRequest(**{"class": "sneaker", "num_images": 4, "seed": 1}))])
+
+Two kinds of export are served:
+- a **1-step generator** (``extra.generator`` in its metadata, e.g. SIM): one network call,
+  ``steps`` must be 1, no guidance (it is distilled into the weights);
+- a **multi-step denoiser** (the teacher, Hyper-SD merged weights): TCD (``eta``) or trailing
+  DDIM for 1 to ``max_steps`` steps, with classifier-free guidance.
+
+Determinism: image ``i`` of a request with seed ``s`` is drawn from its own
+``torch.Generator`` seeded ``s + i`` (initial noise and every sampler draw), so the same
+request gives the same images whatever it is batched with (bit for bit at an equal batch
+shape; a different batch size changes only float rounding in the kernels, ~1e-6).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from hyperscale.diffusion.sampling import sample_ddim, sample_tcd
+from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
+from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.generator import OneStepGenerator, sample_shape
+
+MAX_SEED = 2 ** 53  # exact in JSON numbers and in float64 clients
+
+
+class RequestError(ValueError):
+    """A request the model cannot honour; the message names the field and the allowed values."""
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /v1/generate``. Give ``class`` (index or name) or a ``prompt`` naming one."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class_: Optional[Union[int, str]] = Field(None, alias="class", description="class index or name")
+    prompt: Optional[str] = Field(None, description="free text naming a class, e.g. 'a photo of a sneaker'")
+    num_images: int = Field(1, ge=1)
+    seed: Optional[int] = Field(None, ge=0, lt=MAX_SEED, description="omitted: a random seed, returned")
+    steps: Optional[int] = Field(None, ge=1, description="omitted: the model's default")
+    sampler: Optional[Literal["tcd", "ddim"]] = Field(None, description="multi-step models only")
+    eta: Optional[float] = Field(None, ge=0, le=1, description="TCD gamma; multi-step models only")
+    guidance_scale: Optional[float] = Field(None, ge=1, le=20, description="CFG; multi-step models only")
+    size: Optional[int] = Field(None, ge=1, description="output side in pixels (nearest upscale)")
+    adapter: Optional[str] = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                                   description="a named model under the server's adapters directory")
+    format: Literal["png", "jpeg"] = "png"
+    response: Literal["json", "image"] = Field("json", description="image: raw bytes (num_images = 1)")
+
+
+@dataclass
+class Limits:
+    """Server-side bounds on one request (BENCHMARK.md §5: every excess is a 4xx naming the field)."""
+
+    max_images_per_request: int = 16
+    max_steps: int = 8
+    max_prompt_chars: int = 256
+    max_size: int = 512
+
+
+def check_limits(req: GenerateRequest, limits: Limits) -> None:
+    if req.num_images > limits.max_images_per_request:
+        raise RequestError(f"num_images: {req.num_images} is over this server's limit of "
+                           f"{limits.max_images_per_request} per request")
+    if req.steps is not None and req.steps > limits.max_steps:
+        raise RequestError(f"steps: {req.steps} is over this server's limit of {limits.max_steps}")
+    if req.prompt is not None and len(req.prompt) > limits.max_prompt_chars:
+        raise RequestError(f"prompt: {len(req.prompt)} characters is over the limit of {limits.max_prompt_chars}")
+    if req.size is not None and req.size > limits.max_size:
+        raise RequestError(f"size: {req.size} is over this server's limit of {limits.max_size} pixels")
+    if req.response == "image" and req.num_images != 1:
+        raise RequestError("response: 'image' returns one image; ask num_images = 1 or response = 'json'")
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    from hyperscale.data.fashion_mnist import CLASS_NAMES
+
+    return CLASS_NAMES if num_classes == len(CLASS_NAMES) else tuple(f"class {i}" for i in range(num_classes))
+
+
+def resolve_class(req: GenerateRequest, names: tuple[str, ...]) -> int:
+    """The label a request asks for: ``class`` as an index or a name, or the class a prompt names."""
+    known = ", ".join(names)
+    label = None
+    if isinstance(req.class_, int) and not isinstance(req.class_, bool):
+        if not 0 <= req.class_ < len(names):
+            raise RequestError(f"class: {req.class_} is out of range 0..{len(names) - 1}")
+        label = req.class_
+    elif isinstance(req.class_, str):
+        key = req.class_.strip().lower()
+        matches = [i for i, n in enumerate(names) if key == n.lower() or key in n.lower().split("/")]
+        if not matches:
+            raise RequestError(f"class: '{req.class_}' is not a known class; known: {known}")
+        label = matches[0]
+    if req.prompt is not None:
+        text = req.prompt.lower()
+        found = sorted(((len(part), i) for i, n in enumerate(names) for part in [n.lower(), *n.lower().split("/")]
+                        if part and part in text), reverse=True)
+        if label is None:
+            if not found:
+                raise RequestError(f"prompt: names no known class; known: {known}")
+            label = found[0][1]
+        elif found and found[0][1] != label:
+            raise RequestError(f"prompt names '{names[found[0][1]]}' but class asks for '{names[label]}'")
+    if label is None:
+        raise RequestError("give 'class' (an index or a name) or a 'prompt' that names a class")
+    return label
+
+
+@dataclass
+class Job:
+    """One validated request on its way through a (possibly shared) batch."""
+
+    req: GenerateRequest
+    label: int = -1
+    seed: int = -1
+    settings: tuple = field(default=())  # requests with equal settings share a network batch
+
+
+def encode_image(x: Tensor, fmt: str = "png", size: int | None = None) -> bytes:
+    """One image (C, H, W) in [-1, 1] -> PNG or JPEG bytes, optionally upscaled (nearest) to ``size``."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    img = Image.fromarray(arr)
+    if size is not None and size != img.width:
+        img = img.resize((size, round(size * img.height / img.width)), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if fmt == "png" else "JPEG", **({"quality": 95} if fmt == "jpeg" else {}))
+    return buf.getvalue()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class ImageGenerator:
+    """A loaded export that turns validated requests into images."""
+
+    def __init__(self, model: torch.nn.Module, one_step: bool, class_names: tuple[str, ...],
+                 default_steps: int = 4, default_eta: float = 0.3, name: str = "default"):
+        self.model, self.one_step, self.class_names = model.eval(), one_step, class_names
+        self.default_steps, self.default_eta, self.name = default_steps, default_eta, name
+        self.denoiser = model.denoiser if one_step else model
+        self.shape = sample_shape(self.denoiser)
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, name: str = "default") -> "ImageGenerator":
+        path = resolve_source(str(source))
+        meta = json.loads((Path(path) / EXPORT_META).read_text())
+        extra = meta.get("extra", {})
+        denoiser = load_denoiser(path)
+        if "generator" in extra:
+            g = extra["generator"]
+            model, one_step = OneStepGenerator(denoiser, g["timestep"], g["noise_input"]), True
+        else:
+            model, one_step = denoiser, False
+        names = tuple(extra.get("class_names") or default_class_names(denoiser.num_classes))
+        return cls(model, one_step, names, name=name)
+
+    def describe(self) -> dict:
+        d = {"name": self.name, "kind": "one-step" if self.one_step else "multi-step",
+             "image_shape": list(self.shape), "classes": list(self.class_names)}
+        if not self.one_step:
+            d |= {"default_steps": self.default_steps, "samplers": ["tcd", "ddim"], "default_eta": self.default_eta}
+        return d
+
+    def prepare(self, req: GenerateRequest, limits: Limits) -> Job:
+        """Validate a request against the limits and this model; raises ``RequestError``."""
+        check_limits(req, limits)
+        label = resolve_class(req, self.class_names)
+        if self.one_step:
+            for name in ("sampler", "eta", "guidance_scale"):
+                if getattr(req, name) is not None:
+                    raise RequestError(f"{name}: '{self.name}' is a 1-step generator; {name} applies to "
+                                       f"multi-step models only")
+            if req.steps not in (None, 1):
+                raise RequestError(f"steps: '{self.name}' is a 1-step generator; steps must be 1")
+            settings = (1,)
+        else:
+            sampler = req.sampler or "tcd"
+            if sampler == "ddim" and req.eta is not None:
+                raise RequestError("eta: applies to the tcd sampler; ddim here is deterministic (eta 0)")
+            eta = self.default_eta if req.eta is None else req.eta
+            settings = (req.steps or self.default_steps, sampler, eta if sampler == "tcd" else 0.0,
+                        req.guidance_scale or 1.0)
+        seed = req.seed if req.seed is not None else random.randrange(MAX_SEED - limits.max_images_per_request)
+        return Job(req, label, seed, settings)
+
+    @torch.no_grad()
+    def generate(self, jobs: list[Job]) -> list[Tensor]:
+        """Images per job, (num_images, C, H, W) in [-1, 1]; jobs with equal settings share one batch."""
+        out: list[Tensor | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.settings, []).append(i)
+        for settings, idx in groups.items():
+            gens = [torch.Generator().manual_seed(jobs[i].seed + k) for i in idx for k in range(jobs[i].req.num_images)]
+            z = torch.stack([torch.randn(self.shape, generator=g) for g in gens])
+            y = torch.tensor([jobs[i].label for i in idx for _ in range(jobs[i].req.num_images)])
+            x = self._sample(settings, z, y, gens).clamp(-1, 1)
+            start = 0
+            for i in idx:
+                n = jobs[i].req.num_images
+                out[i], start = x[start:start + n], start + n
+        return out
+
+    def _sample(self, settings: tuple, z: Tensor, y: Tensor, gens: list[torch.Generator]) -> Tensor:
+        if self.one_step:
+            return self.model(z, y)
+        steps, sampler, eta, w = settings
+        den = CFGDenoiser(self.model, w) if w != 1.0 else self.model
+        if sampler == "ddim":
+            return sample_ddim(den, z, y, steps, spacing="trailing", clip_x0=True)
+        return sample_tcd(den, z, y, steps, eta=eta, generator=gens)
+
+    def render(self, job: Job, images: Tensor) -> list[bytes]:
+        return [encode_image(x, job.req.format, job.req.size) for x in images]

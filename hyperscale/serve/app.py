@@ -1,0 +1,228 @@
+"""Ray Serve application: a FastAPI ingress composed with a generator deployment.
+
+    serve run hyperscale.serve.app:build_app generator=assets/sim-generator
+    serve deploy jobs/configs/serve.yaml          # or: python jobs/serve.py
+
+Routes: ``POST /v1/generate`` (JSON in; base64 JSON or raw PNG/JPEG out), ``GET /v1/models``,
+``GET /healthz`` (process up), ``GET /readyz`` (model loaded and answering), ``GET /`` (a
+page to try it), ``/docs`` (OpenAPI). The generator deployment batches requests dynamically
+(``serve.batch``; the batch size counts images) and multiplexes named adapters
+(``serve.multiplexed``, LRU-bounded per replica). All validation and sampling is the Ray-free
+``hyperscale.models.generation``; this module only routes, batches and maps errors to HTTP.
+"""
+
+import asyncio
+import hmac
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from hyperscale.io import absolute_local
+from hyperscale.models.generation import GenerateRequest, ImageGenerator, Job, RequestError, to_base64
+from hyperscale.serve.page import PAGE
+from hyperscale.serve.settings import ServeSettings, parse_settings
+
+MEDIA = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@serve.deployment
+class GeneratorDeployment:
+    """Holds the default model and an LRU of adapters; turns request bodies into encoded images."""
+
+    def __init__(self, settings: dict):
+        self.s = ServeSettings(**settings)
+        if self.s.torch_threads:
+            torch.set_num_threads(self.s.torch_threads)
+        self.limits = self.s.limits()
+        self.default = ImageGenerator.load(self.s.generator)
+        self._generate_batched.set_max_batch_size(self.s.max_batch_size)
+        self._generate_batched.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+        adapters_dir = self.s.adapters_dir
+
+        async def load_adapter(name: str) -> ImageGenerator:
+            # serve.multiplexed keeps the most recently used max_adapters_per_replica of these
+            return await asyncio.to_thread(ImageGenerator.load, f"{adapters_dir.rstrip('/')}/{name}", name)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.s.max_adapters_per_replica)(load_adapter)
+
+    def describe(self) -> dict:
+        return self.default.describe()
+
+    async def _model(self, adapter: str | None) -> ImageGenerator:
+        if adapter is None:
+            return self.default
+        if not self.s.adapters_dir:
+            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; this server has no adapters directory")
+        try:
+            return await self._adapter(adapter)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown ({e})") from None
+
+    async def generate(self, body: dict) -> dict:
+        """A validated request body -> {"status": 200, "images": [bytes], "seed", "model", ...} or an error."""
+        try:
+            req = GenerateRequest.model_validate(body)
+            model = await self._model(req.adapter)
+            job = model.prepare(req, self.limits)
+        except RequestError as e:
+            return {"status": 422, "error": str(e)}
+        except HTTPProblem as e:
+            return {"status": e.status, "error": e.message}
+        if self.s.batching:
+            images = await self._generate_batched((model, job))
+        else:
+            images = await asyncio.to_thread(self._run, [(model, job)])
+            images = images[0]
+        return {"status": 200, "images": images, "seed": job.seed, "model": model.name, "class": job.label,
+                "class_name": model.class_names[job.label], "format": req.format}
+
+    @staticmethod
+    def _run(items: list[tuple[ImageGenerator, Job]]) -> list[list[bytes]]:
+        out: list = [None] * len(items)
+        by_model: dict[int, list[int]] = {}
+        for i, (model, _) in enumerate(items):
+            by_model.setdefault(id(model), []).append(i)
+        for idx in by_model.values():
+            model = items[idx[0]][0]
+            images = model.generate([items[i][1] for i in idx])
+            for i, x in zip(idx, images):
+                out[i] = model.render(items[i][1], x)
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005,
+                 batch_size_fn=lambda items: sum(job.req.num_images for _, job in items))
+    async def _generate_batched(self, items: list[tuple[ImageGenerator, Job]]) -> list[list[bytes]]:
+        # the network runs off the event loop, so the next batch forms while this one computes
+        return await asyncio.to_thread(self._run, items)
+
+
+api = FastAPI(title="hyperscale", version="0.1.0",
+              description="1-step and few-step image generation with distilled diffusion models "
+                          "(SIM, Hyper-SD). POST /v1/generate; see the schema below.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            loc, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')})"
+        parts.append(f"{loc}: {msg}")
+    return _error(422, "; ".join(parts))
+
+
+@api.exception_handler(HTTPProblem)
+async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
+    return _error(exc.status, exc.message)
+
+
+BODY_LIMIT_ENV = "HYPERSCALE_SERVE_MAX_BODY_BYTES"  # set on the ingress replicas by build_app
+
+
+@api.middleware("http")
+async def _bound_body(request: Request, call_next):
+    """Bodies are bounded before they are read: no Content-Length -> 411, over the limit -> 413."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        limit = int(os.environ.get(BODY_LIMIT_ENV) or ServeSettings.model_fields["max_body_bytes"].default)
+        length = request.headers.get("content-length")
+        if length is None:
+            return _error(411, "body: send a Content-Length header")
+        if not length.isdigit() or int(length) > limit:
+            return _error(413, f"body: {length} bytes is over the limit of {limit}")
+    return await call_next(request)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, settings: dict):
+        self.gen = generator
+        self.s = ServeSettings(**settings)
+        self.token = self.s.resolved_token()
+
+    def _auth(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header:
+            raise HTTPProblem(401, "authorization: missing; send 'Authorization: Bearer <token>'")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token.encode()):
+            raise HTTPProblem(401, "authorization: wrong token or scheme (expected 'Bearer <token>')")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        return PAGE
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> Response:
+        try:
+            model = await asyncio.wait_for(self.gen.describe.remote(), timeout=5.0)
+        except Exception as e:  # noqa: BLE001 (any failure means not ready)
+            return _error(503, f"generator not ready: {type(e).__name__}: {e}")
+        return JSONResponse({"status": "ready", "model": model})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        adapters = []
+        if self.s.adapters_dir and "://" not in self.s.adapters_dir and Path(self.s.adapters_dir).is_dir():
+            adapters = sorted(p.name for p in Path(self.s.adapters_dir).iterdir() if p.is_dir())
+        return {"default": await self.gen.describe.remote(), "adapters": adapters,
+                "auth": self.token is not None}
+
+    @api.post("/v1/generate", responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    async def generate(self, body: GenerateRequest, request: Request) -> Any:
+        self._auth(request)
+        handle = self.gen.options(multiplexed_model_id=body.adapter) if body.adapter else self.gen
+        out = await handle.generate.remote(body.model_dump(by_alias=True, exclude_unset=True))
+        if out["status"] != 200:
+            return _error(out["status"], out["error"])
+        headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"], "X-Class": out["class_name"]}
+        if body.response == "image":
+            return Response(out["images"][0], media_type=MEDIA[out["format"]], headers=headers)
+        return JSONResponse({"images": [to_base64(b) for b in out["images"]], "format": out["format"],
+                             "seed": out["seed"], "model": out["model"], "class": out["class"],
+                             "class_name": out["class_name"]}, headers=headers)
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder (``import_path: hyperscale.serve.app:build_app``); ``args`` are
+    the settings of ``hyperscale.serve.settings.ServeSettings``."""
+    s = parse_settings(args)
+    s.generator = absolute_local(s.generator)
+    s.adapters_dir = absolute_local(s.adapters_dir)
+    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+                            "max_ongoing_requests": s.max_ongoing_requests}
+    if s.num_replicas:
+        opts["num_replicas"] = s.num_replicas
+    else:
+        opts["autoscaling_config"] = s.autoscaling.model_dump()
+    generator = GeneratorDeployment.options(**opts).bind(s.model_dump())
+    # the body bound is read by the ASGI middleware, before any route code runs: give it by env
+    ingress_env = {"env_vars": {BODY_LIMIT_ENV: str(s.max_body_bytes)}}
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": ingress_env}).bind(
+        generator, s.model_dump())

@@ -1,0 +1,88 @@
+"""Serving settings: the ``args`` of the Serve application (``jobs/configs/serve.yaml``).
+
+Validated like the training config: unknown keys and wrong types are errors naming the key.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hyperscale.config import ConfigError, apply_overrides, format_errors
+from hyperscale.models.generation import Limits
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generator: str = Field("assets/sim-generator", description="the default model: export dir, s3:// or hub id")
+    adapters_dir: Optional[str] = Field(None, description="named exports, one sub-directory each (request 'adapter')")
+    max_adapters_per_replica: int = Field(4, ge=1, description="LRU bound of multiplexed adapters per replica")
+    # dynamic batching (serve.batch); batching: false sends each request through alone
+    batching: bool = True
+    max_batch_size: int = Field(32, ge=1, description="images are what is batched; requests join whole")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # request bounds
+    max_images_per_request: int = Field(16, ge=1)
+    max_steps: int = Field(8, ge=1)
+    max_prompt_chars: int = Field(256, ge=1)
+    max_size: int = Field(512, ge=1)
+    max_body_bytes: int = Field(16384, ge=256)
+    # auth: a bearer token for /v1/*; taken from the environment variable named here when set
+    auth_token_env: Optional[str] = "HYPERSCALE_SERVE_TOKEN"
+    auth_token: Optional[str] = Field(None, description="a literal token; prefer auth_token_env (configs get shared)")
+    # replicas
+    num_replicas: Optional[int] = Field(None, ge=1, description="fixed count; None: use autoscaling")
+    autoscaling: Autoscaling = Autoscaling()
+    replica_cpus: float = Field(1.0, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    torch_threads: Optional[int] = Field(None, ge=1, description="per generator replica; None: torch default")
+    max_ongoing_requests: int = Field(64, ge=1)
+
+    def limits(self) -> Limits:
+        return Limits(self.max_images_per_request, self.max_steps, self.max_prompt_chars, self.max_size)
+
+    def resolved_token(self) -> str | None:
+        if self.auth_token:
+            return self.auth_token
+        return (os.environ.get(self.auth_token_env) or None) if self.auth_token_env else None
+
+
+def parse_settings(args: dict[str, Any] | None) -> ServeSettings:
+    try:
+        return ServeSettings(**(args or {}))
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, ServeSettings, "args.")) from None
+
+
+def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = None,
+                      app_name: str | None = None) -> tuple[dict, dict, ServeSettings]:
+    """A ``serve run``/``serve deploy`` YAML -> (http_options, application entry, settings).
+
+    ``overrides`` are dotted ``key=value`` items on the application's args
+    (``generator=runs/sim/export/ema``, ``autoscaling.max_replicas=2``)."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the Serve config: {e}") from None
+    apps = doc.get("applications") or []
+    if not apps:
+        raise ConfigError(f"{path}: no 'applications' list")
+    if app_name is not None:
+        apps = [a for a in apps if a.get("name") == app_name]
+        if not apps:
+            raise ConfigError(f"{path}: no application named '{app_name}'")
+    app = dict(apps[0])
+    app["args"] = apply_overrides(app.get("args") or {}, overrides or [])
+    return dict(doc.get("http_options") or {}), app, parse_settings(app["args"])

@@ -1,0 +1,110 @@
+"""The Ray-free generation path: request validation, class resolution, determinism, encoding."""
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from hyperscale.config import load_config
+from hyperscale.diffusion.sampling import sample_tcd
+from hyperscale.methods.sim import Sim, SimConfig
+from hyperscale.models.build import build_denoiser, save_denoiser
+from hyperscale.models.generation import (GenerateRequest, ImageGenerator, Limits, RequestError, encode_image,
+                                          resolve_class)
+
+NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+def tiny_exports(root):
+    """(1-step generator export, multi-step denoiser export) of one tiny random UNet."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
+    den = build_denoiser(cfg.model, cfg.schedule)
+    save_denoiser(den, root / "one-step", Sim(SimConfig()).export_meta(den))
+    save_denoiser(den, root / "multi-step")
+    return root / "one-step", root / "multi-step"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    return tiny_exports(tmp_path_factory.mktemp("exports"))
+
+
+def req(**kw):
+    return GenerateRequest.model_validate(kw)
+
+
+def test_class_from_index_name_or_prompt():
+    assert resolve_class(req(**{"class": 7}), NAMES) == 7
+    assert resolve_class(req(**{"class": "Sneaker"}), NAMES) == 7
+    assert resolve_class(req(**{"class": "top"}), NAMES) == 0  # a part of "t-shirt/top"
+    assert resolve_class(req(prompt="A photo of an ankle boot"), NAMES) == 9
+    assert resolve_class(req(prompt="a t-shirt"), NAMES) == 0  # the longest name wins over "shirt"
+    assert resolve_class(req(prompt="a shirt"), NAMES) == 6
+    assert resolve_class(req(**{"class": 7, "prompt": "a sneaker"}), NAMES) == 7
+    for bad, match in [({}, "give 'class'"), ({"class": 10}, "out of range"), ({"class": "cat"}, "not a known"),
+                       ({"prompt": "a cat"}, "names no known class"), ({"class": 8, "prompt": "a sneaker"}, "but class")]:
+        with pytest.raises(RequestError, match=match):
+            resolve_class(req(**bad), NAMES)
+
+
+def test_request_schema_rejects_bad_fields():
+    for bad in [{"num_images": 0}, {"seed": -1}, {"steps": 0}, {"eta": 1.5}, {"format": "gif"}, {"unknown": 1},
+                {"adapter": "../etc"}, {"guidance_scale": 0.5}]:
+        with pytest.raises(ValueError):
+            req(**bad)
+
+
+def test_limits_and_model_kind_are_enforced(exports):
+    one, multi = ImageGenerator.load(exports[0]), ImageGenerator.load(exports[1])
+    lim = Limits(max_images_per_request=4, max_steps=8, max_prompt_chars=20, max_size=64)
+    for bad, match in [({"class": 1, "num_images": 5}, "num_images"), ({"class": 1, "steps": 9}, "steps"),
+                       ({"prompt": "a sneaker " * 5}, "prompt"), ({"class": 1, "size": 65}, "size"),
+                       ({"class": 1, "num_images": 2, "response": "image"}, "response")]:
+        with pytest.raises(RequestError, match=match):
+            multi.prepare(req(**bad), lim)
+    for bad in [{"steps": 2}, {"eta": 0.1}, {"guidance_scale": 2.0}, {"sampler": "ddim"}]:
+        with pytest.raises(RequestError, match="1-step generator"):
+            one.prepare(req(**{"class": 1, **bad}), lim)
+    with pytest.raises(RequestError, match="eta"):
+        multi.prepare(req(**{"class": 1, "sampler": "ddim", "eta": 0.2}), lim)
+    assert one.describe()["kind"] == "one-step" and multi.describe()["kind"] == "multi-step"
+    assert one.describe()["classes"] == list(NAMES)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_same_seed_same_images_whatever_the_batch(exports, which):
+    gen, lim = ImageGenerator.load(exports[which]), Limits()
+    extra = {} if which == 0 else {"steps": 3, "eta": 0.6}  # TCD with eta > 0 draws noise at every step
+    a = gen.prepare(req(**{"class": 2, "num_images": 3, "seed": 11, **extra}), lim)
+    b = gen.prepare(req(**{"class": 5, "num_images": 2, "seed": 12, **extra}), lim)
+    alone = gen.generate([a])[0]
+    together = gen.generate([b, a])
+    assert alone.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(together[1], alone, rtol=1e-4, atol=1e-4)  # batch size changes float rounding only
+    assert not torch.allclose(together[0][:1], alone[:1])  # other seed, other class: other images
+    # image i of seed s is image 0 of seed s + i
+    shifted = gen.generate([gen.prepare(req(**{"class": 2, "seed": 12, **extra}), lim)])[0]
+    torch.testing.assert_close(shifted[0], alone[1], rtol=1e-4, atol=1e-4)  # batch size changes float rounding only
+    unseeded = gen.prepare(req(**{"class": 2}), lim)
+    assert unseeded.seed >= 0
+
+
+def test_per_sample_generators_match_one_generator_per_image(exports):
+    den = ImageGenerator.load(exports[1]).model
+    z = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 2])
+    both = sample_tcd(den, z, y, 3, eta=0.7, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    first = sample_tcd(den, z[:1], y[:1], 3, eta=0.7, generator=[torch.Generator().manual_seed(5)])
+    torch.testing.assert_close(both[:1], first, rtol=1e-4, atol=1e-4)  # batch size changes float rounding only
+    with pytest.raises(ValueError, match="2 generators for a batch of 1"):
+        sample_tcd(den, z[:1], y[:1], 3, eta=0.7, generator=[torch.Generator()] * 2)
+
+
+def test_encode_png_and_jpeg_at_the_requested_size():
+    x = torch.linspace(-1, 1, 28 * 28).reshape(1, 28, 28)
+    png = Image.open(io.BytesIO(encode_image(x, "png")))
+    assert png.format == "PNG" and png.size == (28, 28)
+    assert abs(int(png.getpixel((0, 0))) - 0) <= 1 and abs(int(png.getpixel((27, 27))) - 255) <= 1
+    jpg = Image.open(io.BytesIO(encode_image(x, "jpeg", size=112)))
+    assert jpg.format == "JPEG" and jpg.size == (112, 112)

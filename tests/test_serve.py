@@ -1,0 +1,176 @@
+"""Ray Serve on 127.0.0.1 with real exported tiny generators: images, determinism, every bad
+input a 4xx while the server keeps serving, adapters, auth, batching, and the page in Chromium."""
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from test_generation import tiny_exports
+
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from hyperscale.serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    one_step, multi_step = tiny_exports(root)
+    adapters = root / "adapters"
+    adapters.mkdir()
+    shutil.copytree(multi_step, adapters / "multistep")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"generator": str(one_step), "adapters_dir": str(adapters), "auth_token": TOKEN,
+                         "replica_cpus": 0.5, "max_images_per_request": 8, "max_body_bytes": 4096,
+                         "max_batch_size": 16, "batch_wait_timeout_s": 0.02}),
+              name="hyperscale-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def call(url, path, body=None, raw=None, token=TOKEN, headers=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {}),
+         **(headers or {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + path, data=data, headers=h), timeout=60) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def images_of(body: bytes) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in json.loads(body)["images"]]
+
+
+def test_health_ready_docs(server):
+    assert call(server, "/healthz", token=None)[0] == 200
+    status, _, body = call(server, "/readyz", token=None)
+    assert status == 200 and json.loads(body)["model"]["kind"] == "one-step"
+    assert call(server, "/docs", token=None)[0] == 200
+    schema = json.loads(call(server, "/openapi.json", token=None)[2])
+    assert "/v1/generate" in schema["paths"]
+
+
+def test_images_decode_have_the_size_and_repeat_for_a_seed(server):
+    status, headers, body = call(server, "/v1/generate", {"class": "sneaker", "num_images": 3, "seed": 4})
+    assert status == 200, body
+    imgs = images_of(body)
+    assert len(imgs) == 3 and all(im.format == "PNG" and im.size == (28, 28) for im in imgs)
+    assert json.loads(body)["class_name"] == "sneaker" and headers["X-Seed"] == "4"
+    assert call(server, "/v1/generate", {"class": "sneaker", "num_images": 3, "seed": 4})[2] == body
+    other = call(server, "/v1/generate", {"class": "sneaker", "num_images": 3, "seed": 5})[2]
+    assert other != body
+    status, headers, raw = call(server, "/v1/generate", {"prompt": "an ankle boot", "seed": 1, "size": 56,
+                                                         "format": "jpeg", "response": "image"})
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(raw)).size == (56, 56)
+
+
+def test_multistep_adapter_and_unknown_adapter(server):
+    body = {"class": 3, "num_images": 2, "seed": 7, "steps": 4, "eta": 0.5, "adapter": "multistep"}
+    status, headers, out = call(server, "/v1/generate", body)
+    assert status == 200, out
+    assert headers["X-Model"] == "multistep" and [im.size for im in images_of(out)] == [(28, 28)] * 2
+    assert call(server, "/v1/generate", body)[2] == out
+    models = json.loads(call(server, "/v1/models")[2])
+    assert models["adapters"] == ["multistep"] and models["auth"] is True
+
+
+BAD = [
+    ("malformed JSON", dict(raw=b'{"class": 1,'), 422, "malformed JSON"),
+    ("wrong type", dict(body={"class": 1, "num_images": "two"}), 422, "num_images"),
+    ("unknown field", dict(body={"class": 1, "colour": "red"}), 422, "colour"),
+    ("too many images", dict(body={"class": 1, "num_images": 9}), 422, "num_images"),
+    ("too many steps", dict(body={"class": 1, "steps": 9, "adapter": "multistep"}), 422, "steps"),
+    ("steps on a 1-step model", dict(body={"class": 1, "steps": 2}), 422, "1-step"),
+    ("eta out of range", dict(body={"class": 1, "eta": 2}), 422, "eta"),
+    ("long prompt", dict(body={"prompt": "sneaker " * 100}), 422, "prompt"),
+    ("no class", dict(body={"prompt": "a cat"}), 422, "no known class"),
+    ("oversize body", dict(raw=json.dumps({"prompt": "x" * 5000}).encode()), 413, "over the limit"),
+    ("unknown adapter", dict(body={"class": 1, "adapter": "nope"}), 404, "nope"),
+    ("bad adapter name", dict(body={"class": 1, "adapter": "../x"}), 422, "adapter"),
+    ("missing token", dict(body={"class": 1}, token=None), 401, "missing"),
+    ("wrong token", dict(body={"class": 1}, token="wrong"), 401, "wrong token"),
+]
+
+
+@pytest.mark.parametrize("name,kw,code,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, name, kw, code, words):
+    status, _, body = call(server, "/v1/generate", **kw)
+    assert status == code, body
+    assert words in json.loads(body)["error"]
+    assert call(server, "/v1/generate", {"class": 0, "seed": 1})[0] == 200
+
+
+def test_concurrent_requests_batch_and_match_sequential_results(server):
+    bodies = [{"class": i % 10, "num_images": 1 + i % 3, "seed": 100 + i} for i in range(12)]
+    alone = [images_of(call(server, "/v1/generate", b)[2]) for b in bodies]
+    results = [None] * len(bodies)
+
+    def worker(i):
+        results[i] = call(server, "/v1/generate", bodies[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, (status, _, body) in enumerate(results):
+        assert status == 200
+        for a, b in zip(images_of(body), alone[i]):
+            diff = max(abs(x - y) for x, y in zip(a.getdata(), b.getdata()))
+            assert diff <= 1  # batched with others: float rounding may move a pixel by one level
+
+
+def test_the_page_generates_images_in_headless_chromium(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_bin, "install Debian's chromium and chromium-driver (scripts/setup.sh does)"
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(arg)
+    opts.binary_location = chromium
+    driver = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(server + "/")
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "prompt").send_keys("a photo of a sneaker")
+        num = driver.find_element(By.ID, "num")
+        num.clear()
+        num.send_keys("2")
+        driver.find_element(By.ID, "go").click()
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.generated")) == 2)
+        imgs = driver.find_elements(By.CSS_SELECTOR, "img.generated")
+        wait.until(lambda d: all(d.execute_script("return arguments[0].naturalWidth", im) == 28 for im in imgs))
+        assert "sneaker" in driver.find_element(By.ID, "status").text
+        # a bad request shows the server's message, not a blank page
+        driver.find_element(By.ID, "prompt").clear()
+        driver.find_element(By.ID, "prompt").send_keys("a cat")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: "no known class" in d.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()
