@@ -174,3 +174,34 @@ def test_the_page_generates_images_in_headless_chromium(server):
         wait.until(lambda d: "no known class" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
+
+
+def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hyperscale.eval.serving import run_level
+
+    row = run_level(server, clients=4, body={"class": 1, "num_images": 2}, max_requests=10, max_seconds=60,
+                    token=TOKEN)
+    assert row["requests"] == 10 and row["errors"] == 0
+    assert row["images_per_s"] == pytest.approx(2 * row["requests_per_s"])
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    bad = run_level(server, clients=2, body={"class": 1}, max_requests=4, max_seconds=60, token="wrong")
+    assert bad["errors"] == 4 and bad["requests_per_s"] == 0  # errors are counted, not timed
+    root = Path(__file__).resolve().parent.parent
+    gen = json.loads(call(server, "/readyz", token=None)[2])  # the server's generator is the tiny export
+    assert gen["status"] == "ready"
+    out = subprocess.run([sys.executable, str(root / "jobs" / "loadtest.py"), "--url", server, "--token", TOKEN,
+                          "--clients", "1,2", "--max-requests", "4", "--max-seconds", "30", "--out", str(tmp_path),
+                          "--generator", str(root / "assets" / "teacher")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads((tmp_path / "serve.json").read_text())
+    assert rec["suite"] == "serve"
+    assert [r["clients"] for r in rec["rows"]] == [1, 2, 0]
+    for r in rec["rows"]:
+        assert {"clients", "batching", "requests_per_s", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
+                "errors"} <= r.keys()
+    assert rec["rows"][-1]["images_per_s"] > 0 and rec["rows"][0]["errors"] == 0

@@ -1,0 +1,136 @@
+"""The serving suite of BENCHMARK.md §4: a bounded HTTP load generator and the in-process reference.
+
+Each level runs ``clients`` closed-loop clients (each sends its next request when the last
+one answered) until ``max_requests`` have been sent or ``max_seconds`` have passed,
+whichever is first; a request that fails or answers non-200 counts as an error. Rows follow
+BENCHMARK.md: clients, batching, requests_per_s, images_per_s, p50/p95/p99 latency, errors,
+and one ``clients: 0`` row for the generator called in-process at the same batch size.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from hyperscale.models.generation import GenerateRequest, ImageGenerator, Limits
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def post(url: str, body: dict, token: str | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_seconds: float,
+              token: str | None = None) -> dict:
+    """One load level against ``POST {base_url}/v1/generate``; bounded in count and time."""
+    lock = threading.Lock()
+    sent, latencies, errors = [0], [], [0]
+    deadline = time.perf_counter() + max_seconds
+
+    def client() -> None:
+        while True:
+            with lock:
+                if sent[0] >= max_requests or time.perf_counter() >= deadline:
+                    return
+                sent[0] += 1
+                seed = sent[0]
+            t0 = time.perf_counter()
+            try:
+                status, _ = post(base_url + "/v1/generate", {**body, "seed": seed}, token)
+            except OSError:
+                status = -1
+            dt = time.perf_counter() - t0
+            with lock:
+                if status == 200:
+                    latencies.append(dt)
+                else:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max_seconds + 120)
+    wall = time.perf_counter() - t0
+    ok = len(latencies)
+    return {"clients": clients, "requests": sent[0], "requests_per_s": ok / wall,
+            "images_per_s": ok * body.get("num_images", 1) / wall,
+            "p50_ms": 1000 * _percentile(latencies, 0.50), "p95_ms": 1000 * _percentile(latencies, 0.95),
+            "p99_ms": 1000 * _percentile(latencies, 0.99), "errors": errors[0], "wall_s": wall}
+
+
+def in_process(source: str, batch: int, body: dict, repeats: int = 5, threads: int | None = None) -> dict:
+    """The same generator, same request, called in this process at ``batch`` images per call
+    (sampling and PNG encoding both counted, as the server does both)."""
+    if threads:
+        torch.set_num_threads(threads)
+    gen = ImageGenerator.load(source)
+    jobs = [gen.prepare(GenerateRequest.model_validate({**body, "seed": i}), Limits(max_images_per_request=batch))
+            for i in range(batch)]
+    rates = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        images = gen.generate(jobs)
+        for job, x in zip(jobs, images):
+            gen.render(job, x)
+        if r:  # the first call warms up
+            rates.append(batch * body.get("num_images", 1) / (time.perf_counter() - t0))
+    return {"clients": 0, "batching": None, "batch": batch, "images_per_s": statistics.median(rates),
+            "requests_per_s": None, "p50_ms": None, "p95_ms": None, "p99_ms": None, "errors": 0}
+
+
+class ServerProcess:
+    """``jobs/serve.py`` in a child process (same machine, 127.0.0.1), stopped by its own PID."""
+
+    def __init__(self, port: int, overrides: list[str], log_path: Path, ready_timeout: float = 300.0):
+        root = Path(__file__).resolve().parents[2]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(root / "jobs" / "serve.py"), "--host", "127.0.0.1",
+                                      "--port", str(port), *overrides], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jobs/serve.py exited with {self.proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"jobs/serve.py not ready after {ready_timeout:.0f} s; see {log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
