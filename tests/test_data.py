@@ -240,8 +240,8 @@ def test_all_errors_stop_instead_of_spinning(tmp_path):
 
 def test_configuration_errors_fail_at_construction(tmp_path, shard_dir):
     _, paths = shard_dir
-    with pytest.raises(NotImplementedError, match="scale-out"):
-        shard_dataset("s3://bucket/train-{000000..000003}.tar", batch_size=4)
+    with pytest.raises(ValueError, match="unsupported shard URL scheme"):
+        shard_dataset("gs://bucket/train-{000000..000003}.tar", batch_size=4)
     with pytest.raises(FileNotFoundError):
         shard_dataset(str(paths[0].parent / "train-{000000..000009}.tar"), batch_size=4)
     with pytest.raises(FileNotFoundError):

@@ -10,12 +10,15 @@ key::
 
 The key is the sample's zero-padded index in the source set.
 
-Streaming (``shard_dataset``) is a ``webdataset.DataPipeline`` written as a list of
-stages. Shard URLs are local paths or brace patterns (``/x/train-{000000..000003}.tar``);
-every URL becomes bytes in ``open_shard``, the one seam where ``s3://`` plugs in with
-the scale-out work. Corrupt or undecodable samples (and unreadable shard tails) are
-skipped and counted by a ``SkipCounter``, never fatal; only a stream that produces
-nothing but errors for ``max_consecutive_skips`` items in a row stops with an error.
+Streaming (``shard_dataset``) gives an exactly resumable ``ShardStream``
+(``hyperscale.data.stream``): per shard, the stages open (URL -> bytes), tar members,
+group by key; then window shuffle, decode, batch. Shard URLs are local paths, ``file://``
+or ``s3://`` URLs, or brace patterns of them (``s3://b/x/train-{000000..000003}.tar``);
+every URL becomes bytes in ``open_shard`` (S3 through ``hyperscale.data.s3``). Corrupt
+or undecodable samples (and unreadable shard tails) are skipped and counted by a
+``SkipCounter``, never fatal; only a stream that produces nothing but errors for
+``max_consecutive_skips`` items in a row stops with an error, and an unreachable store
+(after its retries) or missing credentials stop it at once.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ import logging
 import os
 import re
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
@@ -37,7 +42,9 @@ from PIL import Image
 from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from hyperscale.data import s3
 from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, to_model_range
+from hyperscale.data.stream import ShardStream
 from hyperscale.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -147,7 +154,10 @@ def shard_pattern(paths: Sequence[str | os.PathLike]) -> str:
 # --------------------------------------------------------------------------- streaming
 
 def expand_shard_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """A URL, brace pattern or list of them -> the flat list of shard URLs, in order."""
+    """A URL, brace pattern or list of them -> the flat list of shard URLs, in order.
+
+    Works the same for paths and ``s3://bucket/prefix/train-{000000..000003}.tar``.
+    """
     if isinstance(urls, (str, os.PathLike)):
         urls = [urls]
     return [u for pattern in urls for u in braceexpand(os.fspath(pattern))]
@@ -163,16 +173,14 @@ def _local_path(url: str) -> str | None:
 def open_shard(url: str) -> BinaryIO:
     """Open one shard URL as a binary stream: the single place URLs become bytes.
 
-    Local paths and ``file://`` URLs are supported. ``s3://`` is the seam for the
-    scale-out work (an S3 client opened here); until then it fails clearly.
+    Local paths, ``file://`` and ``s3://`` (streamed by ``hyperscale.data.s3``, with
+    retries and mid-object resume) are supported.
     """
-    if url.startswith("s3://"):
-        raise NotImplementedError(
-            f"{url}: s3:// shards arrive with the scale-out work; for now copy the shards to "
-            f"a local directory and pass its path or brace pattern")
+    if s3.is_s3_url(url):
+        return s3.open_object(url)
     path = _local_path(url)
     if path is None:
-        raise ValueError(f"{url}: unsupported shard URL scheme (local paths and file:// only)")
+        raise ValueError(f"{url}: unsupported shard URL scheme (local paths, file:// and s3://)")
     return open(path, "rb")
 
 
@@ -183,11 +191,13 @@ class SkipCounter:
     that failed to open, or the unreadable rest of a truncated shard); ``by_type``
     splits it by exception type; ``recent`` keeps the last few messages. Raises once
     ``max_consecutive`` errors arrive with no good sample between them (a stream that
-    is all errors would otherwise spin forever when shards are resampled).
+    is all errors would otherwise spin forever when shards are resampled). An
+    unreachable store or missing S3 credentials are not data errors: they are re-raised.
 
     Counts live in the process that iterates: with DataLoader workers each worker
     counts its own.
     """
+    FATAL = (s3.S3UnavailableError, s3.S3AccessError)
 
     def __init__(self, max_consecutive: int = 1000, log_first: int = 10):
         self.max_consecutive, self.log_first = max_consecutive, log_first
@@ -195,8 +205,13 @@ class SkipCounter:
         self.consecutive = 0
         self.by_type: Counter[str] = Counter()
         self.recent: deque[str] = deque(maxlen=20)
+        self._muted = False
 
     def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, self.FATAL):
+            raise exn
+        if self._muted:  # replaying data whose errors were counted before a restore
+            return True
         self.count += 1
         self.consecutive += 1
         self.by_type[type(exn).__name__] += 1
@@ -211,6 +226,21 @@ class SkipCounter:
 
     def reset_consecutive(self) -> None:
         self.consecutive = 0
+
+    @contextmanager
+    def muted(self, on: bool = True) -> Iterator[None]:
+        old, self._muted = self._muted, on
+        try:
+            yield
+        finally:
+            self._muted = old
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "consecutive": self.consecutive, "by_type": dict(self.by_type)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.consecutive = int(state["count"]), int(state["consecutive"])
+        self.by_type = Counter(state["by_type"])
 
 
 @dataclass
@@ -231,10 +261,13 @@ def decode_sample(sample: dict) -> Sample:
     return Sample(sample["__key__"], image, label)
 
 
-# Stages. Each takes the previous stage's iterator; pipelinefilter lets the pipeline
-# list them with their keyword arguments bound.
+def collate(samples: list[Sample]) -> tuple[Tensor, Tensor]:
+    """Samples -> (images float in [-1, 1] (B, 1, H, W), labels long (B,))."""
+    images = to_model_range(np.stack([s.image for s in samples]))
+    return images, torch.tensor([s.label for s in samples], dtype=torch.long)
 
-def _open_shards(shards: Iterator[dict], handler: SkipCounter) -> Iterator[dict]:
+
+def _open_shards(shards: Iterable[dict], handler: SkipCounter) -> Iterator[dict]:
     """{url} -> {url, stream}; the stream is closed once its shard has been read."""
     for shard in shards:
         try:
@@ -249,56 +282,30 @@ def _open_shards(shards: Iterator[dict], handler: SkipCounter) -> Iterator[dict]
             stream.close()
 
 
-def _decode_samples(samples: Iterator[dict], handler: SkipCounter) -> Iterator[Sample]:
-    for sample in samples:
-        try:
-            decoded = decode_sample(sample)
-        except Exception as exn:  # noqa: BLE001 - any decode failure is a corrupt sample
-            exn.args = exn.args + (f"key={sample.get('__key__')} url={sample.get('__url__')}",)
-            handler(exn)
-            continue
-        handler.reset_consecutive()
-        yield decoded
+def shard_samples(url: str, handler: SkipCounter) -> Iterator[dict]:
+    """Raw samples {__key__, __url__, png, json, txt} of one shard, in file order.
 
-
-def collate(samples: list[Sample]) -> tuple[Tensor, Tensor]:
-    """Samples -> (images float in [-1, 1] (B, 1, H, W), labels long (B,))."""
-    images = to_model_range(np.stack([s.image for s in samples]))
-    return images, torch.tensor([s.label for s in samples], dtype=torch.long)
-
-
-open_shards = wds.pipelinefilter(_open_shards)
-expand_tars = wds.pipelinefilter(tar_file_expander)
-group_samples = wds.pipelinefilter(group_by_keys)
-decode_samples = wds.pipelinefilter(_decode_samples)
-
-
-@dataclass
-class ShardStream:
-    """A batch stream over shards: iterate it, or hand ``dataset`` to a DataLoader
-    (``batch_size=None``; it already yields batches).
-
-    Yields (images float in [-1, 1] (B, 1, H, W), labels long (B,)). ``skipped``
-    counts what was skipped in this process.
+    Stages: open (URL -> bytes), tar members, grouped by key; errors go to ``handler``.
     """
-    dataset: wds.DataPipeline
-    skipped: SkipCounter
-    urls: list[str] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return iter(self.dataset)
+    streams = _open_shards([{"url": url}], handler)
+    return group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
 
 
-def _check_shards(urls: list[str], split_by_node: bool, resampled: bool) -> None:
+def _check_shards(urls: list[str], split_by_node: bool, resampled: bool,
+                  world_size: int) -> None:
     """Configuration mistakes fail at construction; only data errors are skipped later."""
     if not urls:
         raise ValueError("no shard URLs given")
-    open_shard(urls[0]).close()  # unsupported scheme or wrong pattern: fail now
-    missing = [u for u in urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]
+    unsupported = [u for u in urls if not s3.is_s3_url(u) and _local_path(u) is None]
+    if unsupported:
+        raise ValueError(f"{unsupported[0]}: unsupported shard URL scheme "
+                         f"(local paths, file:// and s3://)")
+    remote = [u for u in urls if s3.is_s3_url(u)]
+    missing = s3.missing_objects(remote) if remote else []
+    missing += [u for u in urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards not found, "
                                 f"e.g. {missing[0]}")
-    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     if split_by_node and not resampled and world_size > len(urls):
         raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks; "
                          f"write smaller shards (--maxcount) or use resampled=True")
@@ -309,48 +316,35 @@ def shard_dataset(urls: str | os.PathLike | Sequence[str | os.PathLike], batch_s
                   epoch_samples: int | None = None, split_by_node: bool = True,
                   split_by_worker: bool = True, drop_last: bool = False,
                   max_consecutive_skips: int = 1000) -> ShardStream:
-    """Stream local shards back as (images (B, 1, H, W) in [-1, 1], labels (B,)) batches.
+    """Stream shards back as (images (B, 1, H, W) in [-1, 1], labels (B,)) batches.
 
-    urls: a path, brace pattern (``/x/train-{000000..000003}.tar``) or a list of them.
-    shuffle_buffer: samples held for shuffling; 0 keeps shard and sample order. Shard
-        order and sample order are reshuffled every epoch, deterministically from ``seed``.
+    urls: a path, ``s3://`` URL, brace pattern (``/x/train-{000000..000003}.tar``,
+        ``s3://bucket/x/train-{000000..000003}.tar``) or a list of them.
+    shuffle_buffer: samples held for shuffling (whole shards are read until at least
+        this many are held); 0 keeps shard and sample order. Shard order and sample
+        order are reshuffled every pass, deterministically from ``seed``.
     resampled: draw shards with replacement forever (each rank and loader worker with
         its own seed) instead of one pass; pair with ``epoch_samples``.
     epoch_samples: if set, an epoch is this many samples (rounded down to whole
-        batches) per rank and loader worker, cycling the shards as needed.
+        batches) per rank and loader worker, continuing through the shards (and on
+        into the next pass) where the last epoch stopped.
     split_by_node: give each torch.distributed rank a disjoint subset of shards (ignored
         when resampled, where ranks draw independently).
     split_by_worker: the same across DataLoader workers.
+    drop_last: drop the partial batch at the end of a pass (``iter`` only; ``next``
+        never gives partial batches).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if epoch_samples is not None and epoch_samples < batch_size:
         raise ValueError(f"epoch_samples ({epoch_samples}) must be at least "
                          f"batch_size ({batch_size})")
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
     urls = expand_shard_urls(urls)
-    _check_shards(urls, split_by_node, resampled)
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    _check_shards(urls, split_by_node, resampled, world_size)
     skipped = SkipCounter(max_consecutive=max_consecutive_skips)
-
-    shuffle = shuffle_buffer > 0
-    if resampled:
-        shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        shards = [wds.SimpleShardList(urls),
-                  # same seed on every rank, so the split below stays disjoint
-                  wds.detshuffle(len(urls), initial=len(urls), seed=seed) if shuffle else None,
-                  wds.split_by_node if split_by_node else None]
-    stages = [
-        *shards,                                          # {url}
-        wds.split_by_worker if split_by_worker else None,
-        open_shards(handler=skipped),                     # {url, stream}
-        expand_tars(handler=skipped),                     # {fname, data} per tar member
-        group_samples(handler=skipped),                   # {__key__, png, json, txt}
-        wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed)
-        if shuffle else None,
-        decode_samples(handler=skipped),                  # Sample(key, uint8 (H, W), label)
-        wds.batched(batch_size, collation_fn=collate, partial=not drop_last),
-    ]
-    dataset = wds.DataPipeline(*stages)
-    if epoch_samples is not None:
-        dataset = dataset.with_epoch(nbatches=epoch_samples // batch_size)
-    return ShardStream(dataset=dataset, skipped=skipped, urls=urls)
+    return ShardStream(urls, partial(shard_samples, handler=skipped), decode_sample, collate,
+                       skipped, batch_size, shuffle_buffer, seed, resampled, epoch_samples,
+                       split_by_node, split_by_worker, drop_last, rank, world_size)

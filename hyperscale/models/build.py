@@ -56,10 +56,15 @@ def save_denoiser(model: BaseDenoiser, directory: str | os.PathLike, extra: dict
 
 
 def resolve_source(source: str) -> Path:
-    """Local directory, ``s3://bucket/prefix`` or hub id -> local directory."""
+    """Local directory, ``s3://bucket/prefix`` or hub id -> local directory.
+
+    An S3 export is downloaded once into the cache ($HYPERSCALE_CACHE_DIR or
+    ~/.cache/hyperscale), atomically, and re-downloaded only when its objects change.
+    """
     if source.startswith("s3://"):
-        raise NotImplementedError(f"model source '{source}': s3:// sources arrive with the S3 data path "
-                                  f"(scale-out issue); download the export and pass a local directory")
+        from hyperscale.data.s3 import cached_download
+
+        return cached_download(source)
     path = Path(source).expanduser()
     if path.is_dir():
         return path

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from hyperscale.config import Config, from_dict, to_yaml
 from hyperscale.data.fashion_mnist import load_fashion_mnist
-from hyperscale.data.stream import InMemoryStream, LabelStream
+from hyperscale.data.shards import shard_dataset
+from hyperscale.data.stream import InMemoryStream, LabelStream, ShardStream
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method
 from hyperscale.models.build import build_denoiser, load_denoiser, save_denoiser
@@ -56,9 +57,11 @@ def build_roles(cfg: Config, method):
     return roles, frozen
 
 
-def build_stream(cfg: Config, method, rank: int, world: int) -> InMemoryStream | LabelStream:
+def build_stream(cfg: Config, method, rank: int, world: int) -> InMemoryStream | LabelStream | ShardStream:
     if not method.needs_data:  # data-free: class labels only
         return LabelStream(cfg.data.batch_size, cfg.model.num_classes, rank, seed=cfg.run.seed)
+    if cfg.data.train_shards_path_or_url:  # local or s3:// shards, split by rank (read from torch.distributed)
+        return shard_dataset(cfg.data.train_shards_path_or_url, cfg.data.batch_size, seed=cfg.run.seed)
     images, labels = load_fashion_mnist(cfg.data.split, cfg.data.root).tensors()
     return InMemoryStream(images, labels, cfg.data.batch_size, rank, world, seed=cfg.run.seed)
 
