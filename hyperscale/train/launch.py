@@ -23,16 +23,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
+    missing = {k: v for k, v in RAY_ENV.items() if k not in os.environ}
+    os.environ.update(missing)
     env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
+        # A cluster (e.g. under `ray job submit`): the job's runtime_env may already set these, and
+        # Ray refuses to merge a key given twice, so pass only what the job's env lacks.
+        ray.init(runtime_env={"env_vars": missing} if missing else None)
     else:
         tmp = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short path: unix socket limit
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=tmp,
                  runtime_env=env, log_to_driver=True)
-
-
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -1,0 +1,92 @@
+"""The real cluster path: `ray start --head` (own ports, own temp dir), `ray job submit -- python
+jobs/distill.py --config <tiny preset>` with the real CLI, wait for SUCCEEDED, check the outputs,
+and stop only that cluster (its `ray start --block` process, by PID)."""
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hyperscale.config import load_config
+from hyperscale.models.build import build_denoiser, save_denoiser
+from hyperscale.models.generator import load_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "ray start exited early"
+        try:
+            with urllib.request.urlopen(address + "/api/version", timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return  # answering (401 while Ray's token auth is on; the ray CLI sends the token)
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"no Ray dashboard at {address} after {timeout} s")
+
+
+def test_ray_job_submit_runs_the_distill_job_on_its_own_cluster(tmp_path):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
+    save_denoiser(build_denoiser(cfg.model, cfg.schedule), tmp_path / "teacher")
+    temp_dir = tempfile.mkdtemp(prefix="hs-sub-", dir="/tmp")  # short: unix socket path limit
+    gcs, dash = free_port(), free_port()
+    # Token auth on, as on a real cluster: the head and the CLI share this cluster's own token.
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp_dir}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--disable-usage-stats"],
+                            stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_dashboard(address, head)
+        out = tmp_path / "run"
+        cmd = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+               sys.executable, "jobs/distill.py", "--config", "jobs/configs/sim-tiny.yaml",
+               f"run.output_dir={out}", f"model.pretrained_teacher_model={tmp_path / 'teacher'}",
+               "train.max_steps=4", "train.checkpoint_every=2"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env)
+        log = p.stdout + p.stderr
+        assert p.returncode == 0, log[-4000:]
+        assert "succeeded" in log, log[-4000:]
+        assert "[hyperscale] done: step 4" in log
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["step"] == 4 and metrics["samples"] == 4 * 4 * 2
+        assert load_config(out / "config.yaml").run.output_dir == str(out)
+        gen = load_generator(out / "export/ema")
+        assert torch.isfinite(gen.sample(torch.arange(2))).all()
+        listing = subprocess.run([RAY, "job", "list", f"--address={address}"], capture_output=True, text=True,
+                                 timeout=60, env=env)
+        assert "SUCCEEDED" in listing.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
