@@ -25,6 +25,8 @@ if __name__ == "__main__":
     p.add_argument("--student", action="append", default=[], metavar="NAME=PATH",
                    help="an exported 1-step generator to add as a row (repeatable)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    p.add_argument("--carry-from", default=None, metavar="QUALITY_JSON",
+                   help="quality: reuse the real-data and teacher rows of an earlier record with equal settings")
     p.add_argument("--fid-samples", type=int, default=d.fid_samples, help="quality: samples per row")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"sampling batch (quality default {d.batch_size}, speed default {sd.batch_size})")
@@ -45,7 +47,7 @@ if __name__ == "__main__":
         s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
                             teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
                             spacing=a.spacing)
-        path = run_quality(a.teacher, a.out, s, command=command, students=students)
+        path = run_quality(a.teacher, a.out, s, command=command, students=students, carry_from=a.carry_from)
     else:
         if not students:
             p.error("--suite speed needs at least one --student NAME=PATH")

@@ -69,3 +69,21 @@ def test_speed_suite_times_students_against_the_teacher(tmp_path):
         assert t["network_calls_per_sample"] == 2 * t["steps"]  # CFG doubles the teacher's calls
     with pytest.raises(ValueError, match="--student"):
         run_speed(teacher, {}, str(tmp_path), s)
+
+
+def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    teacher, student = tiny_teacher_and_student(tmp_path)
+    s = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1], reference_limit=200)
+    first = json.loads(run_quality(teacher, str(tmp_path / "a"), s, command="a").read_text())
+    path = run_quality(teacher, str(tmp_path / "b"), s, command="b", students={"sim-l2": student},
+                       carry_from=str(tmp_path / "a" / "quality.json"))
+    rec = json.loads(path.read_text())
+    assert [(r["generator"], r["steps"]) for r in rec["rows"]] == [("real-data", 0), ("teacher-ddim", 1),
+                                                                  ("sim-l2", 1)]
+    for old, new in zip(first["rows"], rec["rows"][:2]):
+        assert new["fid"] == old["fid"] and new["carried_from"]["commit"] == first["commit"]
+    assert "carried_from" not in rec["rows"][2] and rec["settings"]["teacher_sha256"]
+    other = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1], reference_limit=200, seed=1)
+    with pytest.raises(ValueError, match="settings differ: seed"):
+        run_quality(teacher, str(tmp_path / "c"), other, carry_from=str(tmp_path / "a" / "quality.json"))

@@ -100,6 +100,7 @@ class QualityRun:
         self.classifier = load_classifier()
         self.noise, self.labels = fixed_inputs(s)
         self.rows: list[dict] = []
+        self.teacher_sha256: str | None = None
 
     def _score(self, generator: str, steps: int, images: Tensor, sps: float | None) -> dict:
         m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier)
@@ -133,7 +134,8 @@ class QualityRun:
         return self._score(generator, steps, images, sps)
 
     def write(self, command: str) -> Path:
-        settings = asdict(self.s) | {"fid_note": FID_NOTE, "reference": "Fashion-MNIST test, 10k",
+        settings = asdict(self.s) | {"teacher_sha256": self.teacher_sha256,
+                                     "fid_note": FID_NOTE, "reference": "Fashion-MNIST test, 10k",
                                      "feature_net": "EfficientNet-Lite0 (ImageNet)",
                                      "classifier_test_acc": classifier_card().get("test_accuracy")}
         path = write_record(self.out_dir, "quality", settings, self.rows, command)
@@ -167,18 +169,55 @@ def parse_students(specs: list[str]) -> dict[str, str]:
     return out
 
 
+# Settings that change a row's numbers; rows carry over between runs only when all are equal.
+ROW_SETTINGS = ("fid_samples", "seed", "guidance_scale", "spacing", "clip_x0", "image_size", "reference_limit")
+
+
+def weights_digest(export_dir: str | os.PathLike) -> str:
+    """sha256 of an export's weights file: which teacher a row was computed from."""
+    import hashlib
+
+    from hyperscale.models.build import EXPORT_WEIGHTS, resolve_source
+
+    return hashlib.sha256((resolve_source(str(export_dir)) / EXPORT_WEIGHTS).read_bytes()).hexdigest()
+
+
+def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha256: str) -> list[dict]:
+    """The real-data and teacher rows of an earlier record, reusable only when every setting that
+    changes their numbers is equal (fixed seeds, deterministic DDIM: recomputing gives the same
+    FID/KID/accuracy); each carried row says where it came from."""
+    rec = json.loads(Path(record_path).read_text())
+    old = rec.get("settings", {})
+    diff = [k for k in ROW_SETTINGS if old.get(k) != getattr(s, k)]
+    if old.get("teacher_sha256") not in (None, teacher_sha256):
+        diff.append("teacher_sha256")
+    if diff:
+        raise ValueError(f"{record_path}: cannot carry rows over, settings differ: {', '.join(diff)}")
+    rows = [r for r in rec["rows"] if r["generator"] == "real-data" or
+            (r["generator"] == "teacher-ddim" and r["steps"] in s.teacher_steps)]
+    return [r | {"carried_from": {"commit": rec.get("commit"), "date": rec.get("date")}} for r in rows]
+
+
 def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str | None = None,
-                students: dict[str, str] | None = None) -> Path:
-    """The real-data floor, the teacher's DDIM rows, then one 1-step row per student export."""
+                students: dict[str, str] | None = None, carry_from: str | None = None) -> Path:
+    """The real-data floor, the teacher's DDIM rows, then one 1-step row per student export.
+    ``carry_from``: an earlier quality.json whose floor and teacher rows are reused (see carried_rows)."""
     from hyperscale.models.build import load_denoiser
     from hyperscale.models.generator import load_generator
 
     teacher = load_denoiser(teacher_dir)
+    digest = weights_digest(teacher_dir)
+    carried = carried_rows(carry_from, s, digest) if carry_from else []
     gens = {name: load_generator(path) for name, path in (students or {}).items()}  # fail before the slow part
     run = QualityRun(s, Path(out_dir))
-    run.add_real_data()
+    run.teacher_sha256 = digest
+    have = {(r["generator"], r["steps"]) for r in carried}
+    run.rows.extend(carried)
+    if ("real-data", 0) not in have:
+        run.add_real_data()
     for steps in s.teacher_steps:
-        run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))
+        if ("teacher-ddim", steps) not in have:
+            run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))
     for name, gen in gens.items():
         run.add(name, 1, gen)
     return run.write(command)
