@@ -8,7 +8,8 @@ import yaml
 from hyperscale.config import Config, ConfigError, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+SERVE_CONFIGS = {"serve.yaml"}  # Ray Serve configs (serve run/deploy format), not training presets
+PRESETS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if p.name not in SERVE_CONFIGS)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -33,7 +34,7 @@ def test_dotted_overrides_are_typed():
     ("nosuchsection.x=1", "nosuchsection: unknown key; allowed keys here: data, method, model"),
     ("train.lr=fast", "train.lr"),
     ("schedule.kind=sigmoid", "'linear', 'scaled_linear' or 'cosine'"),
-    ("method.name=nope", "unknown method 'nope'; allowed: denoising"),
+    ("method.name=nope", "unknown method 'nope'; allowed: cd, denoising, dmd, feedback, sim, tscd"),
     ("method.weighting=foo", "'uniform' or 'min_snr'"),
     ("model.attention_levels=[true]", "one entry per block_out_channels"),
     ("train.max_steps", "not of the form dotted.key=value"),
@@ -74,3 +75,16 @@ def test_method_key_errors_name_the_method_section():
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "jobs/configs/teacher.yaml", ["method.label_dropotu=0.3"])
     assert "method.label_dropotu: unknown key; allowed keys here: label_dropout" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_CONFIGS))
+def test_serve_configs_validate(name):
+    from hyperscale.serve.settings import load_serve_config
+
+    http, app, settings = load_serve_config(ROOT / "jobs" / "configs" / name)
+    assert app["import_path"] == "hyperscale.serve.app:build_app" and http["host"] == "127.0.0.1"
+    assert settings.max_images_per_request >= 1
+    with pytest.raises(ConfigError, match="args.max_batch_size"):
+        load_serve_config(ROOT / "jobs" / "configs" / name, ["max_batch_size=lots"])
+    with pytest.raises(ConfigError, match="args.batchign"):
+        load_serve_config(ROOT / "jobs" / "configs" / name, ["batchign=true"])

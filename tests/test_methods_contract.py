@@ -16,14 +16,35 @@ TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,true]"
 B = 2
 
 
-def _setup(name: str):
+def _frozen_role(name: str, method, roles: dict, cfg):
+    """Frozen roles besides the teacher that a method declares (``method.frozen_roles``):
+    EMA copies of a trainable role (``method.ema_roles``) and the reward models, here a tiny
+    random classifier per configured reward (class-consistency interface)."""
+    if name in getattr(method, "ema_roles", {}):
+        source, _decay = method.ema_roles[name]
+        return copy.deepcopy(roles[source]).eval().requires_grad_(False)
+    if name == "reward":
+        from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier
+        from hyperscale.models.rewards import ClassConsistencyReward, RewardSet
+
+        tiny = ClassifierConfig(channels=(4, 4, 4), hidden=8, num_classes=cfg.model.num_classes)
+        return RewardSet({s.name: ClassConsistencyReward(FashionClassifier(tiny)) for s in method.config.rewards})
+    raise KeyError(f"no test recipe for frozen role '{name}'")
+
+
+def _setup(name: str, overrides: dict | None = None):
     torch.manual_seed(0)
     cfg = load_config(None, TINY)
-    method = build_method(method_config_class(name)())
+    method = build_method(method_config_class(name)(**(overrides or {})))
     teacher = build_denoiser(cfg.model, cfg.schedule).eval().requires_grad_(False) if method.needs_teacher else None
     roles = {}
     for role in method.trainable:
-        roles[role] = copy.deepcopy(teacher) if role in method.init_from_teacher else build_denoiser(cfg.model, cfg.schedule)
+        built = method.build_role(role, teacher) if hasattr(method, "build_role") else None
+        if built is not None:
+            roles[role] = built
+        else:
+            fresh = role not in method.init_from_teacher
+            roles[role] = build_denoiser(cfg.model, cfg.schedule) if fresh else copy.deepcopy(teacher)
         roles[role].train()
         # Trainable copies must differ from the teacher as after some training: a fresh copy
         # makes teacher-vs-copy differences (and so some gradients) exactly zero.
@@ -31,6 +52,8 @@ def _setup(name: str):
             for p in roles[role].parameters():
                 p.add_(0.02 * torch.randn_like(p))
     frozen = {"teacher": teacher} if teacher is not None else {}
+    for role in getattr(method, "frozen_roles", ()):
+        frozen[role] = _frozen_role(role, method, roles, cfg)
     g = torch.Generator().manual_seed(1)
     cond = torch.randint(0, cfg.model.num_classes, (B,), generator=g)
     x0 = torch.rand(B, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size, generator=g) * 2 - 1
@@ -65,9 +88,21 @@ def _equal(a, b) -> bool:
     return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
 
 
-@pytest.fixture(params=method_names())
+# Config variants of registered methods whose role sets differ from their defaults.
+VARIANTS = [
+    ("tscd", {"adversarial": True, "stages": [{"segments": 2, "adv_weight": 0.5}]}),
+    ("tscd", {"student": "lora", "lora_rank": 4, "target_network": "online", "target": "random"}),
+    ("cd", {"edges": "floor", "loss_type": "huber", "timesteps": "uniform"}),
+    ("dmd", {"regression": "online", "regression_steps": 2, "student": "lora", "lora_rank": 4,
+             "rewards": [{"name": "class", "kind": "class_consistency", "margin": 0.0}]}),
+    ("feedback", {"student": "lora", "lora_rank": 4, "teacher_reg_weight": 0.5}),
+]
+
+
+@pytest.fixture(params=[(n, None) for n in method_names()] + VARIANTS,
+                ids=lambda p: p[0] if p[1] is None else p[0] + "[" + ",".join(sorted(p[1])) + "]")
 def setup(request):
-    return _setup(request.param)
+    return _setup(*request.param)
 
 
 def test_generator_loss_gradients_reach_the_generator_and_ignore_requires_grad(setup):
@@ -94,7 +129,7 @@ def test_critic_loss_trains_the_critic_only(setup):
 
 def test_teacher_never_changes_and_trainable_roles_do(setup):
     method, modules, frozen, batch = setup
-    teacher_before = {k: v.clone() for k, v in frozen["teacher"].state_dict().items()} if frozen else {}
+    frozen_before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in frozen.items()}
     before = {n: copy.deepcopy(m.state_dict()) for n, m in modules.items()}
     roles = {}
     for n, m in modules.items():
@@ -105,7 +140,8 @@ def test_teacher_never_changes_and_trainable_roles_do(setup):
     for _ in range(2):
         two_player_step(method, lambda: batch, roles, frozen, None, counters)
     assert counters.skipped == {}
-    for k, v in teacher_before.items():
-        assert torch.equal(frozen["teacher"].state_dict()[k], v), k
+    for n, before_n in frozen_before.items():  # the teacher and every other frozen role
+        for k, v in before_n.items():
+            assert torch.equal(frozen[n].state_dict()[k], v), (n, k)
     for n, m in modules.items():
         assert any(not torch.equal(v, before[n][k]) for k, v in m.state_dict().items()), n

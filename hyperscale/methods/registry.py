@@ -18,7 +18,10 @@ def register(name: str, config_cls: type["MethodSection"], method_cls: type["Met
 
 def _load_builtin() -> None:
     import hyperscale.methods.denoising  # noqa: F401  (registers itself)
+    import hyperscale.methods.dmd  # noqa: F401
+    import hyperscale.methods.feedback  # noqa: F401
     import hyperscale.methods.sim  # noqa: F401
+    import hyperscale.methods.tscd  # noqa: F401  (registers tscd and cd)
 
 
 def method_names() -> list[str]:

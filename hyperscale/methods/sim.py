@@ -25,11 +25,11 @@ from torch import Tensor
 
 from hyperscale.config import MethodSection
 from hyperscale.diffusion.sampling import one_step
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction, bcast
+from hyperscale.diffusion.schedule import Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method
 from hyperscale.methods.registry import register
+from hyperscale.methods.scores import draw_timesteps, fake_score_dsm, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
-from hyperscale.models.generator import sample_shape
 
 Distance = Literal["l2", "pseudo_huber", "normalized"]
 Divergence = Literal["sg", "full"]
@@ -133,13 +133,6 @@ def sid_integrand(d_phi: Tensor, d_psi: Tensor, x0: Tensor, alpha: float) -> Ten
     return (delta * ((d_phi - x0) - alpha * delta)).flatten(1).sum(1)
 
 
-def draw_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float], device) -> Tensor:
-    """n integer timesteps (n,), uniform on the grid between the two fractions of T - 1."""
-    last = schedule.num_train_timesteps - 1
-    lo, hi = round(t_range[0] * last), round(t_range[1] * last)
-    return torch.randint(lo, hi + 1, (n,), device=device)
-
-
 class Sim(Method):
     """SIM generator loss (§1.3) and fake-score DSM (§1.5); roles by name."""
     trainable = ("generator", "fake_score")
@@ -165,10 +158,7 @@ class Sim(Method):
         return {"generator": {"timestep": int(t), "noise_input": "sigma"}}
 
     def _samples(self, generator, cond: Tensor) -> Tensor:
-        p = next(iter(generator.parameters()), None)
-        dtype = p.dtype if p is not None else torch.get_default_dtype()
-        z = torch.randn((cond.shape[0],) + sample_shape(generator), device=cond.device, dtype=dtype)
-        return self.generate(generator, z, cond)
+        return self.generate(generator, generator_noise(generator, cond), cond)
 
     def per_sample(self, d_phi: Tensor, d_psi: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
         """The configured integrand in denoiser units, (loss (B,), distance (B,)); inputs (B, ...)."""
@@ -207,17 +197,8 @@ class Sim(Method):
         cond = batch.cond
         with torch.no_grad():  # §1.5: DSM on detached generator samples
             x0 = self._samples(generator, cond)
-        sched = fake_score.schedule
-        t = draw_timesteps(sched, x0.shape[0], self.config.fake_t_range, x0.device)
-        eps = torch.randn_like(x0)
-        eps_hat = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.eps)
-        mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
-        per = mse
-        if self.config.fake_weighting == "min_snr":
-            # eps-loss weight min(SNR, gamma) / SNR (Min-SNR, eq. 8)
-            snr = sched.snr(t).to(mse.dtype)
-            per = mse * torch.clamp(snr, max=self.config.min_snr_gamma) / snr
-        return LossOut(per, {"loss/fake_dsm": mse.detach().mean()})
+        return fake_score_dsm(fake_score, x0, cond, self.config.fake_t_range, self.config.fake_weighting,
+                              self.config.min_snr_gamma)
 
 
 register("sim", SimConfig, Sim)

@@ -1,0 +1,187 @@
+"""Trajectory segments for TSCD (Hyper-SD, ALGORITHMS.md §2.2) and plain consistency distillation.
+
+Pure integer/tensor math on the DDPM grid {0, ..., T-1}; timestep -1 means clean data
+(``NoiseSchedule.abar(-1) == 1``). Nothing here calls a network: the caller evaluates the
+teacher / student / target and uses these helpers for *where* each one is evaluated and
+*where* its prediction is moved to.
+
+Segments. [0, T) is split into k segments. Two edge rules, an explicit choice because the
+paper's exact boundary math is [P] (§2.8 item 4):
+
+- ``trailing`` (default): lower edges e_j = floor(j T / k) - 1, so e_0 = -1 (clean data);
+  segment j holds e_j < t <= e_{j+1}. The segment tops e_{j+1} = floor((j+1) T / k) - 1 are
+  exactly the timesteps of k-step DDIM with "trailing" spacing (999, 749, 499, 249 for
+  k = 4), the sampler the N-step Hyper-SD LoRAs use [V] (§2.5), and each step of that
+  sampler lands on the next lower edge, i.e. where training moved the prediction to.
+- ``floor``: the brief's t_b = floor(t / floor(T/k)) floor(T/k) generalised to
+  e_j = floor(j T / k): segment j holds e_j <= t < e_{j+1}, and the bottom edge is timestep
+  0 (LCM's "boundary at 0": its DDIM solver clamps t_{n-1} = max(t_n - k, 0)).
+
+With k = 1 the only edge is the bottom one, so every target is the clean end (trailing) or
+timestep 0 (floor): plain consistency distillation.
+
+Skipping-step grid (LCM's DDIM solver): ``num_ddim_timesteps`` N gives the skip
+s = T // N and the grid t_n = (n + 1) s - 1, n = 0..N-1 ({19, 39, ..., 999} for N = 50).
+The teacher moves t_n -> t_{n-1} = t_n - s, clamped to the segment's lower edge so that
+neither the teacher step nor any target ever leaves the segment. Training timesteps equal to
+their own lower edge (possible under ``floor``) are never drawn: nothing is left to learn there.
+
+Consistency targets (the TCD/PCM parameterisation, §2.2 [R]): a prediction at t is "moved"
+to t_end <= t by a deterministic DDIM jump with its own eps; t_end is the segment's lower
+edge (``edge``, PCM / Hyper-SD's figure) or uniform on the integers in [e, t_{n-1}]
+(``random``, the CTM-style soft target of §2.2 [P]). At t_end == t the move is the identity
+(the boundary condition f(x, t, t) = x), which ``move`` returns exactly.
+
+Shapes: t and friends are (B,) long tensors; x is (B, ...).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from hyperscale.diffusion.sampling import ddim_jump
+from hyperscale.diffusion.schedule import NoiseSchedule
+
+
+class EdgeRule(str, Enum):
+    trailing = "trailing"
+    floor = "floor"
+
+
+class TargetRule(str, Enum):
+    edge = "edge"
+    random = "random"
+
+
+class TimestepRule(str, Enum):
+    grid = "grid"          # t_n on the skipping-step grid (LCM)
+    uniform = "uniform"    # any integer timestep (also trains the k-step trailing inference timesteps)
+
+
+def _check(k: int, T: int) -> None:
+    if not 1 <= k <= T:
+        raise ValueError(f"segments must be in [1, {T}], got {k}")
+
+
+def segment_edges(k: int, num_train_timesteps: int = 1000, rule: EdgeRule | str = "trailing") -> Tensor:
+    """The k + 1 edges, ascending, long: lower edges e_0..e_{k-1}, then the top bound e_k.
+
+    trailing: e_j = floor(j T / k) - 1 (e_0 = -1 clean, e_k = T - 1, segment j = (e_j, e_{j+1}]);
+    floor: e_j = floor(j T / k) (e_0 = 0, e_k = T, segment j = [e_j, e_{j+1}))."""
+    T = num_train_timesteps
+    _check(k, T)
+    e = (torch.arange(k + 1, dtype=torch.long) * T) // k
+    return e - 1 if EdgeRule(rule) is EdgeRule.trailing else e
+
+
+def segment_index(t: Tensor, k: int, num_train_timesteps: int = 1000,
+                  rule: EdgeRule | str = "trailing") -> Tensor:
+    """Index j in [0, k) of the segment holding each timestep t in [0, T), shape of t."""
+    T = num_train_timesteps
+    _check(k, T)
+    t = torch.as_tensor(t).long()
+    if (t < 0).any() or (t >= T).any():
+        raise ValueError(f"timesteps must lie in [0, {T})")
+    edges = segment_edges(k, T, rule).to(t.device)
+    if EdgeRule(rule) is EdgeRule.trailing:
+        # segment j = (e_j, e_{j+1}]: the number of tops e_1..e_k strictly below t
+        return torch.searchsorted(edges[1:], t, right=False)
+    # segment j = [e_j, e_{j+1}): the number of lower edges e_1..e_{k-1} at or below t
+    return torch.searchsorted(edges[1:-1], t, right=True)
+
+
+def segment_lower_edge(t: Tensor, k: int, num_train_timesteps: int = 1000,
+                       rule: EdgeRule | str = "trailing") -> Tensor:
+    """The lower edge e_j of each timestep's segment (-1 = clean data under ``trailing``)."""
+    edges = segment_edges(k, num_train_timesteps, rule).to(torch.as_tensor(t).device)
+    return edges[segment_index(t, k, num_train_timesteps, rule)]
+
+
+def segment_top(t: Tensor, k: int, num_train_timesteps: int = 1000,
+                rule: EdgeRule | str = "trailing") -> Tensor:
+    """The highest timestep inside each timestep's segment (e_{j+1}, or e_{j+1} - 1 under ``floor``)."""
+    edges = segment_edges(k, num_train_timesteps, rule).to(torch.as_tensor(t).device)
+    top = edges[segment_index(t, k, num_train_timesteps, rule) + 1]
+    return top if EdgeRule(rule) is EdgeRule.trailing else top - 1
+
+
+def skip_size(num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> int:
+    """The teacher's step size s = T // N (LCM's k: 20 for N = 50, 25 for N = 40)."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(f"num_ddim_timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}")
+    return num_train_timesteps // num_ddim_timesteps
+
+
+def skip_grid(num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> Tensor:
+    """Ascending skipping-step grid t_n = (n + 1) s - 1, n = 0..N-1, long (N,) (LCM's DDIM solver)."""
+    s = skip_size(num_ddim_timesteps, num_train_timesteps)
+    return (torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long) * s) - 1
+
+
+def trainable_timesteps(k: int, num_train_timesteps: int = 1000, rule: EdgeRule | str = "trailing",
+                        timesteps: TimestepRule | str = "grid", num_ddim_timesteps: int = 50) -> Tensor:
+    """Every timestep TSCD may draw as t_n (ascending, long): the grid (or all of [0, T)) minus
+    the timesteps that sit on their own segment's lower edge."""
+    T = num_train_timesteps
+    cand = (skip_grid(num_ddim_timesteps, T) if TimestepRule(timesteps) is TimestepRule.grid
+            else torch.arange(T, dtype=torch.long))
+    keep = cand > segment_lower_edge(cand, k, T, rule)
+    if not keep.any():
+        raise ValueError(f"no trainable timestep for k = {k} with this grid")
+    return cand[keep]
+
+
+def teacher_prev(t: Tensor, skip: int, lower_edge: Tensor) -> Tensor:
+    """t_{n-1} = max(t_n - s, e): the teacher's DDIM step never leaves the segment."""
+    return torch.maximum(t - skip, lower_edge)
+
+
+def target_time(t_prev: Tensor, lower_edge: Tensor, rule: TargetRule | str = "edge",
+                generator: torch.Generator | None = None) -> Tensor:
+    """t_end per sample: the lower edge, or uniform on the integers of [e, t_{n-1}]."""
+    if TargetRule(rule) is TargetRule.edge:
+        return lower_edge.clone()
+    span = (t_prev - lower_edge + 1).to(torch.float64)
+    u = torch.rand(t_prev.shape, generator=generator, dtype=torch.float64,
+                   device=t_prev.device if generator is None else generator.device).to(t_prev.device)
+    return lower_edge + torch.clamp((u * span).floor().long(), max=(t_prev - lower_edge))
+
+
+def move(schedule: NoiseSchedule, x_t: Tensor, eps: Tensor, t: Tensor, t_end: Tensor) -> Tensor:
+    """DDIM jump of the point x_t (B, ...) with its eps prediction from t to t_end <= t
+    (f(x_t, t, t_end), the TCD/PCM consistency function); exactly x_t where t_end == t."""
+    dev = schedule.alphas_cumprod.device
+    abar_t = schedule.abar(t.to(dev)).to(x_t.device)
+    abar_e = schedule.abar(t_end.to(dev)).to(x_t.device)
+    out = ddim_jump(x_t, eps, abar_t, abar_e)
+    same = (t_end == t).to(x_t.device).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return torch.where(same, x_t, out)
+
+
+def renoise(schedule: NoiseSchedule, x_s: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Forward diffusion of a point at timestep s to t >= s (B, ...):
+    x_t = sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) z (TCD's re-noise, eq. 19)."""
+    dev = schedule.alphas_cumprod.device
+    r = (schedule.abar(t.to(dev)) / schedule.abar(s.to(dev))).to(x_s.device).clamp(max=1.0)
+    shape = (-1,) + (1,) * (x_s.ndim - 1)
+    return (r.sqrt().to(x_s.dtype).reshape(shape) * x_s
+            + (1 - r).sqrt().to(x_s.dtype).reshape(shape) * noise)
+
+
+# ---------------------------------------------------------------- stage schedule
+
+def stage_at(step: int, steps_per_stage: list[int] | tuple[int, ...]) -> int:
+    """Index of the stage that global step ``step`` (0-based, the number of generator updates
+    done) belongs to; stages run back to back and the last one continues past its budget."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if not steps_per_stage:
+        raise ValueError("no stages")
+    end = 0
+    for i, n in enumerate(steps_per_stage):
+        end += int(n)
+        if step < end:
+            return i
+    return len(steps_per_stage) - 1

@@ -1,0 +1,214 @@
+"""One-step DMD: Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv 2311.18828; DMD2,
+arXiv 2405.14867), Hyper-SD's one-step enhancement (ALGORITHMS.md §2.4).
+
+Generator x0 = G(z): one call of the (teacher-initialised) student at ``generator_timestep``
+on x_t = z (``unit``) or sigma_t z. Per sample, at t ~ U[0.02 T, 0.98 T] and
+x_t = alpha_t x0 + sigma_t eps:
+
+    g    = (D_fake(x_t) - D_real(x_t)) / mean|x0 - D_real(x_t)|      (no grad, NaN-cleaned)
+    L_dm = 1/2 mean((x0 - sg(x0 - g))^2)         so that dL_dm/dx0 = g / (C H W)
+
+D_real is the frozen teacher's x0 prediction with CFG (``real_guidance_scale``), D_fake the
+online fake score without CFG. g is, up to the per-sample positive weight, the gradient of
+KL(q_t || p_t) with respect to the sample: s_fake - s_real = alpha_t (D_fake - D_real) / sigma_t^2.
+The fake score (critic role ``fake_score``) learns by the teacher's eps-MSE on detached
+generator samples (the same DSM as SIM's fake score, ``scores.fake_score_dsm``), updated
+``critic_steps`` times per generator update (DMD2: 5; DMD: 1).
+
+Regression (DMD's stabiliser, Hyper-SD's "MSE" [P]): MSE between G(z) and the teacher's ODE
+solution from the same z: pairs from the batch (``PairBatch``: noise + teacher x0), or computed
+online with ``regression_steps`` teacher DDIM steps. Optional reward hinge (``rewards``,
+the frozen role ``reward``), as Hyper-SD folds feedback into this stage [P].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from hyperscale.diffusion.sampling import NoiseInput, ddim_jump, one_step
+from hyperscale.diffusion.schedule import Prediction
+from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.feedback import RewardSpec, reward_hinge
+from hyperscale.methods.registry import register
+from hyperscale.methods.scores import (StudentSection, build_student, check_student, draw_timesteps,
+                                       fake_score_dsm, generator_noise)
+from hyperscale.models.denoiser import CFGDenoiser
+
+
+@dataclass
+class PairBatch(Batch):
+    """A batch of teacher ODE pairs: ``noise`` z (B, C, H, W) and x0 = the teacher's sample from z."""
+    noise: Tensor | None = None
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.cond.to(device), None if self.x0 is None else self.x0.to(device),
+                         None if self.noise is None else self.noise.to(device))
+
+
+class DmdConfig(StudentSection):
+    """DMD hyperparameters; defaults and why.
+
+    generator_timestep / noise_input: where the 1-step generator sits: T - 1 with x_t = z (the
+        trailing 1-step sampler, what a TSCD k = 1 student was trained for); the Hyper-SDXL
+        1-step UNet uses 800 [V], DMD2-SDXL 399.
+    real_guidance_scale: CFG on the real score only (DMD2: 8 SDXL, 1.75 SD1.5); the fake score
+        is unguided.
+    t_range: DMD2's U[0.02 T, 0.98 T] for the distribution-matching loss.
+    normalize: divide by mean|x0 - D_real| per sample (DMD); false keeps the raw
+        D_fake - D_real (the per-t KL gradient up to sigma_t^2 / alpha_t^2).
+    fake_t_range / fake_weighting: the fake score's eps-MSE on the whole grid (DMD2).
+    critic_steps: fake-score updates per generator update (DMD2's two-time-scale rule: 5).
+    regression: "none", "batch" (PairBatch from the data stream) or "online" (teacher DDIM from
+        the same z, ``regression_steps`` trailing steps, with real_guidance_scale);
+        regression_weight: DMD's lambda_reg = 0.25.
+    rewards / feedback_weight: optional reward hinge on G(z) (role ``reward``).
+    """
+    name: Literal["dmd"] = "dmd"
+    generator_timestep: int | None = Field(None, ge=0)  # None: T - 1
+    noise_input: NoiseInput = NoiseInput.unit
+    real_guidance_scale: float = Field(1.0, ge=0)
+    t_range: tuple[float, float] = (0.02, 0.98)
+    normalize: bool = True
+    dm_weight: float = Field(1.0, ge=0)
+    fake_t_range: tuple[float, float] = (0.0, 1.0)
+    fake_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    critic_steps: int = Field(5, ge=1)
+    regression: Literal["none", "batch", "online"] = "none"
+    regression_weight: float = Field(0.25, ge=0)
+    regression_steps: int = Field(25, ge=1)
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    feedback_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DmdConfig":
+        for key in ("t_range", "fake_t_range"):
+            lo, hi = getattr(self, key)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{key} must satisfy 0 <= lo <= hi <= 1, got {(lo, hi)}")
+        return self
+
+
+def dmd_direction(x0: Tensor, d_real: Tensor, d_fake: Tensor, normalize: bool = True) -> Tensor:
+    """g (B, ...) = (D_fake - D_real) [/ mean|x0 - D_real| per sample], detached; non-finite
+    entries -> 0 (DMD2's cleaning; the loss reports how many as ``dmd/nonfinite``)."""
+    g = (d_fake - d_real).detach()
+    if normalize:
+        # DMD eq. 8 weight: 1 / mean over C, H, W of |x0 - D_real| (stop-grad)
+        w = (x0.detach() - d_real.detach()).abs().flatten(1).mean(1).clamp_min(1e-12)
+        g = g / w.reshape((-1,) + (1,) * (g.ndim - 1))
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dmd_loss(x0: Tensor, g: Tensor) -> Tensor:
+    """Per-sample 1/2 mean((x0 - sg(x0 - g))^2) (B,): its gradient w.r.t. x0 is g / numel per sample."""
+    return 0.5 * (x0 - (x0 - g).detach()).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def teacher_ode(teacher, z: Tensor, cond, t_start: int, num_steps: int,
+                noise_input: NoiseInput | str = "unit") -> Tensor:
+    """The teacher's deterministic DDIM solution (B, ...) from x_{t_start} = z (or sigma z) to clean
+    data in ``num_steps`` evenly spaced steps (the last one jumps to abar = 1)."""
+    sched = teacher.schedule
+    ts = torch.linspace(t_start, 0, num_steps + 1).round().long().tolist()[:-1]
+    x = z
+    if NoiseInput(noise_input) is NoiseInput.sigma:
+        x = z * sched.alpha_sigma(t_start)[1].to(z.dtype)
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else -1
+        tb = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x = ddim_jump(x, teacher(x, tb, cond, out=Prediction.eps), sched.abar(t), sched.abar(s))
+    return x
+
+
+class Dmd(Method):
+    """DMD generator loss and fake-score DSM; roles generator, fake_score (trainable), teacher
+    [, reward] (frozen)."""
+    trainable = ("generator", "fake_score")
+    critic = "fake_score"
+    init_from_teacher = ("generator", "fake_score")
+    needs_teacher = True
+    needs_data = False
+
+    def __init__(self, config: DmdConfig):
+        super().__init__(config)
+        self.needs_data = config.regression == "batch"  # PairBatch streams
+        self.frozen_roles: tuple[str, ...] = ("reward",) if config.rewards else ()
+        self.ema_roles: dict[str, tuple[str, float]] = {}
+
+    def critic_steps(self) -> int:
+        return self.config.critic_steps
+
+    def build_role(self, name: str, teacher: nn.Module) -> nn.Module | None:
+        """The generator as configured (full or LoRA); the fake score as a full teacher copy."""
+        return build_student(teacher, self.config) if name == "generator" else None
+
+    def _t_gen(self, generator) -> int:
+        t = self.config.generator_timestep
+        return generator.schedule.num_train_timesteps - 1 if t is None else int(t)
+
+    def generate(self, generator, z: Tensor, cond) -> Tensor:
+        """x0 (B, C, H, W) from z: one differentiable call at the generator timestep."""
+        return one_step(generator, z, cond, self._t_gen(generator), noise_input=self.config.noise_input)
+
+    def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
+        return self.generate(generator, z, cond)
+
+    def export_meta(self, generator) -> dict:
+        return {"generator": {"timestep": self._t_gen(generator), "noise_input": self.config.noise_input.value}}
+
+    def _real(self, teacher):
+        w = self.config.real_guidance_scale
+        return CFGDenoiser(teacher, w) if w != 1.0 else teacher
+
+    def generator_loss(self, batch: Batch, *, generator, fake_score, teacher, reward=None, **_) -> LossOut:
+        cfg = self.config
+        check_student(generator, cfg)
+        cond = batch.cond
+        z = generator_noise(generator, cond)
+        x0 = self.generate(generator, z, cond)
+        sched = teacher.schedule
+        t = draw_timesteps(sched, x0.shape[0], cfg.t_range, x0.device)
+        with torch.no_grad():
+            x_t = sched.add_noise(x0.detach(), torch.randn_like(x0), t)
+            d_real = self._real(teacher)(x_t, t, cond, out=Prediction.x0)
+            d_fake = fake_score(x_t, t, cond, out=Prediction.x0)
+        g = dmd_direction(x0, d_real, d_fake, cfg.normalize)
+        dm = dmd_loss(x0, g)
+        loss = cfg.dm_weight * dm
+        nonfinite = (~torch.isfinite(d_fake - d_real)).sum().to(torch.float32)
+        metrics = {"loss/dm": dm.detach().mean(), "dmd/g_norm": g.flatten(1).norm(dim=1).mean(),
+                   "dmd/x0_std": x0.detach().std(), "dmd/nonfinite": nonfinite}
+        if cfg.regression != "none":
+            if cfg.regression == "online":
+                target = teacher_ode(self._real(teacher), z, cond, self._t_gen(generator), cfg.regression_steps,
+                                     cfg.noise_input)
+                pred = x0
+            else:
+                if not isinstance(batch, PairBatch) or batch.noise is None or batch.x0 is None:
+                    raise ValueError("regression = 'batch' needs PairBatch(cond, x0=teacher sample, noise=z)")
+                target, pred = batch.x0, self.generate(generator, batch.noise, cond)
+            reg = (pred - target.detach()).pow(2).flatten(1).mean(1)
+            loss = loss + cfg.regression_weight * reg
+            metrics["loss/regression"] = reg.detach().mean()
+        if cfg.rewards:
+            if reward is None:
+                raise ValueError("rewards need the frozen role 'reward'")
+            fb, m = reward_hinge(x0, cond, reward, cfg.rewards)
+            loss = loss + cfg.feedback_weight * fb
+            metrics |= m
+        return LossOut(loss, metrics)
+
+    def critic_loss(self, batch: Batch, *, generator, fake_score, **_) -> LossOut:
+        with torch.no_grad():  # DSM on detached generator samples, as SIM's fake score
+            x0 = self.generate(generator, generator_noise(generator, batch.cond), batch.cond)
+        return fake_score_dsm(fake_score, x0, batch.cond, self.config.fake_t_range, self.config.fake_weighting,
+                              self.config.min_snr_gamma)
+
+
+register("dmd", DmdConfig, Dmd)

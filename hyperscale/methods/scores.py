@@ -1,0 +1,89 @@
+"""Pieces shared by the score-distillation methods (SIM, DMD): time sampling, the online fake
+score's denoising score matching, 1-step generator sampling, and student construction."""
+from __future__ import annotations
+
+import copy
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from hyperscale.config import MethodSection
+from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
+from hyperscale.methods.base import LossOut
+from hyperscale.models.generator import sample_shape
+
+
+def draw_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float], device) -> Tensor:
+    """n integer timesteps (n,), uniform on the grid between the two fractions of T - 1."""
+    last = schedule.num_train_timesteps - 1
+    lo, hi = round(t_range[0] * last), round(t_range[1] * last)
+    return torch.randint(lo, hi + 1, (n,), device=device)
+
+
+def fake_score_dsm(fake_score, x0: Tensor, cond, t_range: tuple[float, float],
+                   weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0) -> LossOut:
+    """Denoising score matching of the online fake score on (detached) generator samples x0
+    (B, ...) with the teacher's own loss: eps-MSE on the DDPM grid, t uniform in ``t_range``
+    (ALGORITHMS.md §1.5 / §2.4, as DMD2 does), optional Min-SNR weighting. Per-sample (B,)."""
+    sched = fake_score.schedule
+    t = draw_timesteps(sched, x0.shape[0], t_range, x0.device)
+    eps = torch.randn_like(x0)
+    eps_hat = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.eps)
+    mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
+    per = mse
+    if weighting == "min_snr":
+        # eps-loss weight min(SNR, gamma) / SNR (Min-SNR, eq. 8)
+        snr = sched.snr(t).to(mse.dtype)
+        per = mse * torch.clamp(snr, max=min_snr_gamma) / snr
+    return LossOut(per, {"loss/fake_dsm": mse.detach().mean()})
+
+
+def generator_noise(generator, cond: Tensor) -> Tensor:
+    """Standard normal z (B, C, H, W) for a generator's data shape, in its parameter dtype."""
+    p = next(iter(generator.parameters()), None)
+    dtype = p.dtype if p is not None else torch.get_default_dtype()
+    return torch.randn((cond.shape[0],) + sample_shape(generator), device=cond.device, dtype=dtype)
+
+
+class StudentSection(MethodSection):
+    """How the student (the generator role) is built from the teacher.
+
+    student: "full" fine-tunes a copy of the teacher; "lora" trains a peft LoRA on the copy's
+        UNet (Hyper-SD trains LoRAs, §2.2 [P, from its released artifacts]).
+    lora_rank / lora_alpha / lora_dropout / lora_target_modules: the diffusers-script flags.
+        alpha None means alpha = rank (scale 1); target modules None means LCM-LoRA's list
+        (attention, feed-forward, resnet convs, time projections, resamplers) filtered to the
+        modules the UNet has. Rank 64 is PCM's / Hyper-SD's SD value [R].
+    """
+    name: str
+    student: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: Optional[float] = Field(None, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: Optional[list[str]] = None
+
+
+def build_student(teacher: nn.Module, cfg: StudentSection) -> nn.Module:
+    """A trainable copy of the teacher, LoRA-wrapped when ``cfg.student == "lora"``."""
+    student = copy.deepcopy(teacher)
+    if cfg.student == "lora":
+        from hyperscale.models.lora import apply_lora
+
+        student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+    return student.train()
+
+
+def check_student(generator: nn.Module, cfg: StudentSection) -> None:
+    """Fail loudly when a trainer built a full copy although the config asks for a LoRA."""
+    if cfg.student == "lora":
+        from hyperscale.models.lora import LoraDenoiser
+
+        m = generator  # look through engine / data-parallel wrappers (``.module``)
+        while not isinstance(m, LoraDenoiser) and isinstance(getattr(m, "module", None), nn.Module):
+            m = m.module
+        if not isinstance(m, LoraDenoiser):
+            raise TypeError("method.student = 'lora' but the generator role carries no LoRA: build the roles "
+                            "with method.build_role(name, teacher)")
+

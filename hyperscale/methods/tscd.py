@@ -1,0 +1,261 @@
+"""TSCD: Trajectory Segmented Consistency Distillation (Hyper-SD, Ren et al. 2024, arXiv 2404.13686;
+ALGORITHMS.md §2.2), and plain consistency distillation (``cd``) as its one-segment case.
+
+Per sample, on a data batch x0 (segment math in ``hyperscale.diffusion.segments``):
+
+    t_n on the skipping-step grid (minus segment lower edges), e = lower edge of t_n's segment,
+    t_{n-1} = max(t_n - s, e), t_end = e ("edge") or U{e..t_{n-1}} ("random")
+    x_{t_n} = alpha x0 + sigma eps
+    x^_{t_{n-1}} = DDIM(x_{t_n}, eps_teacher^w(x_{t_n}, t_n), t_n -> t_{n-1})      (no grad; CFG w)
+    pred   = DDIM(x_{t_n},   eps_student(x_{t_n}, t_n),           t_n     -> t_end)
+    target = DDIM(x^_{t_{n-1}}, eps_target(x^_{t_{n-1}}, t_{n-1}), t_{n-1} -> t_end)  (no grad;
+             = x^_{t_{n-1}} itself when t_{n-1} = t_end: the boundary condition)
+    loss   = w_cons d(pred, target) [+ w_adv hinge_G(D(renoise(pred)))]
+
+d is L2 (mean over entries) or LCM's pseudo-Huber mean(sqrt(diff^2 + c^2) - c). The target
+network is an EMA of the student (role ``target``, built and updated by the trainer, LCM's
+``ema_decay`` 0.95) or the online student under stop-gradient (PCM). Stages (default 8 -> 4
+-> 2 -> 1 segments) are config data; the trainer calls ``set_global_step`` so the method
+knows its stage. With one segment and ``edge`` targets this is LCM-style consistency
+distillation with the boundary at the clean end (``trailing``) or timestep 0 (``floor``).
+
+Roles: ``generator`` (trainable, a copy of the teacher, full or LoRA: ``build_role``),
+``teacher`` (frozen), ``target`` (frozen EMA of the generator; only with
+target_network = "ema"), ``discriminator`` (trainable critic, only with adversarial = true:
+a head on frozen teacher features, ``hyperscale.methods.adversarial``).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from hyperscale.config import Section
+from hyperscale.diffusion import segments as seg
+from hyperscale.diffusion.sampling import sample_ddim
+from hyperscale.diffusion.schedule import Prediction
+from hyperscale.methods.adversarial import build_discriminator, discriminate, hinge_d, hinge_g
+from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.registry import register
+from hyperscale.methods.scores import StudentSection, build_student, check_student
+from hyperscale.models.denoiser import CFGDenoiser
+
+
+class StageSection(Section):
+    """One stage: segment count k, its generator updates, and its loss weights.
+
+    consistency_weight / adv_weight: Hyper-SD lowers the MSE weight and raises the adversarial
+    weight as k shrinks (§2.2 [P]; values not recovered), so they are per-stage data.
+    """
+    segments: int = Field(ge=1)
+    steps: int = Field(1000, ge=1)
+    consistency_weight: float = Field(1.0, ge=0)
+    adv_weight: float = Field(0.0, ge=0)
+
+
+def _default_stages() -> list[StageSection]:
+    return [StageSection(segments=k) for k in (8, 4, 2, 1)]
+
+
+class TscdConfig(StudentSection):
+    """TSCD hyperparameters; defaults and why.
+
+    stages: 8 -> 4 -> 2 -> 1 segments [V], each resuming from the previous stage's weights
+        [P]; steps per stage are a budget (Hyper-SD: ~200 A100 h per stage [V]).
+    edges: "trailing" (segment tops = k-step trailing-DDIM timesteps, bottom edge = clean
+        data) or "floor" (the t_b = floor(t / (T/k)) (T/k) formula, bottom edge = timestep 0).
+    target: "edge" (jump to the segment's lower edge: PCM / Hyper-SD's figure) or "random"
+        (t_end ~ U[e, t_{n-1}], CTM-style, §2.2 [P]).
+    timesteps: "grid" draws t_n on the skipping-step grid (LCM); "uniform" on every integer
+        timestep (also covers the trailing inference timesteps, e.g. 874 for k = 8).
+    num_ddim_timesteps: the teacher's grid, skip s = T // N (LCM's flag; 50 -> s = 20; PCM
+        also uses 40 -> s = 25, which divides every T/k of 8/4/2/1 for T = 1000).
+    teacher_guidance_scale: CFG on the teacher's ODE step (1.0 = none); baked into the
+        student, which samples without guidance.
+    target_network / target_ema_decay: "ema" (LCM: an EMA of the student, decay 0.95, role
+        ``target``) or "online" (PCM: the student itself under stop-gradient, no extra role).
+    loss_type / huber_c: "l2" (Hyper-SD's "MSE" [V]) or LCM's pseudo-Huber with c = 0.001.
+    adversarial: add the discriminator (critic role ``discriminator``: hinge GAN, heads on the
+        frozen teacher encoder, §2.2 [P: SDXL-Lightning / PCM design]); its generator term is
+        weighted per stage by ``adv_weight``; the head trains every step while enabled.
+    adv_renoise: re-noise prediction and target from t_end to a random t in (t_end, segment
+        top] before the discriminator (PCM's "noise travel"; Hyper-SD's noise perturbation,
+        whose exact form is [P]); false feeds them at t_end.
+    """
+    name: Literal["tscd"] = "tscd"
+    stages: list[StageSection] = Field(default_factory=_default_stages, min_length=1)
+    edges: seg.EdgeRule = seg.EdgeRule.trailing
+    target: seg.TargetRule = seg.TargetRule.edge
+    timesteps: seg.TimestepRule = seg.TimestepRule.grid
+    num_ddim_timesteps: int = Field(50, ge=1)
+    teacher_guidance_scale: float = Field(1.0, ge=0)
+    target_network: Literal["ema", "online"] = "ema"
+    target_ema_decay: float = Field(0.95, ge=0, lt=1)
+    loss_type: Literal["l2", "huber"] = "l2"
+    huber_c: float = Field(0.001, gt=0)
+    adversarial: bool = False
+    adv_renoise: bool = True
+    disc_hidden: int = Field(64, ge=1)
+    critic_steps: int = Field(1, ge=1)
+
+
+class CdConfig(TscdConfig):
+    """Plain consistency distillation: TSCD with one segment throughout (the baseline)."""
+    name: Literal["cd"] = "cd"
+    stages: list[StageSection] = Field(default_factory=lambda: [StageSection(segments=1)], min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _one_segment(cls, v: list[StageSection]) -> list[StageSection]:
+        if any(s.segments != 1 for s in v):
+            raise ValueError("cd has one segment in every stage (use method.name=tscd for more)")
+        return v
+
+
+def consistency_distance(pred: Tensor, target: Tensor, loss_type: str, huber_c: float) -> Tensor:
+    """Per-sample distance (B,): mean squared error, or LCM's pseudo-Huber mean(sqrt(d^2 + c^2) - c)."""
+    diff = (pred - target).flatten(1)
+    if loss_type == "l2":
+        return diff.pow(2).mean(1)
+    return ((diff.pow(2) + huber_c ** 2).sqrt() - huber_c).mean(1)
+
+
+class Tscd(Method):
+    """TSCD / CD loss object; the role set depends on the config (see the module docstring)."""
+    trainable = ("generator",)
+    init_from_teacher = ("generator",)
+    needs_teacher = True
+    needs_data = True
+
+    def __init__(self, config: TscdConfig):
+        super().__init__(config)
+        self.trainable = ("generator", "discriminator") if config.adversarial else ("generator",)
+        self.critic = "discriminator" if config.adversarial else None
+        # frozen roles besides the teacher that the trainer must pass (``target``: an EMA of the
+        # generator with decay config.target_ema_decay, updated after every generator update)
+        self.frozen_roles: tuple[str, ...] = ("target",) if config.target_network == "ema" else ()
+        self.ema_roles: dict[str, tuple[str, float]] = (
+            {"target": ("generator", config.target_ema_decay)} if config.target_network == "ema" else {})
+        self.stage = 0
+
+    # ---------------------------------------------------------------- trainer hooks
+    def set_global_step(self, step: int) -> int:
+        """Select the stage for global step ``step`` (generator updates done); returns its index."""
+        self.stage = seg.stage_at(step, [s.steps for s in self.config.stages])
+        return self.stage
+
+    @property
+    def segments(self) -> int:
+        return self.config.stages[self.stage].segments
+
+    def build_role(self, name: str, teacher: nn.Module) -> nn.Module | None:
+        """The generator (teacher copy, full or LoRA) and the discriminator head; None otherwise."""
+        if name == "generator":
+            return build_student(teacher, self.config)
+        if name == "discriminator":
+            return build_discriminator(teacher, self.config.disc_hidden).train()
+        return None
+
+    def critic_steps(self) -> int:
+        return self.config.critic_steps if self.config.adversarial else 0
+
+    # ---------------------------------------------------------------- the pair
+    def consistency_pair(self, x0: Tensor, cond, *, generator, teacher, target) -> dict[str, Tensor]:
+        """Student prediction and its target, both at t_end (B, ...), and the timesteps (B,)."""
+        cfg, sched = self.config, teacher.schedule
+        T, k, B, dev = sched.num_train_timesteps, self.segments, x0.shape[0], x0.device
+        allowed = seg.trainable_timesteps(k, T, cfg.edges, cfg.timesteps, cfg.num_ddim_timesteps).to(dev)
+        t_n = allowed[torch.randint(len(allowed), (B,), device=dev)]
+        edge = seg.segment_lower_edge(t_n, k, T, cfg.edges)
+        t_prev = seg.teacher_prev(t_n, seg.skip_size(cfg.num_ddim_timesteps, T), edge)
+        t_end = seg.target_time(t_prev, edge, cfg.target)
+        x_tn = sched.add_noise(x0, torch.randn_like(x0), t_n)
+        with torch.no_grad():
+            guided = CFGDenoiser(teacher, cfg.teacher_guidance_scale) if cfg.teacher_guidance_scale != 1.0 else teacher
+            # the teacher's DDIM ODE step t_n -> t_{n-1}, inside the segment
+            x_prev = seg.move(sched, x_tn, guided(x_tn, t_n, cond, out=Prediction.eps), t_n, t_prev)
+            if bool((t_end < t_prev).any()):
+                eps_tgt = target(x_prev, t_prev.clamp(min=0), cond, out=Prediction.eps)
+                tgt = seg.move(sched, x_prev, eps_tgt, t_prev, t_end)  # = x_prev where t_end == t_prev
+            else:
+                tgt = x_prev
+        pred = seg.move(sched, x_tn, generator(x_tn, t_n, cond, out=Prediction.eps), t_n, t_end)
+        return {"pred": pred, "target": tgt.detach(), "x_t": x_tn, "x_prev": x_prev, "t_n": t_n, "t_prev": t_prev,
+                "t_end": t_end, "edge": edge, "top": seg.segment_top(t_n, k, T, cfg.edges)}
+
+    def _target_net(self, generator, target):
+        if self.config.target_network == "online":
+            return generator  # evaluated under no_grad: stop-gradient
+        if target is None:
+            raise ValueError("target_network = 'ema' needs the frozen role 'target' (an EMA of the generator)")
+        return target
+
+    def _adv_point(self, sched, x: Tensor, p: dict[str, Tensor], t_adv: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.config.adv_renoise:
+            return x, p["t_end"].clamp(min=0)
+        return seg.renoise(sched, x, p["t_end"], t_adv, noise), t_adv
+
+    def _adv_time(self, p: dict[str, Tensor]) -> Tensor:
+        lo = p["t_end"] + 1  # (t_end, top]
+        span = (p["top"] - lo + 1).clamp(min=1)
+        return lo + (torch.rand(lo.shape, device=lo.device) * span).floor().long().clamp(max=span - 1)
+
+    # ---------------------------------------------------------------- losses
+    def generator_loss(self, batch: Batch, *, generator, teacher, target=None, discriminator=None, **_) -> LossOut:
+        cfg = self.config
+        check_student(generator, cfg)
+        if batch.x0 is None:
+            raise ValueError(f"{cfg.name} needs data batches (x0)")
+        stage = cfg.stages[self.stage]
+        p = self.consistency_pair(batch.x0, batch.cond, generator=generator, teacher=teacher,
+                                  target=self._target_net(generator, target))
+        cons = consistency_distance(p["pred"], p["target"], cfg.loss_type, cfg.huber_c)
+        loss = stage.consistency_weight * cons
+        metrics = {"loss/consistency": cons.detach().mean(), "tscd/segments": torch.tensor(float(self.segments)),
+                   "tscd/stage": torch.tensor(float(self.stage)),
+                   "tscd/t_end": p["t_end"].double().mean().float()}
+        if cfg.adversarial and stage.adv_weight > 0:
+            if discriminator is None:
+                raise ValueError("adversarial = true needs the trainable role 'discriminator'")
+            t_adv = self._adv_time(p)
+            x_adv, t_in = self._adv_point(teacher.schedule, p["pred"], p, t_adv, torch.randn_like(p["pred"]))
+            adv = hinge_g(discriminate(discriminator, teacher, x_adv, t_in, batch.cond, grad_to_input=True))
+            loss = loss + stage.adv_weight * adv
+            metrics["loss/adv_g"] = adv.detach().mean()
+        return LossOut(loss, metrics)
+
+    def critic_loss(self, batch: Batch, *, generator, teacher, discriminator, target=None, **_) -> LossOut:
+        if batch.x0 is None:
+            raise ValueError(f"{self.config.name} needs data batches (x0)")
+        with torch.no_grad():
+            p = self.consistency_pair(batch.x0, batch.cond, generator=generator, teacher=teacher,
+                                      target=self._target_net(generator, target))
+            t_adv = self._adv_time(p)
+            noise = torch.randn_like(p["pred"])
+            real, t_in = self._adv_point(teacher.schedule, p["target"], p, t_adv, noise)
+            fake, _ = self._adv_point(teacher.schedule, p["pred"], p, t_adv, noise)
+        d_real = discriminate(discriminator, teacher, real, t_in, batch.cond, grad_to_input=False)
+        d_fake = discriminate(discriminator, teacher, fake, t_in, batch.cond, grad_to_input=False)
+        loss = hinge_d(d_real, d_fake)
+        return LossOut(loss, {"loss/adv_d": loss.detach().mean(), "adv/d_real": d_real.detach().mean(),
+                              "adv/d_fake": d_fake.detach().mean()})
+
+    # ---------------------------------------------------------------- sampling / export
+    def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
+        """k-step DDIM, trailing spacing (k = the current stage's segments): the N-step LoRA sampler."""
+        return sample_ddim(generator, z, cond, self.segments, spacing="trailing")
+
+    def export_meta(self, generator) -> dict:
+        k, T = self.segments, generator.schedule.num_train_timesteps
+        meta = {"sampler": {"name": "ddim", "spacing": "trailing", "num_steps": k, "guidance_scale": 1.0},
+                "tscd": {"segments": k, "stage": self.stage, "edges": self.config.edges.value,
+                         "student": self.config.student}}
+        if k == 1:  # one trailing DDIM step from T - 1 is one x0 call on z: a 1-step generator
+            meta["generator"] = {"timestep": T - 1, "noise_input": "unit"}
+        return meta
+
+
+register("tscd", TscdConfig, Tscd)
+register("cd", CdConfig, Tscd)
