@@ -1,4 +1,5 @@
 """The Ray-free generation path: request validation, class resolution, determinism, encoding."""
+import copy
 import io
 
 import pytest
@@ -9,6 +10,7 @@ from hyperscale.config import load_config
 from hyperscale.diffusion.sampling import sample_tcd
 from hyperscale.methods.sim import Sim, SimConfig
 from hyperscale.models.build import build_denoiser, save_denoiser
+from hyperscale.models.lora import apply_lora, load_lora, save_lora
 from hyperscale.models.generation import (GenerateRequest, ImageGenerator, Limits, RequestError, encode_image,
                                           resolve_class)
 
@@ -16,12 +18,19 @@ NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt
 
 
 def tiny_exports(root):
-    """(1-step generator export, multi-step denoiser export) of one tiny random UNet."""
+    """(1-step generator export, multi-step denoiser export) of one tiny random UNet, and beside
+    them ``lora/``: a diffusers-format LoRA adapter (non-zero) for the multi-step one."""
     torch.manual_seed(0)
     cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
     den = build_denoiser(cfg.model, cfg.schedule)
     save_denoiser(den, root / "one-step", Sim(SimConfig()).export_meta(den))
     save_denoiser(den, root / "multi-step")
+    lora = apply_lora(copy.deepcopy(den), rank=2, target_modules=["conv1", "conv2"])
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_lora(lora, root / "lora")
     return root / "one-step", root / "multi-step"
 
 
@@ -108,3 +117,20 @@ def test_encode_png_and_jpeg_at_the_requested_size():
     assert abs(int(png.getpixel((0, 0))) - 0) <= 1 and abs(int(png.getpixel((27, 27))) - 255) <= 1
     jpg = Image.open(io.BytesIO(encode_image(x, "jpeg", size=112)))
     assert jpg.format == "JPEG" and jpg.size == (112, 112)
+
+
+def test_lora_adapter_is_applied_to_its_base_and_merged(exports):
+    root = exports[0].parent
+    with pytest.raises(FileNotFoundError, match="lora_base"):
+        ImageGenerator.load(root / "lora")
+    gen = ImageGenerator.load(root / "lora", "lora", lora_base=exports[1])
+    base = ImageGenerator.load(exports[1])
+    assert gen.describe()["kind"] == "multi-step"
+    r = req(**{"class": 4, "num_images": 2, "seed": 3, "steps": 2, "eta": 0.0})
+    x, b = gen.generate([gen.prepare(r, Limits())])[0], base.generate([base.prepare(r, Limits())])[0]
+    assert (x - b).abs().max() > 1e-3  # the adapter changes the model
+    ref_model = load_lora(ImageGenerator.load(exports[1]).model, root / "lora")  # unmerged, in place
+    z = torch.stack([torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    ref = sample_tcd(ref_model, z, torch.tensor([4, 4]), 2, eta=0.0)
+    torch.testing.assert_close(x, ref.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    assert not any("lora" in n for n, _ in gen.model.named_parameters())  # merged: plain weights

@@ -34,9 +34,11 @@ def server(ray_cluster, tmp_path_factory):
     adapters = root / "adapters"
     adapters.mkdir()
     shutil.copytree(multi_step, adapters / "multistep")
+    shutil.copytree(root / "lora", adapters / "hyper-lora")  # a LoRA-only adapter on the multi-step base
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"generator": str(one_step), "adapters_dir": str(adapters), "auth_token": TOKEN,
+                         "lora_base": str(multi_step),
                          "replica_cpus": 0.5, "max_images_per_request": 8, "max_body_bytes": 4096,
                          "max_batch_size": 16, "batch_wait_timeout_s": 0.02}),
               name="hyperscale-test", route_prefix="/")
@@ -89,8 +91,10 @@ def test_multistep_adapter_and_unknown_adapter(server):
     assert status == 200, out
     assert headers["X-Model"] == "multistep" and [im.size for im in images_of(out)] == [(28, 28)] * 2
     assert call(server, "/v1/generate", body)[2] == out
+    lora = call(server, "/v1/generate", body | {"adapter": "hyper-lora"})
+    assert lora[0] == 200 and lora[1]["X-Model"] == "hyper-lora" and lora[2] != out  # the LoRA changes images
     models = json.loads(call(server, "/v1/models")[2])
-    assert models["adapters"] == ["multistep"] and models["auth"] is True
+    assert models["adapters"] == ["hyper-lora", "multistep"] and models["auth"] is True
 
 
 BAD = [

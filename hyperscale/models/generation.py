@@ -162,9 +162,22 @@ class ImageGenerator:
         self.shape = sample_shape(self.denoiser)
 
     @classmethod
-    def load(cls, source: str | os.PathLike, name: str = "default") -> "ImageGenerator":
-        path = resolve_source(str(source))
-        meta = json.loads((Path(path) / EXPORT_META).read_text())
+    def load(cls, source: str | os.PathLike, name: str = "default",
+             lora_base: str | os.PathLike | None = None) -> "ImageGenerator":
+        """An export directory (``s3://`` and hub ids too). A directory holding only a diffusers-format
+        LoRA (``pytorch_lora_weights.safetensors``, e.g. a Hyper-SD adapter) is applied to
+        ``lora_base`` and merged, so it samples as fast as plain weights."""
+        from hyperscale.models.lora import LORA_WEIGHTS, load_lora, merge_lora
+
+        path = Path(resolve_source(str(source)))
+        if (path / LORA_WEIGHTS).is_file() and not (path / EXPORT_META).is_file():
+            if lora_base is None:
+                raise FileNotFoundError(f"{source}: a LoRA adapter, but no base model to apply it to "
+                                        f"(set the server's lora_base)")
+            base = load_denoiser(resolve_source(str(lora_base)))
+            return cls(merge_lora(load_lora(base, path)).eval(), False,
+                       default_class_names(base.num_classes), name=name)
+        meta = json.loads((path / EXPORT_META).read_text())
         extra = meta.get("extra", {})
         denoiser = load_denoiser(path)
         if "generator" in extra:

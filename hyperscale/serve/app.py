@@ -54,11 +54,12 @@ class GeneratorDeployment:
         self.default = ImageGenerator.load(self.s.generator)
         self._generate_batched.set_max_batch_size(self.s.max_batch_size)
         self._generate_batched.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
-        adapters_dir = self.s.adapters_dir
+        adapters_dir, lora_base = self.s.adapters_dir, self.s.lora_base
 
         async def load_adapter(name: str) -> ImageGenerator:
             # serve.multiplexed keeps the most recently used max_adapters_per_replica of these
-            return await asyncio.to_thread(ImageGenerator.load, f"{adapters_dir.rstrip('/')}/{name}", name)
+            return await asyncio.to_thread(ImageGenerator.load, f"{adapters_dir.rstrip('/')}/{name}", name,
+                                           lora_base)
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.s.max_adapters_per_replica)(load_adapter)
 
@@ -215,6 +216,7 @@ def build_app(args: dict | None = None):
     s = parse_settings(args)
     s.generator = absolute_local(s.generator)
     s.adapters_dir = absolute_local(s.adapters_dir)
+    s.lora_base = absolute_local(s.lora_base)
     opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
                             "max_ongoing_requests": s.max_ongoing_requests}
     if s.num_replicas:

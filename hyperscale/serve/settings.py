@@ -29,6 +29,7 @@ class ServeSettings(BaseModel):
     generator: str = Field("assets/sim-generator", description="the default model: export dir, s3:// or hub id")
     adapters_dir: Optional[str] = Field(None, description="named exports, one sub-directory each (request 'adapter')")
     max_adapters_per_replica: int = Field(4, ge=1, description="LRU bound of multiplexed adapters per replica")
+    lora_base: Optional[str] = Field(None, description="the export LoRA-only adapters apply to (e.g. the teacher)")
     # dynamic batching (serve.batch); batching: false sends each request through alone
     batching: bool = True
     max_batch_size: int = Field(32, ge=1, description="images are what is batched; requests join whole")
