@@ -38,7 +38,8 @@ if __name__ == "__main__":
 
     ensure_ray()
     host, port = a.host or http.get("host", "127.0.0.1"), a.port or http.get("port", 8000)
-    serve.start(http_options={"host": host, "port": port})
+    quiet = {"enable_access_log": settings.access_log, "log_level": "INFO" if settings.access_log else "WARNING"}
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     serve.run(build_app(settings.model_dump()), name=app.get("name", "hyperscale"),
               route_prefix=app.get("route_prefix", "/"))
     print(f"[serve] http://{host}:{port}/  (POST /v1/generate, docs at /docs); Ctrl-C stops", flush=True)

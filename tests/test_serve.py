@@ -199,13 +199,15 @@ def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path)
     assert gen["status"] == "ready"
     out = subprocess.run([sys.executable, str(root / "jobs" / "loadtest.py"), "--url", server, "--token", TOKEN,
                           "--clients", "1,2", "--max-requests", "4", "--max-seconds", "30", "--out", str(tmp_path),
+                          "--max-batch-size", "4",
                           "--generator", str(root / "assets" / "teacher")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rec = json.loads((tmp_path / "serve.json").read_text())
     assert rec["suite"] == "serve"
-    assert [r["clients"] for r in rec["rows"]] == [1, 2, 0]
+    assert [(r["clients"], r.get("batch")) for r in rec["rows"]] == [(1, None), (2, None), (0, 1), (0, 4)]
     for r in rec["rows"]:
         assert {"clients", "batching", "requests_per_s", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
                 "errors"} <= r.keys()
     assert rec["rows"][-1]["images_per_s"] > 0 and rec["rows"][0]["errors"] == 0
+    assert rec["settings"]["http_over_in_process_same_batch"] > 0 and rec["settings"]["http_over_in_process_max_batch"] > 0

@@ -8,13 +8,14 @@ and one ``clients: 0`` row for the generator called in-process at the same batch
 """
 from __future__ import annotations
 
+import http.client
 import json
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -32,14 +33,33 @@ def _percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def post(url: str, body: dict, token: str | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+class Client:
+    """One load-generating client: a persistent HTTP/1.1 connection (keep-alive), reopened after
+    an error, so the figures measure the server rather than TCP set-up."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0):
+        u = urllib.parse.urlsplit(base_url)
+        self.host, self.port, self.timeout = u.hostname, u.port or 80, timeout
+        self.headers = {"Content-Type": "application/json",
+                        **({"Authorization": f"Bearer {token}"} if token else {})}
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        data = json.dumps(body).encode()
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.conn.request("POST", path, body=data, headers=self.headers)
+            r = self.conn.getresponse()
             return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_seconds: float,
@@ -50,6 +70,13 @@ def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_se
     deadline = time.perf_counter() + max_seconds
 
     def client() -> None:
+        conn = Client(base_url, token)
+        try:
+            loop(conn)
+        finally:
+            conn.close()
+
+    def loop(conn: Client) -> None:
         while True:
             with lock:
                 if sent[0] >= max_requests or time.perf_counter() >= deadline:
@@ -58,8 +85,8 @@ def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_se
                 seed = sent[0]
             t0 = time.perf_counter()
             try:
-                status, _ = post(base_url + "/v1/generate", {**body, "seed": seed}, token)
-            except OSError:
+                status, _ = conn.post("/v1/generate", {**body, "seed": seed})
+            except (OSError, http.client.HTTPException):
                 status = -1
             dt = time.perf_counter() - t0
             with lock:

@@ -139,17 +139,26 @@ async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
 BODY_LIMIT_ENV = "HYPERSCALE_SERVE_MAX_BODY_BYTES"  # set on the ingress replicas by build_app
 
 
-@api.middleware("http")
-async def _bound_body(request: Request, call_next):
-    """Bodies are bounded before they are read: no Content-Length -> 411, over the limit -> 413."""
-    if request.method in ("POST", "PUT", "PATCH"):
-        limit = int(os.environ.get(BODY_LIMIT_ENV) or ServeSettings.model_fields["max_body_bytes"].default)
-        length = request.headers.get("content-length")
-        if length is None:
-            return _error(411, "body: send a Content-Length header")
-        if not length.isdigit() or int(length) > limit:
-            return _error(413, f"body: {length} bytes is over the limit of {limit}")
-    return await call_next(request)
+class BoundBody:
+    """Pure ASGI middleware (no per-request task, unlike ``@app.middleware``): bodies are bounded
+    before they are read — no Content-Length -> 411, over the limit -> 413."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            limit = int(os.environ.get(BODY_LIMIT_ENV) or ServeSettings.model_fields["max_body_bytes"].default)
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is None:
+                return await _error(411, "body: send a Content-Length header")(scope, receive, send)
+            if not length.isdigit() or int(length) > limit:
+                return await _error(413, f"body: {length.decode(errors='replace')} bytes is over the limit "
+                                         f"of {limit}")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(BoundBody)
 
 
 @serve.deployment
@@ -217,8 +226,10 @@ def build_app(args: dict | None = None):
     s.generator = absolute_local(s.generator)
     s.adapters_dir = absolute_local(s.adapters_dir)
     s.lora_base = absolute_local(s.lora_base)
+    # Per-request access lines in every replica cost CPU at load; errors and warnings still log.
+    logging_config = {"enable_access_log": s.access_log, "log_level": "INFO" if s.access_log else "WARNING"}
     opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
-                            "max_ongoing_requests": s.max_ongoing_requests}
+                            "max_ongoing_requests": s.max_ongoing_requests, "logging_config": logging_config}
     if s.num_replicas:
         opts["num_replicas"] = s.num_replicas
     else:
@@ -226,5 +237,8 @@ def build_app(args: dict | None = None):
     generator = GeneratorDeployment.options(**opts).bind(s.model_dump())
     # the body bound is read by the ASGI middleware, before any route code runs: give it by env
     ingress_env = {"env_vars": {BODY_LIMIT_ENV: str(s.max_body_bytes)}}
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": ingress_env}).bind(
+    # The ingress only validates and forwards: it must admit as many requests as the generator can
+    # batch, or the proxy queues (and backs off) in front of it (Serve's default admits 5).
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": ingress_env},
+                           max_ongoing_requests=s.max_ongoing_requests, logging_config=logging_config).bind(
         generator, s.model_dump())

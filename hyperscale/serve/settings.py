@@ -49,7 +49,8 @@ class ServeSettings(BaseModel):
     replica_cpus: float = Field(1.0, gt=0)
     replica_gpus: float = Field(0.0, ge=0)
     torch_threads: Optional[int] = Field(None, ge=1, description="per generator replica; None: torch default")
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(128, ge=1, description="admitted per replica (ingress and generator)")
+    access_log: bool = Field(False, description="a log line per request in every replica (costs CPU at load)")
 
     def limits(self) -> Limits:
         return Limits(self.max_images_per_request, self.max_steps, self.max_prompt_chars, self.max_size)
