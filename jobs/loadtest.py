@@ -78,7 +78,9 @@ if __name__ == "__main__":
     top = max(levels)
     best = max((r for r in rows if r["clients"] == top and r["batching"] is not False),
                key=lambda r: r["images_per_s"], default=None)
-    settings = {"generator": a.generator, "request": body, "clients": levels, "max_requests": a.max_requests,
+    gen_path = Path(a.generator).resolve()
+    shown = str(gen_path.relative_to(ROOT)) if gen_path.is_relative_to(ROOT) else a.generator  # no machine paths
+    settings = {"generator": shown, "request": body, "clients": levels, "max_requests": a.max_requests,
                 "max_seconds": a.max_seconds, "server_max_batch_size": a.max_batch_size,
                 "http_over_in_process_same_batch": best and best["images_per_s"] / refs[0]["images_per_s"],
                 "http_over_in_process_max_batch": best and best["images_per_s"] / refs[-1]["images_per_s"]}
