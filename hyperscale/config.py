@@ -76,16 +76,44 @@ class TrainSection(Section):
     lr_min_ratio: float = Field(1.0, gt=0, le=1)  # cosine decay to lr*ratio (1.0 = constant)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    # In-loop quality evaluation every N steps (0: off) when the runner passes an evaluator
+    # (the Tune trials do: FID/KID and class accuracy on a small fixed sample set).
+    eval_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     resume_from_checkpoint: Optional[str] = None  # a checkpoint path or "latest"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     max_failures: int = Field(0, ge=-1)
+    # Distributed training (hyperscale/train/engines.py): one DeepSpeed engine per trainable
+    # role, or plain torch data parallel (no ZeRO). zero_stage defaults to 2 with DeepSpeed, 0
+    # with torch. An update runs over gradient_accumulation_steps micro-batches of data.batch_size.
+    engine: Literal["deepspeed", "torch"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("zero_stage") is None:
+                data["zero_stage"] = 0 if data.get("engine") == "torch" else 2
+            if data.get("mixed_precision") is False:  # YAML reads a bare `no` as false
+                data["mixed_precision"] = "no"
+        return data
+
+    @model_validator(mode="after")
+    def _engine(self) -> "TrainSection":
+        if self.engine == "torch" and self.zero_stage != 0:
+            raise ValueError(f"train.zero_stage={self.zero_stage} needs train.engine=deepspeed "
+                             f"(plain torch is data parallel without ZeRO: train.zero_stage=0)")
+        return self
 
 
 class MethodSection(Section):
@@ -179,15 +207,19 @@ def _validate(tree: dict) -> Config:
         raise ConfigError(format_errors(err)) from None
 
 
+def read_mapping(path: str | Path, what: str = "config") -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}), or a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = read_mapping(path) if path is not None else {}
     return _validate(apply_overrides(tree, overrides or []))
 
 

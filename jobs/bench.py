@@ -5,6 +5,11 @@
         --student sim-l2=runs/sim-l2/export/ema
     # speed: 1-step students vs the teacher at 25 and 50 steps, same batch, same process
     python jobs/bench.py --suite speed --student sim-pseudo-huber=runs/sim/export/ema
+    # memory (§3): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
+    # workers, checkpoint save/resume times -> docs/bench/memory.json
+    python jobs/bench.py --suite memory
+    # reliability (§5): worker SIGKILL, S3 outage, NaN loss -> docs/bench/reliability.json
+    python jobs/bench.py --suite reliability
 """
 import argparse
 import shlex
@@ -20,7 +25,7 @@ from hyperscale.eval.speed import SpeedSettings, run_speed  # noqa: E402
 if __name__ == "__main__":
     d, sd = QualitySettings(), SpeedSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["quality", "speed"], default="quality")
+    p.add_argument("--suite", choices=["quality", "speed", "memory", "reliability"], default="quality")
     p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
     p.add_argument("--student", action="append", default=[], metavar="NAME=PATH",
                    help="an exported 1-step generator to add as a row (repeatable)")
@@ -36,6 +41,7 @@ if __name__ == "__main__":
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--work", default=None, help="memory/reliability: scratch directory for the runs")
     a = p.parse_args()
     command = "python jobs/bench.py " + shlex.join(sys.argv[1:])
     try:
@@ -43,6 +49,17 @@ if __name__ == "__main__":
     except ValueError as e:
         p.error(str(e))
     steps = [int(x) for x in a.steps.split(",")] if a.steps else None
+    if a.suite in ("memory", "reliability"):
+        import tempfile
+
+        from hyperscale.train.memory import MemorySettings, run_memory_suite
+        from hyperscale.train.reliability import run_reliability_suite
+
+        work = Path(a.work or tempfile.mkdtemp(prefix=f"hs-{a.suite}-"))
+        path = (run_memory_suite(a.out, MemorySettings(teacher=a.teacher), command=command, work=work)
+                if a.suite == "memory" else run_reliability_suite(a.out, work, command=command))
+        print(f"[bench] wrote {path}")
+        raise SystemExit(0)
     if a.suite == "quality":
         s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
                             teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,

@@ -9,7 +9,16 @@ from hyperscale.config import Config, ConfigError, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIGS = {"serve.yaml"}  # Ray Serve configs (serve run/deploy format), not training presets
-PRESETS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if p.name not in SERVE_CONFIGS)
+
+
+def _is_training_preset(path: Path) -> bool:
+    """Not a Serve config, a sweep (tests/test_tune.py) or a pipeline of phases (tests/test_pipeline.py)."""
+    if path.name in SERVE_CONFIGS or path.name.startswith("sweep-"):
+        return False
+    return "phases" not in (yaml.safe_load(path.read_text()) or {})
+
+
+PRESETS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if _is_training_preset(p))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from hyperscale.config import Config, to_yaml
@@ -67,8 +68,10 @@ def run_training(cfg: Config) -> dict:
     ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)))
     trainer = TorchTrainer(
         train_loop,
+        # run_id: tells a worker-group restart (same id, checkpoints of this call in storage)
+        # from a new run in the same output directory.
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_root": str(out / "checkpoints"),
-                           "export_dir": str(out / "export")},
+                           "export_dir": str(out / "export"), "run_id": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),

@@ -1,0 +1,70 @@
+"""A quick in-loop quality evaluation: FID, KID and class accuracy of a generator on a small
+fixed sample set, for sweeps that stop poor trials early (``hyperscale.tune``).
+
+The same feature network, reference statistics (the Fashion-MNIST test set) and classifier
+as the quality benchmark (``hyperscale.eval.bench``), on fewer samples (default 500, class
+balanced, fixed noise). FID on few samples is biased upwards (Chong & Forsyth 2020): values
+compare trials of one sweep, not the benchmark's 2,000-sample table.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from hyperscale.eval.metrics import KID_SUBSET_SIZE, evaluate_samples
+
+SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise, labels) -> images in [-1, 1]
+
+
+@dataclass
+class QuickEval:
+    """``QuickEval(...)(sample_fn, step)`` -> {"eval/fid", "eval/kid", "eval/class_acc"}.
+    Picklable (Ray ships it to trials); the networks load on first use in the trial."""
+    num_samples: int = 500
+    seed: int = 0
+    batch_size: int = 250
+    image_size: int = 64
+    reference_limit: int | None = None  # None: all 10k test images (tests use fewer)
+    sample_shape: tuple[int, int, int] = (1, 28, 28)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 10 or self.num_samples % 10:
+            raise ValueError(f"eval num_samples must be a positive multiple of 10 (class balanced), "
+                             f"got {self.num_samples}")
+        self._state = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_state"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _state=None)
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+    def prepare(self) -> "QuickEval":
+        """Load the feature network, the reference statistics (computed once, then cached on
+        disk) and the classifier. Call once in the driver so trials find the cache warm."""
+        if self._state is None:
+            from hyperscale.eval.classifier import load_classifier
+            from hyperscale.eval.features import FeatureExtractor, reference_stats
+
+            extractor = FeatureExtractor(image_size=self.image_size)
+            ref = reference_stats(extractor, limit=self.reference_limit)
+            labels = torch.arange(self.num_samples) % 10
+            noise = torch.randn((self.num_samples, *self.sample_shape),
+                                generator=torch.Generator().manual_seed(self.seed))
+            self._state = (extractor, ref, load_classifier(), noise, labels)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, sample: SampleFn, step: int) -> dict:
+        extractor, ref, classifier, noise, labels = self.prepare()._state
+        images = torch.cat([sample(noise[i:i + self.batch_size], labels[i:i + self.batch_size]).clamp(-1, 1)
+                            for i in range(0, self.num_samples, self.batch_size)])
+        m = evaluate_samples(images, labels, ref, extractor, classifier,
+                             kid_subset_size=min(KID_SUBSET_SIZE, self.num_samples, len(ref.features)))
+        return {f"eval/{k}": float(v) for k, v in m.items()}

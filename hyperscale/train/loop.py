@@ -1,0 +1,300 @@
+"""The training loop itself, independent of who runs it.
+
+Ray Train runs it in every worker (``hyperscale.train.worker``); a Ray Tune trial runs it
+directly in the trial's process as a single worker (``hyperscale.tune``). The two differ only
+in the :class:`Session`: rank and world size, where a restarted run's checkpoint comes from,
+and where metrics and checkpoints are reported.
+
+The loop builds the roles the method asks for (one DeepSpeed engine or plain torch optimizer
+per trainable role; the frozen teacher, EMA copies the method names in ``ema_roles`` and the
+reward models), restores a checkpoint, tells the method its global step (stage schedules),
+runs the generic two-player step, evaluates on a fixed sample set when given an evaluator
+(``train.eval_every``), and exports the generator (LoRA students as merged weights plus a
+diffusers/kohya LoRA).
+
+Test hook: with ``HYPERSCALE_TEST_PID_DIR`` set, each worker writes its PID to
+``<dir>/rank<r>.pid`` when it starts and its last finished step to ``<dir>/rank<r>.step``
+(fault-injection tests kill it by PID and count the steps lost).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hyperscale.config import Config, to_yaml
+from hyperscale.data.fashion_mnist import load_fashion_mnist
+from hyperscale.data.shards import shard_dataset
+from hyperscale.data.stream import InMemoryStream, LabelStream, ShardStream
+from hyperscale.methods.base import Batch
+from hyperscale.methods.registry import build_method
+from hyperscale.models.build import build_denoiser, load_denoiser
+from hyperscale.models.ema import EMA
+from hyperscale.models.lora import save_student
+from hyperscale.train import checkpoint as ckpt
+from hyperscale.train import engines
+from hyperscale.train.step import Role, StepCounters, broadcast_from_rank0, two_player_step
+
+PID_DIR_ENV = "HYPERSCALE_TEST_PID_DIR"
+
+# (generator sample function (z, labels) -> x0, global step) -> metrics such as "eval/fid"
+Evaluator = Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int], dict]
+
+
+class Session(Protocol):
+    """What the loop needs from the framework that runs it."""
+    rank: int
+    world: int
+
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The framework's checkpoint after a restart of this run (a worker-group restart in
+        Ray Train, a resumed trial in Tune), as a local directory; None on a first start."""
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        """Report metrics (every rank), with this rank's checkpoint files when given."""
+
+
+@dataclass
+class Paths:
+    run_root: Path  # where this run's checkpoints live (Ray storage)
+    export_dir: Path
+    run_id: str | None = None  # tells a restart of this run from a new run in the same directory
+
+
+def build_modules(cfg: Config, method, device: torch.device) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Trainable modules by role (identical on every rank, on ``device``) and the frozen teacher
+    (eval mode, no grad, in the low-precision dtype when ``train.mixed_precision`` asks)."""
+    teacher = None
+    if method.needs_teacher:
+        if not cfg.model.pretrained_teacher_model:
+            raise ValueError(f"method '{cfg.method.name}' needs model.pretrained_teacher_model")
+        teacher = load_denoiser(cfg.model.pretrained_teacher_model).eval().requires_grad_(False)
+    modules = {}
+    for name in method.trainable:
+        built = method.build_role(name, teacher) if hasattr(method, "build_role") else None
+        if built is None:
+            fresh = name not in method.init_from_teacher
+            built = build_denoiser(cfg.model, cfg.schedule) if fresh else copy.deepcopy(teacher)
+        modules[name] = built.to(device)
+        broadcast_from_rank0(modules[name])  # identical for certain, as DDP does
+    frozen = {}
+    if teacher is not None:
+        precision = engines.resolve_precision(cfg.train.mixed_precision, device)
+        frozen["teacher"] = engines.cast_parameters_(teacher.to(device), precision)
+    return modules, frozen
+
+
+def build_extra_frozen(method, modules: dict[str, nn.Module], device: torch.device) -> tuple[dict[str, nn.Module], dict[str, EMA]]:
+    """The frozen roles a method declares besides the teacher (``method.frozen_roles``): EMA
+    copies of a trainable role (``method.ema_roles``: name -> (source role, decay); kept as
+    :class:`EMA` objects the loop updates after every generator update) and ``reward`` (the
+    configured reward models). Returns the modules by role and the EMA trackers by role."""
+    frozen, trackers = {}, {}
+    for name in getattr(method, "frozen_roles", ()):
+        if name in getattr(method, "ema_roles", {}):
+            source, decay = method.ema_roles[name]
+            trackers[name] = EMA(modules[source], decay, warmup=False)
+            frozen[name] = trackers[name].model
+        elif name == "reward":
+            from hyperscale.models.rewards import build_rewards
+
+            frozen[name] = build_rewards(method.config.rewards).to(device)
+        else:
+            raise ValueError(f"method '{method.config.name}' asks for frozen role '{name}', "
+                             f"which the trainer cannot build")
+    return frozen, trackers
+
+
+def build_stream(cfg: Config, method, rank: int, world: int) -> InMemoryStream | LabelStream | ShardStream:
+    if not method.needs_data:  # data-free: class labels only
+        return LabelStream(cfg.data.batch_size, cfg.model.num_classes, rank, seed=cfg.run.seed)
+    if cfg.data.train_shards_path_or_url:  # local or s3:// shards, split by rank (read from torch.distributed)
+        return shard_dataset(cfg.data.train_shards_path_or_url, cfg.data.batch_size, seed=cfg.run.seed)
+    images, labels = load_fashion_mnist(cfg.data.split, cfg.data.root).tensors()
+    return InMemoryStream(images, labels, cfg.data.batch_size, rank, world, seed=cfg.run.seed)
+
+
+@torch.no_grad()
+def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
+    """10 x 10 samples from the (EMA) generator, one class per row, fixed seed."""
+    from hyperscale.eval.images import save_grid
+
+    device = next(model.parameters()).device
+    labels = torch.arange(10).repeat_interleave(10) % cfg.model.num_classes
+    z = torch.randn((len(labels), cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size),
+                    generator=torch.Generator().manual_seed(cfg.run.seed))
+    save_grid(method.sample(model.eval(), z.to(device), labels.to(device)).clamp(-1, 1).float().cpu(), path, nrow=10)
+
+
+def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path, rank: int) -> None:
+    """Collective: consolidate the generator (every rank's shard) into one export, loadable
+    without DeepSpeed: export/ema and export/raw (fp32 master weights), samples.png. A LoRA
+    student is saved as merged weights plus its LoRA (diffusers and kohya keys) in ``lora/``."""
+    raw = gen.full_state_dict()
+    if rank != 0:
+        return
+    meta = method.export_meta(ema.model)
+    save_student(ema.model, export_dir / "ema", meta | {"step": step, "ema_decay": cfg.train.ema_decay})
+    model = copy.deepcopy(ema.model)
+    model.load_state_dict(raw)
+    save_student(model, export_dir / "raw", meta | {"step": step})
+    write_sample_grid(method, ema.model, cfg, export_dir.parent / "samples.png")
+
+
+@contextmanager
+def restore_source(session: Session, t, paths: Paths) -> Iterator[tuple[Path | None, str]]:
+    """The checkpoint to start from and where it came from. After a restart: the newer of the
+    framework's latest checkpoint and this run's newest complete one in storage (a rank can die
+    after every rank's files landed but before Ray registered the report). Otherwise
+    ``train.resume_from_checkpoint`` (a path, ``latest``, or nothing: a fresh start)."""
+    run_root = paths.run_root
+    own = ckpt.find_latest(run_root, run_id=paths.run_id) if paths.run_id and run_root.is_dir() else None
+    with session.restored() as d:
+        choice = ["own" if own is not None and (d is None or ckpt.meta_step(own) > ckpt.meta_step(Path(d)))
+                  else "ray" if d is not None else "config"]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)  # every rank restores the same checkpoint
+        if choice[0] == "own":
+            if own is None:
+                raise FileNotFoundError(f"rank 0 restores from {run_root}, which this rank cannot see: "
+                                        f"the run's storage must be shared by all workers")
+            yield own, "this run's latest complete checkpoint"
+        elif choice[0] == "ray":
+            yield Path(d), "Ray's latest checkpoint"
+        else:
+            path = ckpt.resolve_resume(t.resume_from_checkpoint, run_root)
+            yield path, str(path)
+
+
+def _single_process_group() -> None:
+    """A world-size-1 gloo group for DeepSpeed when nobody made one (a Tune trial)."""
+    from hyperscale.train.local import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
+        evaluate: Evaluator | None = None) -> dict:
+    """Train per ``cfg`` on this rank; returns the last reported metrics."""
+    t = cfg.train
+    rank, world = session.rank, session.world
+    if os.environ.get(PID_DIR_ENV):
+        Path(os.environ[PID_DIR_ENV], f"rank{rank}.pid").write_text(str(os.getpid()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    if t.engine == "deepspeed":
+        if not dist.is_initialized():
+            _single_process_group()
+        engines.init_distributed("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    method = build_method(cfg.method)
+    modules, frozen = build_modules(cfg, method, device)
+    gen_name = method.trainable[0]
+    ema = EMA(modules[gen_name], t.ema_decay, t.ema_warmup)  # full fp32 weights, before any partitioning
+    extra, trackers = build_extra_frozen(method, modules, device)
+    frozen |= extra
+    t0 = time.perf_counter()
+    roles = {n: engines.build_role(n, m, t, cfg.data.batch_size, world, device) for n, m in modules.items()}
+    timing = {"time/engine_init_s": time.perf_counter() - t0}
+    torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
+    stream = build_stream(cfg, method, rank, world)
+    counters = StepCounters()
+
+    with restore_source(session, t, paths) as (path, where):
+        state = None
+        if path is not None:
+            state, timing["time/restore_s"] = ckpt.restore(path, roles)
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+        for name, tracker in trackers.items():
+            tracker.load_state_dict(state["frozen_ema"][name])
+        counters = StepCounters(**state["counters"])
+        stream.load_state_dict(state["data"][min(rank, len(state["data"]) - 1)])
+        ckpt.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        timing["restored_at_step"] = counters.step
+        if rank == 0:
+            print(f"[hyperscale] resumed at step {counters.step} from {where}", flush=True)
+
+    def next_batch() -> Batch:
+        x, y = next(stream)
+        return Batch(cond=y, x0=x).to(device)
+
+    def save_checkpoint(step: int, metrics: dict) -> float:
+        """Every rank writes its shards into its own temp dir and reports it; Ray merges them."""
+        t_save = time.perf_counter()
+        local = {"data": stream.state_dict(), "rng": ckpt.rng_state()}  # per-rank cursors and RNG streams
+        gathered = [None] * world
+        if world > 1:
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        state = {"roles": {n: r.state_dict() for n, r in roles.items()}, "ema": ema.state_dict(),
+                 "frozen_ema": {n: tr.state_dict() for n, tr in trackers.items()},
+                 "counters": counters.__dict__.copy(), "data": [g["data"] for g in gathered],
+                 "rng": [g["rng"] for g in gathered]} if rank == 0 else None
+        meta = {"step": step, "samples": counters.samples * world, "world_size": world, "run_id": paths.run_id}
+        with tempfile.TemporaryDirectory(prefix="hs-ckpt-") as tmp:
+            d = ckpt.write_rank(Path(tmp) / f"step_{step:08d}", rank, roles.values(), state, meta, cfg_yaml)
+            if world > 1:
+                dist.barrier()  # every rank's files are complete before any rank reports
+            session.report(metrics, d)
+        return time.perf_counter() - t_save
+
+    def quality(step: int) -> dict:
+        """The evaluator's metrics on the EMA generator (rank 0 computes, every rank gets them)."""
+        out = [None]
+        if rank == 0:
+            model = ema.model.eval()
+            out = [evaluate(lambda z, y: method.sample(model, z.to(device), y.to(device)).float().cpu(), step)]
+        if world > 1:
+            dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+    cfg_yaml = to_yaml(cfg)
+    t_start, step0, s0 = time.time(), counters.step, counters.samples
+    metrics: dict = {}
+    set_step = getattr(method, "set_global_step", None)
+    while counters.step < t.max_steps:
+        if set_step is not None:
+            set_step(counters.step)  # stage schedules (TSCD's 8 -> 4 -> 2 -> 1 segments)
+        metrics = two_player_step(method, next_batch, roles, frozen, ema, counters)
+        for name, tracker in trackers.items():
+            with roles[method.ema_roles[name][0]].full_params() as full:
+                tracker.update(full)
+        step = counters.step
+        if os.environ.get(PID_DIR_ENV):
+            Path(os.environ[PID_DIR_ENV], f"rank{rank}.step").write_text(str(step))
+        is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
+        is_eval = evaluate is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
+        if step % t.log_every == 0 or is_ckpt or is_eval:
+            elapsed = time.time() - t_start
+            sps = (counters.samples - s0) * world / max(elapsed, 1e-9)
+            eta = (t.max_steps - step) * elapsed / max(1, step - step0)
+            metrics |= timing | {"step": step, "samples": counters.samples * world, "samples_per_s": sps}
+            if is_eval:
+                metrics |= quality(step)
+            if rank == 0:
+                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("loss/", "eval/")))
+                print(f"[hyperscale] step {step}/{t.max_steps} {shown} "
+                      f"{sps:.1f} samples/s ETA {eta / 60:.1f} min", flush=True)
+        if is_ckpt:
+            timing["time/checkpoint_save_s"] = save_checkpoint(step, metrics)
+        elif step % t.log_every == 0 or is_eval:
+            session.report(metrics)
+
+    export(method, roles[gen_name], ema, cfg, counters.step, paths.export_dir, rank)
+    if world > 1:
+        dist.barrier()
+    return metrics

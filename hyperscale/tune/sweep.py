@@ -1,0 +1,139 @@
+"""Run a sweep: Ray Tune over trial configurations, ASHA early stopping on the quality metric
+(or FIFO: every trial to the end), resumable after an interruption; then the table, the plot
+and the best preset (``hyperscale.tune.report``)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ray.tune import Callback
+
+from hyperscale.io import atomic_file
+
+from hyperscale.train.launch import ensure_ray, resolve_paths
+from hyperscale.tune.space import SweepConfig, base_tree, check_space, grid_size, param_space, trial_config
+from hyperscale.tune.trial import tune_trial
+
+
+def make_scheduler(sweep: SweepConfig, max_steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler.name == "fifo":
+        return FIFOScheduler()
+    # time_attr "step": rungs are training steps (grace_period, x reduction_factor, ...), not
+    # report counts, so they mean the same whatever eval.every is.
+    return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=sweep.scheduler.grace_period,
+                         reduction_factor=sweep.scheduler.reduction_factor)
+
+
+def run_sweep(sweep: SweepConfig, base: Path, evaluator, resume: bool = False, log=print):
+    """Run (or resume) the sweep; returns (Tune ResultGrid, experiment dir, base config tree, the
+    ids of the trials that ended)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    tree = base_tree(sweep, base)
+    check_space(sweep, tree)  # a bad search value fails here, not in trial 5
+    # Trials run in their own directories (Tune's working dir): give them absolute paths.
+    resolved = resolve_paths(trial_config(tree, {})).model_dump(mode="json")
+    max_steps = trial_config(tree, {}).train.max_steps
+    if sweep.scheduler.name == "asha" and sweep.scheduler.grace_period > max_steps:
+        raise ValueError(f"scheduler.grace_period={sweep.scheduler.grace_period} exceeds the trials' "
+                         f"train.max_steps={max_steps}: ASHA could never stop a trial")
+    out = Path(sweep.output_dir).expanduser().resolve()
+    exp_dir = out / sweep.name
+    if not resume and exp_dir.exists() and any(exp_dir.iterdir()):
+        raise FileExistsError(f"{exp_dir} holds an earlier sweep: pass --resume to continue it, or choose "
+                              f"another output_dir/name")
+    cpus = sweep.trial.cpus * sweep.max_concurrent_trials
+    ensure_ray(int(max(os.cpu_count() or 1, cpus)))
+    ended = EndedTrials(exp_dir / "ended_trials.json")
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, base_tree=resolved, evaluator=evaluator, metric=sweep.metric,
+                             cpus=sweep.trial.cpus, gpus=sweep.trial.gpus),
+        {"CPU": sweep.trial.cpus, "GPU": sweep.trial.gpus})
+    if resume and tune.Tuner.can_restore(str(exp_dir)):
+        log(f"[sweep] resuming {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    else:
+        points = [{"params": p} for p in sweep.points_to_evaluate]
+        n = sweep.num_samples * grid_size(sweep)
+        log(f"[sweep] {sweep.name}: {n} trials ({sweep.scheduler.name}), {sweep.max_concurrent_trials} at a time, "
+            f"{max_steps} steps max, {sweep.metric} ({sweep.mode}) every {sweep.eval.every} steps")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep) | {"eval_every": sweep.eval.every},
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                scheduler=make_scheduler(sweep, max_steps),
+                # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials for a search generator
+                search_alg=BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.seed,
+                                                 max_concurrent=sweep.max_concurrent_trials)),
+            run_config=tune.RunConfig(
+                name=sweep.name, storage_path=str(out), verbose=1,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0), callbacks=[ended]),
+        )
+    results = tuner.fit()
+    # read back from the file: a restored Tuner runs the callback instance pickled with its state
+    return results, exp_dir, tree, EndedTrials(ended.path).ended
+
+
+def collect_rows(results, metric: str, max_steps: int) -> list[dict]:
+    """Plain trial rows (``hyperscale.eval.sweep_report``) from a Tune ResultGrid."""
+    rows = []
+    for result in results:
+        df = result.metrics_dataframe
+        history = []
+        if df is not None and metric in df and "step" in df:
+            history = [(int(s), float(m)) for s, m in zip(df["step"], df[metric])]
+        steps = history[-1][0] if history else 0
+        rows.append({"trial": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+                     "overrides": dict(result.config["params"]), "history": history, "steps": steps,
+                     "stopped_early": result.error is None and steps < max_steps,
+                     "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"})
+    return rows
+
+
+def write_best_preset(tree: dict, params: dict, path: Path, sweep_name: str) -> Path:
+    """The best trial's configuration as a ready-to-run distill preset (the base preset's
+    settings, its number of workers included, with the trial's values)."""
+    from hyperscale.config import to_yaml
+    from hyperscale.io import atomic_file
+
+    cfg = trial_config(tree, params)
+    cfg.run = cfg.run.model_copy(update={"name": f"{sweep_name}-best", "output_dir": f"runs/{sweep_name}-best"})
+    header = "".join(f"#   {k}: {v!r}\n" for k, v in params.items())
+    with atomic_file(path) as tmp:
+        tmp.write_text(f"# Best trial of sweep '{sweep_name}' (written by jobs/sweep.py); its search values:\n"
+                       f"{header}{to_yaml(cfg)}")
+    return path
+
+
+class EndedTrials(Callback):
+    """Notes (in ``<experiment>/ended_trials.json``, kept across resumes) every trial that ended:
+    finished, stopped by the scheduler, or failed. After an interruption (Ctrl+C / SIGINT) Tune
+    returns its running trials as terminated, but they never ended, so they are missing here."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ended: set[str] = set(json.loads(path.read_text())) if path.is_file() else set()
+
+    def _add(self, trial) -> None:
+        self.ended.add(trial.trial_id)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(sorted(self.ended)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._add(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._add(trial)
+
+
+def interrupted(results, ended: set[str]) -> bool:
+    """True when the sweep stopped before every trial ended (Tune saved the experiment state;
+    ``--resume`` continues it)."""
+    return any(r.metrics is None or r.metrics.get("trial_id") not in ended for r in results)
