@@ -52,13 +52,18 @@ def test_ray_job_submit_runs_the_distill_job_on_its_own_cluster(tmp_path):
     cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
     save_denoiser(build_denoiser(cfg.model, cfg.schedule), tmp_path / "teacher")
     temp_dir = tempfile.mkdtemp(prefix="hs-sub-", dir="/tmp")  # short: unix socket path limit
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     # Token auth on, as on a real cluster: the head and the CLI share this cluster's own token.
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp_dir}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", "--disable-usage-stats",
+                             # Own ports for what would otherwise take fixed defaults (agent 52365,
+                             # client server 10001): the session's other Ray (the ray_cluster
+                             # fixture) may hold those, and a head whose job agent cannot bind
+                             # answers every submission with "No available agent".
+                             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
                             stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
