@@ -1,4 +1,6 @@
-"""Atomic writes: a file or a directory appears whole or not at all (temp beside it, then rename)."""
+"""Atomic writes: a file or a directory appears whole or not at all (temp beside it, then rename);
+and outputs that go to a local directory or an ``s3://`` prefix alike (``location``,
+``join``, ``write_text``, ``staged_dir``)."""
 from __future__ import annotations
 
 import os
@@ -68,3 +70,54 @@ def absolute_local(value: str | None) -> str | None:
         if (base / p).exists():
             return str((base / p).resolve())
     return value  # a hub id, or a path that does not exist yet: the loader says which
+
+
+# ------------------------------------------------------------- local or s3:// outputs
+
+def location(value: str | os.PathLike) -> str:
+    """A local path or ``s3://`` URL as a string; a URL that went through pathlib
+    (``Path("s3://b/k")`` is ``s3:/b/k``) gets its second slash back."""
+    s = os.fspath(value)
+    return "s3://" + s[len("s3:/"):] if s.startswith("s3:/") and not s.startswith("s3://") else s
+
+
+def is_remote(value: str | os.PathLike) -> bool:
+    return location(value).startswith("s3://")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...`` for a local directory or an ``s3://`` prefix."""
+    base = location(base)
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base).joinpath(*parts))
+
+
+def write_text(target: str | os.PathLike, text: str) -> None:
+    """A small text file at a local path (parents made) or an ``s3://`` URL (one PUT)."""
+    target = location(target)
+    if is_remote(target):
+        from hyperscale.data.s3 import put_text
+
+        put_text(target, text)
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_text(text)
+
+
+@contextmanager
+def staged_dir(target: str | os.PathLike, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local directory whose contents end up under ``target``: ``target`` itself when it is
+    local; for an ``s3://`` prefix a temp directory, published there when the block succeeds
+    (``hyperscale.data.s3.publish_dir``: in a directory holding a file named in ``last``,
+    that file goes up after the rest, and objects the upload did not write are removed)."""
+    target = location(target)
+    if not is_remote(target):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        yield Path(target)
+        return
+    from hyperscale.data.s3 import publish_dir
+
+    with tempfile.TemporaryDirectory(prefix="hs-stage-") as tmp:
+        yield Path(tmp)
+        publish_dir(tmp, target, last)

@@ -1,5 +1,8 @@
+import io
 import os
+import tarfile
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -18,3 +21,16 @@ def ray_cluster():
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+def write_corrupt_shard(src: Path, dst: Path, member: str = "00000005.png") -> Path:
+    """A copy of the WebDataset shard ``src`` at ``dst`` whose ``member`` is garbage, not a PNG
+    (``from conftest import write_corrupt_shard``)."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin.getmembers():
+            payload = tin.extractfile(info).read()
+            if info.name == member:
+                payload = b"\x89PNG garbage, not an image" * 3
+                info.size = len(payload)
+            tout.addfile(info, io.BytesIO(payload))
+    return dst

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_corrupt_shard
 from hyperscale.data import shards as shards_mod
 from hyperscale.data.fashion_mnist import (CLASS_NAMES, DatasetMissingError, ImageSet,
                                            load_fashion_mnist, read_idx, to_uint8)
@@ -200,14 +201,7 @@ def test_resampled_stream_with_epoch_length(shard_dir):
 
 def test_corrupt_png_is_skipped_and_counted(shard_dir):
     data, paths = shard_dir
-    src, dst = paths[0], paths[0].with_name("corrupt-000000.tar")
-    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
-        for member in tin.getmembers():
-            payload = tin.extractfile(member).read()
-            if member.name == "00000005.png":
-                payload = b"\x89PNG garbage, not an image" * 3
-                member.size = len(payload)
-            tout.addfile(member, io.BytesIO(payload))
+    dst = write_corrupt_shard(paths[0], paths[0].with_name("corrupt-000000.tar"))
     stream = shard_dataset(dst, batch_size=7, shuffle_buffer=0)
     images, labels = _stream_all(stream)
     keep = [i for i in range(30) if i != 5]

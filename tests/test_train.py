@@ -72,3 +72,14 @@ def test_teacher_trains_checkpoints_and_resumes_exactly(ray_cluster, tmp_path, e
 def test_resume_from_a_bad_path_is_a_clear_error(ray_cluster, tmp_path):
     with pytest.raises(Exception, match="not a checkpoint directory"):
         _run(tmp_path / "c", f"train.resume_from_checkpoint={tmp_path}/nothing-here")
+
+
+@pytest.mark.parametrize("resume", [None, "some/other/checkpoint"])
+def test_a_run_directory_with_checkpoints_needs_resume_latest(tmp_path, resume):
+    """Ray Train would restore the directory's own latest checkpoint whatever the config says;
+    the launcher refuses instead of silently resuming (no Ray is started)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/checkpoint_manager_snapshot.json").write_text("{}")
+    extra = [f"train.resume_from_checkpoint={resume}"] if resume else []
+    with pytest.raises(ValueError, match=r"already holds an earlier run's checkpoints.*resume_from_checkpoint=latest"):
+        _run(tmp_path, *extra)

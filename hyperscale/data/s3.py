@@ -1,4 +1,4 @@
-"""S3 (and S3-compatible stores) for shards and model exports: pure boto3, no Ray.
+"""S3 (and S3-compatible stores) for shards, model exports and run outputs: boto3, no Ray.
 
 URLs are ``s3://bucket/key``. The client comes from the standard AWS chain
 (environment, profile, instance role); ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
@@ -351,6 +351,8 @@ def download_dir(url: str, directory: str | os.PathLike, retry: Retry | None = N
         s3 = client()
         for obj in objects:
             rel = parse_s3_url(obj.url)[1][len(prefix):]
+            if rel.endswith("/") and not obj.size:
+                continue  # a "directory" marker object (pyarrow, consoles), not a file
             dest = (tmp / rel).resolve()
             if not rel or tmp.resolve() not in dest.parents:
                 raise ValueError(f"{obj.url}: key does not map to a file under the prefix")
@@ -389,3 +391,97 @@ def cached_download(url: str, cache_dir: str | os.PathLike | None = None,
         return target
     log.info("downloading %s (%d objects) to %s", url, len(objects), target)
     return download_dir(url, target, retry, objects)
+
+
+# -------------------------------------------------------------------- writing outputs
+
+def put_text(url: str, text: str, retry: Retry | None = None) -> None:
+    """One small object (config, metrics); a PUT replaces an object whole."""
+    bucket, key = parse_s3_url(url)
+    if not key or key.endswith("/"):
+        raise ValueError(f"{url}: an object URL needs a key (s3://bucket/key)")
+    s3 = client()
+    call(lambda: s3.put_object(Bucket=bucket, Key=key, Body=text.encode()), url, retry)
+
+
+def read_text(url: str, retry: Retry | None = None) -> str:
+    with open_object(url, retry) as f:
+        return f.read().decode()
+
+
+def delete_objects(urls: list[str], retry: Retry | None = None) -> None:
+    s3 = client()
+    for bucket in sorted({parse_s3_url(u)[0] for u in urls}):
+        keys = [parse_s3_url(u)[1] for u in urls if parse_s3_url(u)[0] == bucket]
+        for i in range(0, len(keys), 1000):  # the API's batch limit
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            call(lambda: s3.delete_objects(Bucket=bucket, Delete=batch), s3_url(bucket, keys[i]), retry)
+
+
+def publish_dir(directory: str | os.PathLike, url: str, last: tuple[str, ...] = (),
+                retry: Retry | None = None) -> list[str]:
+    """Upload ``directory`` under the prefix ``url`` so that readers never take a partial
+    upload for a finished one: in every directory that holds a file named in ``last`` (its
+    "done" marker, e.g. an export's metadata), the other files go up first, then the objects
+    this upload did not write are deleted (the directory is replaced, as a local rename
+    would), then the marker. Returns the uploaded URLs."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    bucket, prefix = _dir_prefix(url)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    key = {p: prefix + p.relative_to(root).as_posix() for p in files}
+    markers = [p for p in files if p.name in last]
+    for p in files:
+        if p not in markers:
+            upload_file(p, s3_url(bucket, key[p]), retry)
+    written = set(key.values())
+    for d in sorted({p.parent for p in markers}):
+        sub = prefix + ("" if d == root else d.relative_to(root).as_posix() + "/")
+        stale = [o.url for o in list_objects(s3_url(bucket, sub), retry)
+                 if parse_s3_url(o.url)[1] not in written]
+        if stale:
+            delete_objects(stale, retry)
+    for p in markers:
+        upload_file(p, s3_url(bucket, key[p]), retry)
+    return [s3_url(bucket, key[p]) for p in files]
+
+
+# ------------------------------------------------------- settings for other processes
+
+# What a process needs to reach the same store as this one, when it does not inherit this
+# process's environment (the workers of a Ray cluster started earlier or elsewhere).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_EC2_METADATA_DISABLED", ATTEMPTS_ENV, BACKOFF_ENV)
+
+
+def settings_env() -> dict[str, str]:
+    """This process's S3 settings given as environment variables (endpoint, region,
+    credentials, retry policy); profiles and instance roles are the other node's own."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def arrow_filesystem(url: str):
+    """A ``pyarrow.fs.S3FileSystem`` for ``url`` (Ray Train's storage) on the store that
+    ``client()`` uses: the same endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``),
+    region and environment credentials. It pickles with them, so Ray's controller and
+    workers reach that store whatever their own environment; without environment
+    credentials each process uses its own chain (profile, instance role)."""
+    import pyarrow.fs
+
+    kwargs: dict[str, Any] = {}
+    endpoint = endpoint_url()
+    if endpoint:
+        scheme, sep, host = endpoint.partition("://")
+        kwargs |= {"endpoint_override": host if sep else endpoint, "scheme": scheme if sep else "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if not region and not endpoint:
+        region = pyarrow.fs.resolve_s3_region(parse_s3_url(url)[0])  # AWS: the bucket's region
+    if region:
+        kwargs["region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs |= {"access_key": os.environ["AWS_ACCESS_KEY_ID"],
+                   "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+                   "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+    return pyarrow.fs.S3FileSystem(**kwargs)

@@ -16,15 +16,24 @@ storage (local or S3), so no shared filesystem is needed. Layout of a merged che
 A checkpoint is complete when rank 0's meta.json names ``world_size`` and every rank's
 manifest is there with all its files at their sizes (Ray's merge once lost a shard,
 STACK.md §3); incomplete checkpoints are never resumed from.
+
+Storage may be a local directory or an ``s3://`` prefix: ``problems``, ``find_latest``,
+``meta_step`` and ``resolve_resume`` take either (S3: one listing, then small GETs for
+meta.json and manifests), and ``local_copy`` gives a local directory to ``restore`` from
+(an S3 checkpoint is downloaded into a temp dir of the calling process).
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Union
+
+from hyperscale.io import is_remote, join, location
 
 import numpy as np
 import torch
@@ -36,6 +45,8 @@ META = "meta.json"
 ENGINES = "engines"
 MANIFESTS = "manifests"
 FORMAT = 2  # 1: rank-0 state.pt only (no manifests)
+
+Where = Union[Path, str]  # a local checkpoint directory, or an s3:// prefix (a str)
 
 
 def rng_state() -> dict:
@@ -70,25 +81,42 @@ def write_rank(directory: Path, rank: int, roles: Iterable[Role], state: dict | 
     return directory
 
 
-def problems(directory: Path) -> list[str]:
-    """What makes ``directory`` not a complete checkpoint (empty list: complete)."""
-    directory = Path(directory)
-    if not (directory / STATE).is_file() or not (directory / META).is_file():
+def _problems(size: Callable[[str], int | None], read: Callable[[str], str]) -> list[str]:
+    """``size(rel)``: a file's bytes, None when absent; ``read(rel)``: its text."""
+    if size(STATE) is None or size(META) is None:
         return [f"no {STATE} / {META}"]
-    meta = json.loads((directory / META).read_text())
+    meta = json.loads(read(META))
     if meta.get("format", 1) < 2:
         return []
     out = []
     for r in range(int(meta["world_size"])):
-        path = directory / _manifest(r)
-        if not path.is_file():
+        if size(_manifest(r)) is None:
             out.append(f"rank {r}: no manifest")
             continue
-        for rel, size in json.loads(path.read_text())["files"].items():
-            f = directory / rel
-            if not f.is_file() or f.stat().st_size != size:
+        for rel, n in json.loads(read(_manifest(r)))["files"].items():
+            if size(rel) != n:
                 out.append(f"rank {r}: {rel} missing or truncated")
     return out
+
+
+def _s3_files(url: str, sizes: dict[str, int] | None = None) -> tuple[Callable, Callable]:
+    """(size, read) over the checkpoint at the s3:// prefix ``url`` (``sizes``: its listing)."""
+    from hyperscale.data import s3
+
+    if sizes is None:
+        prefix = url.rstrip("/") + "/"
+        sizes = {o.url[len(prefix):]: o.size for o in s3.list_objects(prefix)}
+    return sizes.get, lambda rel: s3.read_text(join(url, rel))
+
+
+def problems(directory: Where) -> list[str]:
+    """What makes ``directory`` (local, or an s3:// prefix) not a complete checkpoint (empty
+    list: complete)."""
+    if is_remote(directory):
+        return _problems(*_s3_files(location(directory)))
+    directory = Path(directory)
+    return _problems(lambda rel: (directory / rel).stat().st_size if (directory / rel).is_file() else None,
+                     lambda rel: (directory / rel).read_text())
 
 
 def read_checkpoint(directory: Path) -> dict:
@@ -113,13 +141,24 @@ def restore(directory: Path, roles: dict[str, Role]) -> tuple[dict, float]:
     return state, time.perf_counter() - t0
 
 
-def meta_step(directory: Path) -> int:
-    return int(json.loads((Path(directory) / META).read_text()).get("step", -1))
+def _read_meta(directory: Where) -> dict:
+    if is_remote(directory):
+        from hyperscale.data.s3 import read_text
+
+        return json.loads(read_text(join(directory, META)))
+    return json.loads((Path(directory) / META).read_text())
 
 
-def find_latest(root: Path, run_id: str | None = None) -> Path | None:
+def meta_step(directory: Where) -> int:
+    return int(_read_meta(directory).get("step", -1))
+
+
+def find_latest(root: Where, run_id: str | None = None) -> Where | None:
     """The complete checkpoint with the highest step anywhere under ``root`` (Ray's storage
-    layout); with ``run_id``, only those written by that run (one ``run_training`` call)."""
+    layout; a local directory, or an s3:// prefix: the result is then an s3:// URL); with
+    ``run_id``, only those written by that run (one ``run_training`` call)."""
+    if is_remote(root):
+        return _find_latest_s3(location(root), run_id)
     best, best_step = None, -1
     for meta in Path(root).glob("**/" + META):
         d = meta.parent
@@ -133,16 +172,61 @@ def find_latest(root: Path, run_id: str | None = None) -> Path | None:
     return best
 
 
-def resolve_resume(value: str | None, run_root: Path) -> Path | None:
+def _find_latest_s3(root: str, run_id: str | None) -> str | None:
+    """``find_latest`` on S3: one listing; meta.json of each candidate, then the manifests of
+    the newest candidates until one is complete."""
+    from hyperscale.data import s3
+
+    prefix = root.rstrip("/") + "/"
+    objects = {o.url: o.size for o in s3.list_objects(prefix)}
+    candidates = []
+    for url in objects:
+        if not url.endswith("/" + META):
+            continue
+        d = url[:-len(META)]  # with its trailing slash
+        if d.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-"):
+            continue
+        info = json.loads(s3.read_text(url))
+        if run_id is None or info.get("run_id") == run_id:
+            candidates.append((info.get("step", -1), d))
+    for _, d in sorted(candidates, reverse=True):
+        sizes = {u[len(d):]: n for u, n in objects.items() if u.startswith(d)}
+        if not _problems(*_s3_files(d, sizes)):
+            return d.rstrip("/")
+    return None
+
+
+def resolve_resume(value: str | None, run_root: Where) -> Where | None:
     if not value:
         return None
     if value == "latest":
         return find_latest(run_root)  # nothing yet: a fresh start
+    if is_remote(value):
+        from hyperscale.data.s3 import missing_objects
+
+        url = value.rstrip("/")
+        if missing_objects([join(url, STATE)]):
+            raise FileNotFoundError(f"train.resume_from_checkpoint: '{value}' is not a checkpoint "
+                                    f"(expected {STATE} under that prefix), nor 'latest'")
+        return url
     path = Path(value)
     if not (path / STATE).is_file():
         raise FileNotFoundError(f"train.resume_from_checkpoint: '{value}' is not a checkpoint directory "
                                 f"(expected {STATE} inside), nor 'latest'")
     return path
+
+
+@contextmanager
+def local_copy(checkpoint: Where | None) -> Iterator[Path | None]:
+    """The checkpoint as a local directory for ``restore``: a local one as it is; an s3:// one
+    downloaded into a temp dir of this process (every worker its own copy), removed after."""
+    if checkpoint is None or not is_remote(checkpoint):
+        yield None if checkpoint is None else Path(checkpoint)
+        return
+    from hyperscale.data.s3 import download_dir
+
+    with tempfile.TemporaryDirectory(prefix="hs-restore-") as tmp:
+        yield download_dir(location(checkpoint), Path(tmp) / "checkpoint")
 
 
 def step_of(name: str) -> int:

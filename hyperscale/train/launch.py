@@ -2,9 +2,18 @@
 
 ``python jobs/<job>.py`` starts an embedded local Ray; under ``ray job submit``
 (RAY_ADDRESS set) the same code joins the cluster.
+
+``run.output_dir`` is a local directory or an ``s3://bucket/prefix``. On S3, Ray Train's
+storage is that prefix (a pyarrow S3 filesystem on the endpoint and credentials of
+``hyperscale.data.s3``), the driver PUTs config.yaml (first: a store that cannot be
+written fails here, before Ray starts) and metrics.json, and the workers upload the export
+and read checkpoints back with boto3. The driver's S3 settings given as environment
+variables travel to the workers inside the train function, so workers of a Ray cluster
+that was started without them (or elsewhere) reach the same store.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -12,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from hyperscale.config import Config, to_yaml
-from hyperscale.io import absolute_local
+from hyperscale.io import absolute_local, is_remote, join, write_text
 
 # Without this, every ray.train.report() blocks ~2 s (STACK.md §3).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -43,43 +52,106 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.data.root = absolute_local(cfg.data.root)
     cfg.data.train_shards_path_or_url = absolute_local(cfg.data.train_shards_path_or_url)
     cfg.train.resume_from_checkpoint = absolute_local(cfg.train.resume_from_checkpoint)
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    out = cfg.run.output_dir
+    if "://" in out:
+        from hyperscale.data.s3 import parse_s3_url
+
+        try:
+            parse_s3_url(out)
+        except ValueError as e:
+            raise ValueError(f"run.output_dir: {e}; a run directory is local or on S3") from None
+        cfg.run.output_dir = out.rstrip("/")
+    else:
+        cfg.run.output_dir = str(Path(out).expanduser().resolve())
     return cfg
 
 
-def write_resolved(cfg: Config) -> Path:
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+def write_resolved(cfg: Config) -> str:
+    """Write config.yaml into the run directory (local or s3://); returns the directory."""
+    out = cfg.run.output_dir
+    try:
+        write_text(join(out, "config.yaml"), to_yaml(cfg))
+    except OSError as e:  # S3: no credentials, no bucket, store unreachable (after retries)
+        if not is_remote(out):
+            raise
+        raise type(e)(f"run.output_dir={out} cannot be written: {e}") from e
     return out
 
 
+def check_earlier_run(cfg: Config) -> None:
+    """Refuse to start over an earlier run's checkpoints unless asked to continue it: Ray Train
+    restores a run directory's own latest checkpoint whenever one exists (its run-name
+    snapshot), so without ``train.resume_from_checkpoint=latest`` a second run there would
+    silently resume (or ignore an explicit checkpoint path), not start fresh."""
+    from hyperscale.train.checkpoint import find_latest
+
+    resume = cfg.train.resume_from_checkpoint
+    if resume == "latest":
+        return
+    root = join(cfg.run.output_dir, "checkpoints")
+    if is_remote(root):
+        try:
+            earlier = find_latest(root) is not None
+        except OSError:  # store unreachable, no bucket or credentials: write_resolved says which
+            return
+    else:
+        earlier = (Path(root) / "checkpoint_manager_snapshot.json").is_file() or find_latest(root) is not None
+    if earlier:
+        what = "a fresh start" if resume is None else f"train.resume_from_checkpoint={resume}"
+        raise ValueError(f"run.output_dir={cfg.run.output_dir} already holds an earlier run's checkpoints, and Ray "
+                         f"Train would resume them instead of {what}: pass train.resume_from_checkpoint=latest "
+                         f"to continue that run, or choose another run.output_dir")
+
+
+def _storage(out: str) -> dict:
+    """RunConfig's storage arguments: a local directory, or the s3:// prefix on an explicit
+    pyarrow filesystem (Ray's own resolution would miss AWS_ENDPOINT_URL_S3 and credentials
+    the controller's and workers' environments lack)."""
+    if not is_remote(out):
+        return {"storage_path": out}
+    from hyperscale.data.s3 import arrow_filesystem
+
+    return {"storage_path": out[len("s3://"):], "storage_filesystem": arrow_filesystem(out)}
+
+
+def train_worker(env: dict[str, str], loop_config: dict) -> None:
+    """What every Ray Train worker runs (as ``partial(train_worker, env)``): the driver's S3
+    settings ``env``, then ``worker.train_loop``. ``env`` travels inside the pickled function,
+    not in ``train_loop_config``, which Ray Train records in its state API."""
+    os.environ.update(env)
+    from hyperscale.train.worker import train_loop
+
+    train_loop(loop_config)
+
+
 def run_training(cfg: Config) -> dict:
-    """Train per ``cfg``; returns the final metrics. Outputs land in ``cfg.run.output_dir``:
-    config.yaml, checkpoints/ (Ray storage), export/ema and export/raw, metrics.json."""
+    """Train per ``cfg``; returns the final metrics. Outputs land in ``cfg.run.output_dir``
+    (local or s3://): config.yaml, checkpoints/ (Ray storage), export/ema and export/raw,
+    samples.png, metrics.json."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hyperscale.train.worker import train_loop
+    from hyperscale.data.s3 import settings_env
 
     cfg = resolve_paths(cfg)
+    check_earlier_run(cfg)
     out = write_resolved(cfg)
     t = cfg.train
     ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)))
     trainer = TorchTrainer(
-        train_loop,
+        functools.partial(train_worker, settings_env()),
         # run_id: tells a worker-group restart (same id, checkpoints of this call in storage)
         # from a new run in the same output directory.
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_root": str(out / "checkpoints"),
-                           "export_dir": str(out / "export"), "run_id": uuid.uuid4().hex},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_root": join(out, "checkpoints"),
+                           "export_dir": join(out, "export"), "run_id": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name="checkpoints", storage_path=str(out),
+        run_config=RunConfig(name="checkpoints", **_storage(out),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    write_text(join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
     return metrics

@@ -37,7 +37,8 @@ from hyperscale.data.shards import shard_dataset
 from hyperscale.data.stream import InMemoryStream, LabelStream, ShardStream
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method
-from hyperscale.models.build import build_denoiser, load_denoiser
+from hyperscale.io import location, staged_dir
+from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
 from hyperscale.models.ema import EMA
 from hyperscale.models.lora import save_student
 from hyperscale.train import checkpoint as ckpt
@@ -138,16 +139,19 @@ def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
 def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path, rank: int) -> None:
     """Collective: consolidate the generator (every rank's shard) into one export, loadable
     without DeepSpeed: export/ema and export/raw (fp32 master weights), samples.png. A LoRA
-    student is saved as merged weights plus its LoRA (diffusers and kohya keys) in ``lora/``."""
+    student is saved as merged weights plus its LoRA (diffusers and kohya keys) in ``lora/``.
+    An s3:// run directory gets them from a local staging dir, each export's metadata last."""
     raw = gen.full_state_dict()
     if rank != 0:
         return
     meta = method.export_meta(ema.model)
-    save_student(ema.model, export_dir / "ema", meta | {"step": step, "ema_decay": cfg.train.ema_decay})
-    model = copy.deepcopy(ema.model)
-    model.load_state_dict(raw)
-    save_student(model, export_dir / "raw", meta | {"step": step})
-    write_sample_grid(method, ema.model, cfg, export_dir.parent / "samples.png")
+    with staged_dir(Path(export_dir).parent, last=(EXPORT_META,)) as run_dir:
+        out = run_dir / Path(export_dir).name
+        save_student(ema.model, out / "ema", meta | {"step": step, "ema_decay": cfg.train.ema_decay})
+        model = copy.deepcopy(ema.model)
+        model.load_state_dict(raw)
+        save_student(model, out / "raw", meta | {"step": step})
+        write_sample_grid(method, ema.model, cfg, run_dir / "samples.png")
 
 
 @contextmanager
@@ -156,8 +160,8 @@ def restore_source(session: Session, t, paths: Paths) -> Iterator[tuple[Path | N
     framework's latest checkpoint and this run's newest complete one in storage (a rank can die
     after every rank's files landed but before Ray registered the report). Otherwise
     ``train.resume_from_checkpoint`` (a path, ``latest``, or nothing: a fresh start)."""
-    run_root = paths.run_root
-    own = ckpt.find_latest(run_root, run_id=paths.run_id) if paths.run_id and run_root.is_dir() else None
+    run_root = location(paths.run_root)  # a local directory or an s3:// prefix
+    own = ckpt.find_latest(run_root, run_id=paths.run_id) if paths.run_id else None
     with session.restored() as d:
         choice = ["own" if own is not None and (d is None or ckpt.meta_step(own) > ckpt.meta_step(Path(d)))
                   else "ray" if d is not None else "config"]
@@ -167,12 +171,14 @@ def restore_source(session: Session, t, paths: Paths) -> Iterator[tuple[Path | N
             if own is None:
                 raise FileNotFoundError(f"rank 0 restores from {run_root}, which this rank cannot see: "
                                         f"the run's storage must be shared by all workers")
-            yield own, "this run's latest complete checkpoint"
+            with ckpt.local_copy(own) as local:  # an S3 checkpoint: downloaded by every rank
+                yield local, "this run's latest complete checkpoint"
         elif choice[0] == "ray":
             yield Path(d), "Ray's latest checkpoint"
         else:
             path = ckpt.resolve_resume(t.resume_from_checkpoint, run_root)
-            yield path, str(path)
+            with ckpt.local_copy(path) as local:
+                yield local, str(path)
 
 
 def _single_process_group() -> None:
