@@ -179,10 +179,12 @@ def run_memory_suite(out_dir: str | Path, s: MemorySettings, command: str | None
     import tempfile
 
     from hyperscale.eval.bench import write_record
-    from hyperscale.io import absolute_local, atomic_file
+    from hyperscale.io import REPO, absolute_local, atomic_file
     from hyperscale.train.local import run_local
 
-    recorded = asdict(s)  # as given: no machine paths in the record
+    recorded = asdict(s)  # no machine paths in the record: the teacher relative to the repo when inside it
+    if Path(s.teacher).resolve().is_relative_to(REPO):
+        recorded["teacher"] = str(Path(s.teacher).resolve().relative_to(REPO))
     s.teacher = absolute_local(s.teacher)
     rows = []
     for stage in s.stages:
