@@ -3,6 +3,12 @@
     # quality: real-data floor, teacher DDIM rows, one 1-step row per student, one run
     python jobs/bench.py --suite quality --student sim-pseudo-huber=runs/sim/export/ema \\
         --student sim-l2=runs/sim-l2/export/ema
+    # multi-step students: PATH@STEPS[:tcd|:tcd=ETA|:ddim] gives one row per step count (TCD by
+    # default, gamma --eta; ddim = DDIM trailing), e.g. the Hyper-SD unified LoRA and its baselines
+    python jobs/bench.py --suite quality --carry-from docs/bench/quality.json --out runs/bench-hypersd \\
+        --student hypersd-unified=runs/hypersd/unified@1,2,4,8 \\
+        --student hypersd-tscd=runs/hypersd/tscd/export/ema@1,2,4,8:ddim \\
+        --student cd-baseline=runs/cd/export/ema@1,2,4,8:ddim
     # speed: 1-step students vs the teacher at 25 and 50 steps, same batch, same process
     python jobs/bench.py --suite speed --student sim-pseudo-huber=runs/sim/export/ema
     # memory (§3): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
@@ -19,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperscale.eval.bench import QualitySettings, parse_students, run_quality  # noqa: E402
+from hyperscale.eval.bench import QualitySettings, StudentSpec, parse_students, run_quality  # noqa: E402
 from hyperscale.eval.speed import SpeedSettings, run_speed  # noqa: E402
 
 if __name__ == "__main__":
@@ -27,8 +33,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["quality", "speed", "memory", "reliability"], default="quality")
     p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
-    p.add_argument("--student", action="append", default=[], metavar="NAME=PATH",
-                   help="an exported 1-step generator to add as a row (repeatable)")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=PATH[@STEPS[:SAMPLER]]",
+                   help="an exported 1-step generator to add as a row, or any student export with step counts "
+                        "and a sampler (tcd, tcd=ETA, ddim) for one row per count (repeatable)")
+    p.add_argument("--eta", type=float, default=d.student_eta,
+                   help="quality: TCD gamma for multi-step students without their own")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     p.add_argument("--carry-from", default=None, metavar="QUALITY_JSON",
                    help="quality: reuse the real-data and teacher rows of an earlier record with equal settings")
@@ -63,11 +72,13 @@ if __name__ == "__main__":
     if a.suite == "quality":
         s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
                             teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
-                            spacing=a.spacing)
+                            spacing=a.spacing, student_eta=a.eta)
         path = run_quality(a.teacher, a.out, s, command=command, students=students, carry_from=a.carry_from)
     else:
         if not students:
             p.error("--suite speed needs at least one --student NAME=PATH")
+        if any(StudentSpec.parse(v).steps is not None for v in students.values()):
+            p.error("--suite speed times 1-step generators: give --student NAME=PATH without @STEPS")
         s = SpeedSettings(batch_size=a.batch_size or sd.batch_size, teacher_steps=steps or sd.teacher_steps,
                           repeats=a.repeats, guidance_scale=a.guidance_scale, spacing=a.spacing, seed=a.seed)
         path = run_speed(a.teacher, students, a.out, s, command=command)

@@ -7,7 +7,7 @@ from PIL import Image
 from hyperscale.config import load_config
 import pytest
 
-from hyperscale.eval.bench import QualitySettings, parse_students, run_quality
+from hyperscale.eval.bench import QualitySettings, StudentSpec, parse_students, run_quality, student_sampler
 from hyperscale.eval.speed import SpeedSettings, run_speed
 from hyperscale.methods.sim import Sim, SimConfig
 from hyperscale.models.build import build_denoiser, save_denoiser
@@ -50,9 +50,61 @@ def test_quality_suite_rejects_a_multi_step_export_as_student(tmp_path):
 
 def test_student_specs_are_checked():
     assert parse_students(["a=x/y", "b=z"]) == {"a": "x/y", "b": "z"}
-    for bad in (["nopath"], ["=x"], ["a="], ["a=x", "a=y"]):
+    for bad in (["nopath"], ["=x"], ["a="], ["a=x", "a=y"], ["a=x@0"], ["a=x@2:euler"]):
         with pytest.raises(ValueError, match="student"):
             parse_students(bad)
+    assert parse_students(["u=runs/h/unified@1,2,4,8"]) == {"u": "runs/h/unified@1,2,4,8"}
+
+
+def test_multi_step_student_specs():
+    assert StudentSpec.parse("runs/x/export/ema") == StudentSpec("runs/x/export/ema")  # the 1-step form
+    assert StudentSpec.parse("runs/x@1,2,4,8") == StudentSpec("runs/x", (1, 2, 4, 8), "tcd", None)
+    assert StudentSpec.parse("s3://b/x@4:ddim") == StudentSpec("s3://b/x", (4,), "ddim", None)
+    assert StudentSpec.parse("a@b/x@2,8:tcd=0.5") == StudentSpec("a@b/x", (2, 8), "tcd", 0.5)
+    assert StudentSpec.parse("user@host/x").steps is None  # an '@' that is part of the path
+    assert StudentSpec.parse("x@2:tcd=0.5").describe(0.3) == {"name": "tcd", "eta": 0.5}
+    assert StudentSpec.parse("x@2").describe(0.3) == {"name": "tcd", "eta": 0.3}
+    assert StudentSpec.parse("x@2:ddim").describe(0.3) == {"name": "ddim", "spacing": "trailing"}
+    for bad, match in (("x@0", ">= 1"), ("x@2,2", "distinct"), ("@2", "a path"), ("x@2:tcd=1.5", "eta"),
+                       ("x@2:lcm", "samplers: tcd, ddim"), ("x@2;4", "step counts")):
+        with pytest.raises(ValueError, match=match):
+            StudentSpec.parse(bad)
+
+
+def test_student_samplers_are_reproducible(tmp_path):
+    _, student = tiny_teacher_and_student(tmp_path)
+    from hyperscale.models.build import load_denoiser
+
+    d = load_denoiser(student)
+    z, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    for sampler in ({"name": "tcd", "eta": 0.7}, {"name": "ddim", "spacing": "trailing"}):
+        a = student_sampler(d, 3, sampler, seed=0)(z, y)
+        b = student_sampler(d, 3, sampler, seed=0)(z, y)
+        assert torch.equal(a, b) and a.shape == z.shape
+    assert not torch.equal(student_sampler(d, 3, {"name": "tcd", "eta": 0.7}, seed=1)(z, y),
+                           student_sampler(d, 3, {"name": "tcd", "eta": 0.7}, seed=0)(z, y))
+
+
+def test_quality_suite_rows_for_a_multi_step_student(tmp_path, monkeypatch):
+    """PATH@1,2 gives one row per step count (sampler recorded); the 1-step form still works beside it,
+    and teacher / real-data rows carry over from an earlier record."""
+    monkeypatch.setenv("HYPERSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    teacher, student = tiny_teacher_and_student(tmp_path)
+    s = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1], reference_limit=200)
+    first = run_quality(teacher, str(tmp_path / "a"), s, command="a")
+    path = run_quality(teacher, str(tmp_path / "b"), s, command="b", carry_from=str(first),
+                       students={"hypersd-unified": f"{student}@1,2", "hypersd-tscd": f"{teacher}@2:ddim",
+                                 "sim-l2": student})
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["generator"], r["steps"]) for r in rows] == [
+        ("real-data", 0), ("teacher-ddim", 1), ("hypersd-unified", 1), ("hypersd-unified", 2),
+        ("hypersd-tscd", 2), ("sim-l2", 1)]
+    assert all("carried_from" in r for r in rows[:2]) and not any("carried_from" in r for r in rows[2:])
+    assert rows[2]["sampler"] == {"name": "tcd", "eta": 0.3} and rows[4]["sampler"]["name"] == "ddim"
+    assert "sampler" not in rows[5] and all(r["fid"] > 0 for r in rows)
+    assert (tmp_path / "b" / rows[3]["grid"]).is_file()
+    with pytest.raises(ValueError, match="unique"):
+        run_quality(teacher, str(tmp_path / "c"), s, students={"teacher-ddim": f"{student}@1"})
 
 
 def test_speed_suite_times_students_against_the_teacher(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from hyperscale.data.fashion_mnist import load_fashion_mnist
-from hyperscale.diffusion.sampling import sample_ddim
+from hyperscale.diffusion.sampling import sample_ddim, sample_tcd
 from hyperscale.eval.classifier import classifier_card, load_classifier
 from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
@@ -44,6 +45,7 @@ class QualitySettings:
     clip_x0: bool = True
     image_size: int = 64  # feature-network input (EfficientNet-Lite0)
     reference_limit: int | None = None  # None: all 10k test images (tests use fewer)
+    student_eta: float = 0.3  # TCD gamma for multi-step student rows without their own (TCD's default)
     threads: int = field(default_factory=lambda: torch.get_num_threads())
 
 
@@ -102,9 +104,9 @@ class QualityRun:
         self.rows: list[dict] = []
         self.teacher_sha256: str | None = None
 
-    def _score(self, generator: str, steps: int, images: Tensor, sps: float | None) -> dict:
+    def _score(self, generator: str, steps: int, images: Tensor, sps: float | None, extra: dict | None = None) -> dict:
         m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier)
-        row = {"generator": generator, "steps": steps, **m, "samples_per_s": sps}
+        row = {"generator": generator, "steps": steps, **m, "samples_per_s": sps, **(extra or {})}
         grid = self.out_dir / "grids" / f"{generator}-{steps}.png"
         n = min(100, len(self.labels))
         order = torch.argsort(self.labels[:n] * 1000 + torch.arange(n))  # one class per row
@@ -129,9 +131,9 @@ class QualityRun:
             imgs[self.labels == c] = images[idx[labels[idx] == c]]
         return self._score("real-data", 0, imgs, None)
 
-    def add(self, generator: str, steps: int, fn: SampleFn) -> dict:
+    def add(self, generator: str, steps: int, fn: SampleFn, extra: dict | None = None) -> dict:
         images, sps = generate(fn, self.noise, self.labels, self.s.batch_size)
-        return self._score(generator, steps, images, sps)
+        return self._score(generator, steps, images, sps, extra)
 
     def write(self, command: str) -> Path:
         settings = asdict(self.s) | {"teacher_sha256": self.teacher_sha256,
@@ -157,16 +159,66 @@ def write_record(out_dir: str | os.PathLike, suite: str, settings: dict, rows: l
 
 
 def parse_students(specs: list[str]) -> dict[str, str]:
-    """``["name=path", ...]`` -> {name: path}: exported 1-step generators to add as rows."""
+    """``["name=source", ...]`` -> {name: source}; a source is an export path, optionally with
+    step counts and a sampler (``StudentSpec.parse``)."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"student '{spec}': expected name=path, e.g. sim-l2=runs/sim-l2/export/ema")
+            raise ValueError(f"student '{spec}': expected name=path, e.g. sim-l2=runs/sim-l2/export/ema "
+                             f"or hypersd-unified=runs/hypersd/unified@1,2,4,8")
         if name in out:
             raise ValueError(f"student '{name}' given twice")
+        StudentSpec.parse(path)  # check the form now
         out[name] = path
     return out
+
+
+SAMPLERS = ("tcd", "ddim")
+_STEPS = re.compile(r"(\d+(?:,\d+)*)(?::(tcd|ddim)(?:=([0-9.]+))?)?")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A student row source: ``PATH`` (an exported 1-step generator, one row) or
+    ``PATH@N[,N...][:SAMPLER]``, a multi-step student (any export: merged weights are loaded) sampled
+    at each N: ``tcd`` (TCD with gamma = eta, default ``--eta``; ``tcd=0.5`` sets it; Hyper-SD's
+    unified-LoRA sampler, §2.5) or ``ddim`` (DDIM, trailing spacing: the N-step LoRA sampler)."""
+    path: str
+    steps: tuple[int, ...] | None = None
+    sampler: str = "tcd"
+    eta: float | None = None
+
+    @classmethod
+    def parse(cls, source: str) -> "StudentSpec":
+        path, sep, tail = source.rpartition("@")
+        m = _STEPS.fullmatch(tail) if sep else None
+        if m is None:
+            if sep and re.match(r"\d", tail):
+                raise ValueError(f"student '{source}': after '@' expected step counts and an optional sampler, "
+                                 f"e.g. @1,2,4,8 or @1,2,4,8:ddim or @4:tcd=0.5 (samplers: {', '.join(SAMPLERS)})")
+            return cls(source)
+        steps = tuple(int(n) for n in m.group(1).split(","))
+        if not path or min(steps) < 1 or len(set(steps)) != len(steps):
+            raise ValueError(f"student '{source}': a path, then distinct step counts >= 1")
+        eta = float(m.group(3)) if m.group(3) is not None else None
+        if eta is not None and not 0 <= eta <= 1:
+            raise ValueError(f"student '{source}': TCD eta must be in [0, 1], got {eta}")
+        return cls(path, steps, m.group(2) or "tcd", eta)
+
+    def describe(self, default_eta: float) -> dict:
+        """The row's ``sampler`` field."""
+        if self.sampler == "ddim":
+            return {"name": "ddim", "spacing": "trailing"}
+        return {"name": "tcd", "eta": default_eta if self.eta is None else self.eta}
+
+
+def student_sampler(denoiser, steps: int, sampler: dict, seed: int) -> SampleFn:
+    """Multi-step sampling of a student denoiser (no CFG: distilled students sample unguided)."""
+    if sampler["name"] == "ddim":
+        return lambda z, y: sample_ddim(denoiser, z, y, steps, spacing="trailing")
+    g = torch.Generator().manual_seed(seed + 1000 * steps)  # TCD's re-noising: fixed per row
+    return lambda z, y: sample_tcd(denoiser, z, y, steps, eta=sampler["eta"], generator=g)
 
 
 # Settings that change a row's numbers; rows carry over between runs only when all are equal.
@@ -198,17 +250,39 @@ def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha
     return [r | {"carried_from": {"commit": rec.get("commit"), "date": rec.get("date")}} for r in rows]
 
 
-def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str | None = None,
-                students: dict[str, str] | None = None, carry_from: str | None = None) -> Path:
-    """The real-data floor, the teacher's DDIM rows, then one 1-step row per student export.
-    ``carry_from``: an earlier quality.json whose floor and teacher rows are reused (see carried_rows)."""
+def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[str, int, SampleFn, dict]]:
+    """(generator, steps, sample fn, extra row fields) per student row; every export is loaded here,
+    before the slow part, so a bad path fails at once."""
     from hyperscale.models.build import load_denoiser
     from hyperscale.models.generator import load_generator
+
+    rows = []
+    for name, source in students.items():
+        spec = StudentSpec.parse(source)
+        if spec.steps is None:  # an exported 1-step generator, as before
+            rows.append((name, 1, load_generator(spec.path), {}))
+            continue
+        denoiser = load_denoiser(spec.path).eval()
+        sampler = spec.describe(s.student_eta)
+        rows += [(name, n, student_sampler(denoiser, n, sampler, s.seed), {"sampler": sampler}) for n in spec.steps]
+    keys = [(r[0], r[1]) for r in rows]
+    dup = sorted({k for k in keys if keys.count(k) > 1} | {k for k in keys if k[0] in ("teacher-ddim", "real-data")})
+    if dup:
+        raise ValueError(f"student rows must have unique (generator, steps) names apart from the teacher's: {dup}")
+    return rows
+
+
+def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str | None = None,
+                students: dict[str, str] | None = None, carry_from: str | None = None) -> Path:
+    """The real-data floor, the teacher's DDIM rows, then the students' rows: one 1-step row per
+    generator export, one row per step count for ``PATH@N,...`` sources (``StudentSpec``).
+    ``carry_from``: an earlier quality.json whose floor and teacher rows are reused (see carried_rows)."""
+    from hyperscale.models.build import load_denoiser
 
     teacher = load_denoiser(teacher_dir)
     digest = weights_digest(teacher_dir)
     carried = carried_rows(carry_from, s, digest) if carry_from else []
-    gens = {name: load_generator(path) for name, path in (students or {}).items()}  # fail before the slow part
+    student_rows = _student_rows(students or {}, s)
     run = QualityRun(s, Path(out_dir))
     run.teacher_sha256 = digest
     have = {(r["generator"], r["steps"]) for r in carried}
@@ -218,6 +292,6 @@ def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str
     for steps in s.teacher_steps:
         if ("teacher-ddim", steps) not in have:
             run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))
-    for name, gen in gens.items():
-        run.add(name, 1, gen)
+    for name, steps, fn, extra in student_rows:
+        run.add(name, steps, fn, extra)
     return run.write(command)

@@ -56,6 +56,12 @@ class StudentSection(MethodSection):
         alpha None means alpha = rank (scale 1); target modules None means LCM-LoRA's list
         (attention, feed-forward, resnet convs, time projections, resamplers) filtered to the
         modules the UNet has. Rank 64 is PCM's / Hyper-SD's SD value [R].
+    init_student: start from an earlier phase's export (a directory ``save_student`` wrote, e.g.
+        ``runs/<run>/export/ema``; local, hub id or s3://) instead of the plain teacher copy.
+        With student "lora" the export must be a LoRA export of this teacher with the same
+        rank / alpha / targets: training continues that same LoRA (Hyper-SD's stages resume from
+        the previous stage's weights, §2.2 [P]). With "full" its weights (merged ones for a
+        LoRA export) are loaded. None: the teacher copy.
     """
     name: str
     student: Literal["full", "lora"] = "full"
@@ -63,12 +69,23 @@ class StudentSection(MethodSection):
     lora_alpha: Optional[float] = Field(None, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: Optional[list[str]] = None
+    init_student: Optional[str] = None
 
 
 def build_student(teacher: nn.Module, cfg: StudentSection) -> nn.Module:
-    """A trainable copy of the teacher, LoRA-wrapped when ``cfg.student == "lora"``."""
+    """A trainable copy of the teacher, LoRA-wrapped when ``cfg.student == "lora"``, started from
+    ``cfg.init_student`` when given (the file reading lives in ``hyperscale.models.lora``)."""
     student = copy.deepcopy(teacher)
-    if cfg.student == "lora":
+    if cfg.init_student:
+        from hyperscale.io import absolute_local
+        from hyperscale.models.lora import init_student
+
+        try:
+            student = init_student(student, absolute_local(cfg.init_student), cfg.student == "lora",
+                                   cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"method.init_student={cfg.init_student!r}: {e}") from e
+    elif cfg.student == "lora":
         from hyperscale.models.lora import apply_lora
 
         student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)

@@ -19,7 +19,8 @@ diffusers' ``load_lora_weights`` is a pipeline API for UNet2DConditionModel / SD
 ``UNet2DModel`` has no LoRA loader mixin, so ``load_lora`` here reads the same file and
 injects it with peft (``inject_adapter_in_model`` + ``set_peft_model_state_dict``).
 ``merge_lora`` folds the adapter into plain weights (a copy of the original adapter class,
-exportable with ``save_denoiser``).
+exportable with ``save_denoiser``). ``init_student`` starts a student from an earlier
+``save_student`` export: the same LoRA continued, or the export's (merged) weights.
 """
 from __future__ import annotations
 
@@ -209,11 +210,14 @@ def read_lora(source: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     return state, kwargs
 
 
-def load_lora(denoiser: nn.Module, source: str | os.PathLike) -> LoraDenoiser:
-    """Inject the saved LoRA into ``denoiser`` (in place) and return the wrapped denoiser."""
+def load_lora(denoiser: nn.Module, source: str | os.PathLike, dropout: float | None = None) -> LoraDenoiser:
+    """Inject the saved LoRA into ``denoiser`` (in place) and return the wrapped denoiser
+    (``dropout``: the adapter's dropout from now on; None keeps the saved value)."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     state, kwargs = read_lora(source)
+    if dropout is not None:
+        kwargs["lora_dropout"] = float(dropout)
     config = LoraConfig(**kwargs, init_lora_weights=True)
     unet = _unet_of(denoiser)
     inject_adapter_in_model(config, unet)
@@ -254,3 +258,80 @@ def save_student(model: nn.Module, directory: str | os.PathLike, extra: dict | N
     save_denoiser(merge_lora(model), directory, (extra or {}) | {"lora": "lora/" + LORA_WEIGHTS})
     save_lora(model, directory / "lora", kohya=kohya)  # after: save_denoiser replaces the directory
     return directory
+
+
+# ---------------------------------------------------------------- students from earlier exports
+
+def export_has_lora(directory: str | os.PathLike) -> bool:
+    """Whether an export directory is a LoRA student's (``save_student`` wrote ``lora/``)."""
+    return (Path(directory) / "lora" / LORA_WEIGHTS).is_file()
+
+
+def _check_same_base(denoiser: nn.Module, directory: Path) -> None:
+    """The export must come from the same architecture and noise schedule as ``denoiser``."""
+    from hyperscale.models.build import EXPORT_META
+
+    meta = json.loads((directory / EXPORT_META).read_text())
+    ours = getattr(denoiser, "unet_config", None)
+    ours = json.loads(json.dumps(dict(ours))) if ours is not None else None  # tuples -> lists, as stored
+    theirs = meta.get("unet")
+    if ours is not None and theirs is not None and ours != theirs:
+        keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ValueError(f"{directory} was exported from another architecture than the teacher "
+                         f"(UNet config differs in {keys})")
+    abar = meta.get("alphas_cumprod")
+    if abar is not None and not torch.allclose(torch.tensor(abar, dtype=torch.float64),
+                                               denoiser.schedule.alphas_cumprod.double(), atol=1e-9):
+        raise ValueError(f"{directory} was exported with another noise schedule than the teacher's")
+
+
+def init_student(denoiser: nn.Module, source: str | os.PathLike, lora: bool, rank: int | None = None,
+                 alpha: float | None = None, target_modules: Sequence[str] | None = None,
+                 dropout: float = 0.0) -> nn.Module:
+    """Start a student from an earlier export (``save_student``'s layout) instead of ``denoiser``,
+    a fresh copy of the teacher, which is modified in place.
+
+    lora=True: the export must carry ``lora/``. That LoRA becomes the trainable adapter, so
+    training continues the same LoRA; its rank / alpha / targets must be the ones asked for
+    (``rank``, ``alpha`` None = rank, ``target_modules`` None = the default list), and its merged
+    weights must equal this teacher + that LoRA (it was trained on this teacher).
+    lora=False: the export's weights (merged ones for a LoRA export) are loaded, strictly.
+    """
+    from safetensors.torch import load_file
+
+    from hyperscale.models.build import EXPORT_META, EXPORT_WEIGHTS, resolve_source
+
+    directory = resolve_source(str(source))
+    if not (directory / EXPORT_META).is_file():
+        hint = (f"; did you mean {directory / 'export' / 'ema'}?" if (directory / "export" / "ema").is_dir()
+                else "")
+        raise FileNotFoundError(f"{directory} is not a student export (no {EXPORT_META}){hint}")
+    _check_same_base(denoiser, directory)
+    weights = load_file(str(directory / EXPORT_WEIGHTS))
+    if not lora:
+        result = denoiser.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{directory}: weights do not fit the teacher's architecture: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return denoiser
+    if not export_has_lora(directory):
+        raise ValueError(f"{directory} is a full export (no lora/{LORA_WEIGHTS}) but the student is a LoRA: "
+                         f"use a LoRA export, or a full student (which loads these weights)")
+    _, saved = read_lora(directory / "lora")
+    want = {"r": int(rank if rank is not None else saved["r"]),
+            "lora_alpha": float(alpha if alpha is not None else (rank if rank is not None else saved["lora_alpha"])),
+            "target_modules": sorted(resolve_targets(_unet_of(denoiser), target_modules))}
+    have = {"r": int(saved["r"]), "lora_alpha": float(saved["lora_alpha"]),
+            "target_modules": sorted(saved["target_modules"])}
+    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+    if diff:
+        raise ValueError(f"the LoRA in {directory / 'lora'} does not match the configured one: " + "; ".join(
+            f"{k} is {h} there, {w} here" for k, (h, w) in diff.items()))
+    student = load_lora(denoiser, directory / "lora", dropout)
+    merged = merge_lora(student).state_dict()
+    worst = max(((merged[k] - weights[k].to(merged[k].dtype)).abs().max().item() if k in weights else float("inf"))
+                for k in merged)
+    if worst > 1e-4:
+        raise ValueError(f"{directory}: its LoRA was trained on another base model than this teacher (teacher + "
+                         f"LoRA differs from the export's merged weights by up to {worst:.3g})")
+    return student
