@@ -159,12 +159,18 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     tree = copy.deepcopy(tree)
     for item in overrides:
         path, value = parse_override(item)
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[path[-1]] = value
+        set_path(tree, path, value, f"override '{item}'")
+    return tree
+
+
+def set_path(tree: dict, path: list[str], value: Any, what: str) -> dict:
+    """``tree`` with the key at ``path`` set to ``value``; sections on the way are created."""
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: '{part}' is not a section")
+    node[path[-1]] = value
     return tree
 
 

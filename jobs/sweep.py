@@ -16,10 +16,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperscale.config import ConfigError  # noqa: E402
+from hyperscale.io import REPO  # noqa: E402
 from hyperscale.eval.quick import QuickEval  # noqa: E402
 from hyperscale.eval.sweep_report import write_sweep_report  # noqa: E402
 from hyperscale.tune.space import load_sweep, trial_config  # noqa: E402
 from hyperscale.tune.sweep import collect_rows, interrupted, run_sweep, write_best_preset  # noqa: E402
+
+
+def repo_relative(path: Path) -> str:
+    """No machine paths in records: a path inside the repo is recorded relative to it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     max_steps = trial_config(tree, {}).train.max_steps
     rows = collect_rows(results, sweep.metric, max_steps)
     report_dir = Path(args.report_dir) if args.report_dir else exp_dir
-    settings = sweep.model_dump(mode="json") | {"base": str(Path(args.config).parent / sweep.base),
+    settings = sweep.model_dump(mode="json") | {"base": repo_relative(base),
                                                 "eval_settings": evaluator.settings()}
     paths = write_sweep_report(rows, report_dir, sweep.metric, sweep.mode, max_steps, settings)
     ok = [r for r in rows if r["error"] is None and r["history"]]

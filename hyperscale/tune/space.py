@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from hyperscale.config import (Config, ConfigError, Section, apply_overrides, format_errors, from_dict,
-                               read_mapping)
+                               read_mapping, set_path)
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -115,14 +115,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
 
 def set_key(tree: dict, dotted: str, value: Any) -> dict:
     """``tree`` with the dotted key set to ``value`` (typed, unlike a ``key=value`` string)."""
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"search key '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
-    return tree
+    return set_path(tree, dotted.split("."), value, f"search key '{dotted}'")
 
 
 def trial_config(base_tree: dict, params: dict[str, Any]) -> Config:
