@@ -8,6 +8,7 @@ cluster. ``key=value`` overrides the application's args (hyperscale/serve/settin
 Runs until interrupted, or for --duration seconds.
 """
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hyperscale.config import ConfigError  # noqa: E402
-from hyperscale.serve.settings import load_serve_config  # noqa: E402
+from hyperscale.serve.settings import SERVE_THROUGHPUT_ENV, load_serve_config  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +37,9 @@ if __name__ == "__main__":
     from hyperscale.serve.app import build_app
     from hyperscale.train.launch import ensure_ray
 
+    if settings.throughput_env and not os.environ.get("RAY_ADDRESS"):
+        for k, v in SERVE_THROUGHPUT_ENV.items():  # read by the proxy when the local Ray starts it
+            os.environ.setdefault(k, v)
     ensure_ray()
     host, port = a.host or http.get("host", "127.0.0.1"), a.port or http.get("port", 8000)
     quiet = {"enable_access_log": settings.access_log, "log_level": "INFO" if settings.access_log else "WARNING"}

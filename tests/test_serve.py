@@ -199,15 +199,41 @@ def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path)
     assert gen["status"] == "ready"
     out = subprocess.run([sys.executable, str(root / "jobs" / "loadtest.py"), "--url", server, "--token", TOKEN,
                           "--clients", "1,2", "--max-requests", "4", "--max-seconds", "30", "--out", str(tmp_path),
-                          "--max-batch-size", "4",
+                          "--max-batch-size", "4", "--ref-seconds", "0.2",
                           "--generator", str(root / "assets" / "teacher")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rec = json.loads((tmp_path / "serve.json").read_text())
     assert rec["suite"] == "serve"
-    assert [(r["clients"], r.get("batch")) for r in rec["rows"]] == [(1, None), (2, None), (0, 1), (0, 4)]
+    assert [(r["clients"], r.get("batch"), r.get("when")) for r in rec["rows"]] == [
+        (0, 1, "before"), (0, 4, "before"), (1, None, None), (2, None, None), (0, 1, "after"), (0, 4, "after")]
     for r in rec["rows"]:
         assert {"clients", "batching", "requests_per_s", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
                 "errors"} <= r.keys()
-    assert rec["rows"][-1]["images_per_s"] > 0 and rec["rows"][0]["errors"] == 0
+    assert rec["rows"][-1]["images_per_s"] > 0 and rec["rows"][2]["errors"] == 0
+    fastest = max(r["images_per_s"] for r in rec["rows"] if r.get("batch") == 1)  # the ratio's reference
+    http = max(r["images_per_s"] for r in rec["rows"] if r["clients"] == 2)
+    assert rec["settings"]["http_over_in_process_same_batch"] == pytest.approx(http / fastest)
     assert rec["settings"]["http_over_in_process_same_batch"] > 0 and rec["settings"]["http_over_in_process_max_batch"] > 0
+
+
+def test_batch_wait_follows_overlapping_requests(monkeypatch):
+    """A lone client never waits to batch; overlapping requests do, until a whole window passes
+    without overlap."""
+    from hyperscale.serve import app
+
+    now = [100.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
+    load = app.Overlap(window_s=1.0)
+    for _ in range(3):  # one request at a time
+        assert not load.overlapping()
+        with load:
+            now[0] += 0.1
+    with load:
+        assert load.overlapping()  # a second request arrives while one is inside
+        with load:
+            pass
+    now[0] += 1.05  # next window: the previous one's overlap still counts
+    assert load.overlapping()
+    now[0] += 1.05  # a whole window without overlap
+    assert not load.overlapping()

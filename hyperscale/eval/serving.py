@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import statistics
 import subprocess
 import sys
 import threading
@@ -109,24 +108,31 @@ def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_se
             "p99_ms": 1000 * _percentile(latencies, 0.99), "errors": errors[0], "wall_s": wall}
 
 
-def in_process(source: str, batch: int, body: dict, repeats: int = 5, threads: int | None = None) -> dict:
+def in_process(source: str, batch: int, body: dict, min_calls: int = 5, min_seconds: float = 3.0,
+               threads: int | None = None) -> dict:
     """The same generator, same request, called in this process at ``batch`` images per call
-    (sampling and PNG encoding both counted, as the server does both)."""
+    (sampling and PNG encoding both counted, as the server does both): after one warm-up call,
+    calls until both ``min_calls`` and ``min_seconds`` are reached; images over the time they took
+    (a few calls of one image last milliseconds, too short to be a stable reference)."""
     if threads:
         torch.set_num_threads(threads)
     gen = ImageGenerator.load(source)
     jobs = [gen.prepare(GenerateRequest.model_validate({**body, "seed": i}), Limits(max_images_per_request=batch))
             for i in range(batch)]
-    rates = []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        images = gen.generate(jobs)
-        for job, x in zip(jobs, images):
+
+    def call() -> None:
+        for job, x in zip(jobs, gen.generate(jobs)):
             gen.render(job, x)
-        if r:  # the first call warms up
-            rates.append(batch * body.get("num_images", 1) / (time.perf_counter() - t0))
-    return {"clients": 0, "batching": None, "batch": batch, "images_per_s": statistics.median(rates),
-            "requests_per_s": None, "p50_ms": None, "p95_ms": None, "p99_ms": None, "errors": 0}
+
+    call()  # warm-up
+    calls, t0 = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - t0 < min_seconds:
+        call()
+        calls += 1
+    wall = time.perf_counter() - t0
+    return {"clients": 0, "batching": None, "batch": batch, "images_per_s": calls * batch * body.get("num_images", 1) / wall,
+            "requests_per_s": None, "p50_ms": None, "p95_ms": None, "p99_ms": None, "errors": 0,
+            "calls": calls, "wall_s": wall}
 
 
 class ServerProcess:

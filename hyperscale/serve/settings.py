@@ -16,6 +16,19 @@ from hyperscale.config import ConfigError, apply_overrides, format_errors
 from hyperscale.models.generation import Limits
 
 
+# Ray Serve's request-path settings for throughput (its "throughput optimized" set, without direct
+# ingress): gRPC between proxy, ingress and generator instead of object refs, user code and router
+# on the replica's own event loop, buffered request-path logs. Measured on 2 cores
+# (docs/benchmarks.md §7): -25% CPU per request in the proxy and the ingress. Read when Ray's
+# processes start: jobs/serve.py sets them before its local Ray starts; on a cluster put them in
+# the nodes' environment (cluster/README.md) so the proxies get them, the replicas get them from
+# build_app's runtime_env either way.
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_PROXY_USE_GRPC": "1",
+                        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
+
+
 class Autoscaling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_replicas: int = Field(1, ge=0)
@@ -33,7 +46,8 @@ class ServeSettings(BaseModel):
     # dynamic batching (serve.batch); batching: false sends each request through alone
     batching: bool = True
     max_batch_size: int = Field(32, ge=1, description="images are what is batched; requests join whole")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="longest wait for a batch to fill, under load")
+    batch_wait_idle_s: float = Field(0.002, ge=0, description="the wait after a batch of one image (no load)")
     # request bounds
     max_images_per_request: int = Field(16, ge=1)
     max_steps: int = Field(8, ge=1)
@@ -51,6 +65,8 @@ class ServeSettings(BaseModel):
     torch_threads: Optional[int] = Field(None, ge=1, description="per generator replica; None: torch default")
     max_ongoing_requests: int = Field(128, ge=1, description="admitted per replica (ingress and generator)")
     access_log: bool = Field(False, description="a log line per request in every replica (costs CPU at load)")
+    throughput_env: bool = Field(True, description="Ray Serve's throughput settings (SERVE_THROUGHPUT_ENV) "
+                                                  "on the replicas; the proxy gets them where Ray starts")
 
     def limits(self) -> Limits:
         return Limits(self.max_images_per_request, self.max_steps, self.max_prompt_chars, self.max_size)
