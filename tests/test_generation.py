@@ -134,3 +134,27 @@ def test_lora_adapter_is_applied_to_its_base_and_merged(exports):
     ref = sample_tcd(ref_model, z, torch.tensor([4, 4]), 2, eta=0.0)
     torch.testing.assert_close(x, ref.clamp(-1, 1), rtol=1e-4, atol=1e-4)
     assert not any("lora" in n for n, _ in gen.model.named_parameters())  # merged: plain weights
+
+
+def test_unified_export_samples_its_own_one_step_call_at_one_step(exports, tmp_path):
+    """A Hyper-SD unified export (extra.multi_step) with the DMD phase's generator call: TCD at 1
+    step is that call (timestep 440, x_t = sigma_t z), at 2+ steps plain TCD; the same weights
+    without multi_step load as a 1-step-only generator, as before."""
+    from hyperscale.models.build import load_denoiser
+    from hyperscale.models.generator import OneStepGenerator
+
+    den = load_denoiser(exports[1])
+    call = {"timestep": 440, "noise_input": "sigma"}
+    save_denoiser(den, tmp_path / "unified", {"generator": call, "multi_step": True})
+    gen = ImageGenerator.load(tmp_path / "unified")
+    d = gen.describe()
+    assert d["kind"] == "multi-step" and d["one_step_call"] == call
+    z = torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(5))[None]
+    x1 = gen.generate([gen.prepare(req(**{"class": 2, "seed": 5, "steps": 1}), Limits())])[0]
+    torch.testing.assert_close(x1, OneStepGenerator(den, 440, "sigma")(z, torch.tensor([2])).clamp(-1, 1))
+    trailing = sample_tcd(den, z, torch.tensor([2]), 1, eta=0.3).clamp(-1, 1)
+    assert (x1 - trailing).abs().max() > 1e-2  # not the trailing T - 1 call
+    x2 = gen.generate([gen.prepare(req(**{"class": 2, "seed": 5, "steps": 2, "eta": 0.0}), Limits())])[0]
+    torch.testing.assert_close(x2, sample_tcd(den, z, torch.tensor([2]), 2, eta=0.0).clamp(-1, 1))
+    save_denoiser(den, tmp_path / "dmd-only", {"generator": call})
+    assert ImageGenerator.load(tmp_path / "dmd-only").describe()["kind"] == "one-step"

@@ -254,7 +254,7 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
     """(generator, steps, sample fn, extra row fields) per student row; every export is loaded here,
     before the slow part, so a bad path fails at once."""
     from hyperscale.models.build import load_denoiser
-    from hyperscale.models.generator import load_generator
+    from hyperscale.models.generator import OneStepGenerator, export_extra, load_generator, one_step_call
 
     rows = []
     for name, source in students.items():
@@ -264,7 +264,13 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
             continue
         denoiser = load_denoiser(spec.path).eval()
         sampler = spec.describe(s.student_eta)
-        rows += [(name, n, student_sampler(denoiser, n, sampler, s.seed), {"sampler": sampler}) for n in spec.steps]
+        call = one_step_call(export_extra(spec.path)) if spec.sampler == "tcd" else None
+        for n in spec.steps:
+            if n == 1 and call:  # the unified export's own 1-step call (DMD's), as ImageGenerator samples it
+                rows.append((name, 1, OneStepGenerator(denoiser, call["timestep"], call["noise_input"]).eval(),
+                             {"sampler": {"name": "one-step", **call}}))
+            else:
+                rows.append((name, n, student_sampler(denoiser, n, sampler, s.seed), {"sampler": sampler}))
     keys = [(r[0], r[1]) for r in rows]
     dup = sorted({k for k in keys if keys.count(k) > 1} | {k for k in keys if k[0] in ("teacher-ddim", "real-data")})
     if dup:

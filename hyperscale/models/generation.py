@@ -10,7 +10,9 @@ Two kinds of export are served:
 - a **1-step generator** (``extra.generator`` in its metadata, e.g. SIM): one network call,
   ``steps`` must be 1, no guidance (it is distilled into the weights);
 - a **multi-step denoiser** (the teacher, Hyper-SD merged weights): TCD (``eta``) or trailing
-  DDIM for 1 to ``max_steps`` steps, with classifier-free guidance.
+  DDIM for 1 to ``max_steps`` steps, with classifier-free guidance. The Hyper-SD unified export
+  (``extra.multi_step``) also names the 1-step call its DMD phase trained (``extra.generator``):
+  TCD at 1 step is that call.
 
 Determinism: image ``i`` of a request with seed ``s`` is drawn from its own
 ``torch.Generator`` seeded ``s + i`` (initial noise and every sampler draw), so the same
@@ -34,10 +36,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from hyperscale.diffusion.sampling import sample_ddim, sample_tcd
+from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_tcd
 from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
-from hyperscale.models.generator import OneStepGenerator, sample_shape
+from hyperscale.models.generator import OneStepGenerator, one_step_call, sample_shape
 
 MAX_SEED = 2 ** 53  # exact in JSON numbers and in float64 clients
 
@@ -155,8 +157,10 @@ class ImageGenerator:
     """A loaded export that turns validated requests into images."""
 
     def __init__(self, model: torch.nn.Module, one_step: bool, class_names: tuple[str, ...],
-                 default_steps: int = 4, default_eta: float = 0.3, name: str = "default"):
+                 default_steps: int = 4, default_eta: float = 0.3, name: str = "default",
+                 one_step_at: dict | None = None):
         self.model, self.one_step, self.class_names = model.eval(), one_step, class_names
+        self.one_step_at = one_step_at  # a multi-step model's own 1-step call (timestep, noise_input)
         self.default_steps, self.default_eta, self.name = default_steps, default_eta, name
         self.denoiser = model.denoiser if one_step else model
         self.shape = sample_shape(self.denoiser)
@@ -180,19 +184,21 @@ class ImageGenerator:
         meta = json.loads((path / EXPORT_META).read_text())
         extra = meta.get("extra", {})
         denoiser = load_denoiser(path)
-        if "generator" in extra:
+        if "generator" in extra and not extra.get("multi_step"):
             g = extra["generator"]
             model, one_step = OneStepGenerator(denoiser, g["timestep"], g["noise_input"]), True
         else:
             model, one_step = denoiser, False
         names = tuple(extra.get("class_names") or default_class_names(denoiser.num_classes))
-        return cls(model, one_step, names, name=name)
+        return cls(model, one_step, names, name=name, one_step_at=one_step_call(extra))
 
     def describe(self) -> dict:
         d = {"name": self.name, "kind": "one-step" if self.one_step else "multi-step",
              "image_shape": list(self.shape), "classes": list(self.class_names)}
         if not self.one_step:
             d |= {"default_steps": self.default_steps, "samplers": ["tcd", "ddim"], "default_eta": self.default_eta}
+        if self.one_step_at:
+            d["one_step_call"] = dict(self.one_step_at)
         return d
 
     def prepare(self, req: GenerateRequest, limits: Limits) -> Job:
@@ -242,6 +248,8 @@ class ImageGenerator:
         den = CFGDenoiser(self.model, w) if w != 1.0 else self.model
         if sampler == "ddim":
             return sample_ddim(den, z, y, steps, spacing="trailing", clip_x0=True)
+        if steps == 1 and self.one_step_at:
+            return one_step(den, z, y, self.one_step_at["timestep"], self.one_step_at["noise_input"])
         return sample_tcd(den, z, y, steps, eta=eta, generator=gens)
 
     def render(self, job: Job, images: Tensor) -> list[bytes]:

@@ -45,6 +45,18 @@ class OneStepGenerator(nn.Module):
         return self(z, labels).clamp(-1, 1)
 
 
+def export_extra(source: str | os.PathLike) -> dict:
+    """``extra`` of an export's metadata."""
+    return json.loads((Path(resolve_source(str(source))) / EXPORT_META).read_text()).get("extra", {})
+
+
+def one_step_call(extra: dict) -> dict | None:
+    """How a multi-step export (``extra.multi_step``: the Hyper-SD unified LoRA) samples at 1 step:
+    the ``extra.generator`` call its last (DMD) phase trained, as Hyper-SD's 1-step sampling uses
+    its own timestep (800 for SDXL) rather than the trailing T - 1. None: no such call."""
+    return extra.get("generator") if extra.get("multi_step") else None
+
+
 def load_generator(source: str | os.PathLike) -> OneStepGenerator:
     path = resolve_source(str(source))
     extra = json.loads((Path(path) / EXPORT_META).read_text()).get("extra", {})

@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hyperscale.config import Config, ConfigError, format_errors, load_config, parse_override, to_yaml
+from hyperscale.config import Config, ConfigError, format_errors, load_config, parse_override, read_mapping, to_yaml
 from hyperscale.io import REPO, absolute_local, atomic_dir, atomic_file
 from hyperscale.models.build import EXPORT_META, EXPORT_WEIGHTS
 from hyperscale.models.lora import LORA_WEIGHTS, export_has_lora
@@ -124,11 +124,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     """The pipeline file plus command-line overrides: ``run.<key>=`` and ``chain=`` set the pipeline
     itself, ``phases.<name>.<key>=`` one phase's config, any other key every phase's config."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"pipeline file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise PipelineError(f"{path}: top level must be a mapping")
+    try:
+        tree = read_mapping(path, "pipeline")
+    except ConfigError as e:
+        raise PipelineError(str(e)) from None
     extra: dict[str, list[str]] = {}
     for item in overrides or []:
         key, value = parse_override(item)
@@ -379,8 +378,11 @@ def write_unified(pipe: Pipeline, records: list[dict]) -> dict:
     with atomic_dir(out / UNIFIED) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         meta = json.loads((tmp / EXPORT_META).read_text())
-        meta.setdefault("extra", {})["pipeline"] = {"name": pipe.run.name, "phases": [p.name for p in pipe.phases],
-                                                   "chain": pipe.chain}
+        extra = meta.setdefault("extra", {})
+        extra["pipeline"] = {"name": pipe.run.name, "phases": [p.name for p in pipe.phases], "chain": pipe.chain}
+        # one LoRA for 1 to 8 steps: TCD/DDIM at 2+ steps; at 1 step the last phase's generator call
+        # (extra.generator, DMD's), which ImageGenerator and the bench use when it is there
+        extra["multi_step"] = True
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
         (tmp / PIPELINE_RECORD).write_text(json.dumps(summary, indent=1, default=float))
     return summary
