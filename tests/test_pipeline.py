@@ -214,3 +214,17 @@ def test_tiny_hypersd_pipeline_runs_skips_and_resumes(ray_cluster, tmp_path):
     # a finished phase whose config changed is an error, not silently reused
     with pytest.raises(PipelineError, match="'feedback' .* its config changed"):
         run_pipeline(_tiny_pipeline(tmp_path, "phases.feedback.train.lr=0.5"), runner)
+
+
+def test_resolve_paths_makes_init_student_absolute(tmp_path, monkeypatch):
+    """The workers read method.init_student; their cwd may differ from the driver's."""
+    from hyperscale.train.launch import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/p/tscd/export/ema").mkdir(parents=True)
+    cfg = load_config(None, ["method.name=dmd", "method.init_student=runs/p/tscd/export/ema",
+                             "run.output_dir=runs/p/dmd"])
+    out = resolve_paths(cfg)
+    assert out.method.init_student == str(tmp_path / "runs/p/tscd/export/ema")
+    assert cfg.method.init_student == "runs/p/tscd/export/ema"  # a copy; the input is unchanged
+    assert resolve_paths(load_config(None, ["method.name=dmd"])).method.init_student is None

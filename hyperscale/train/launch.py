@@ -52,6 +52,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.data.root = absolute_local(cfg.data.root)
     cfg.data.train_shards_path_or_url = absolute_local(cfg.data.train_shards_path_or_url)
     cfg.train.resume_from_checkpoint = absolute_local(cfg.train.resume_from_checkpoint)
+    if getattr(cfg.method, "init_student", None):  # read by the workers, whose cwd may differ
+        cfg.method.init_student = absolute_local(cfg.method.init_student)
     out = cfg.run.output_dir
     if "://" in out:
         from hyperscale.data.s3 import parse_s3_url

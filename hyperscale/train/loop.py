@@ -270,7 +270,8 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
 
     cfg_yaml = to_yaml(cfg)
     t_start, step0, s0 = time.time(), counters.step, counters.samples
-    metrics: dict = {}
+    # what a run resumed at (or past) max_steps reports: where it stands, no new losses
+    metrics: dict = timing | {"step": counters.step, "samples": counters.samples * world}
     set_step = getattr(method, "set_global_step", None)
     while counters.step < t.max_steps:
         if set_step is not None:
