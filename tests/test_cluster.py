@@ -524,6 +524,12 @@ def test_rayservice_args_are_valid_serve_settings():
         for c in containers(spec):
             names = [e["name"] for e in c.get("env", [])]
             assert settings.auth_token_env in names, f"container {c['name']} lacks env {settings.auth_token_env}"
+    if settings.throughput_env:  # the proxy reads Serve's throughput settings from the head's env
+        from hyperscale.serve.settings import SERVE_THROUGHPUT_ENV
+
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in head.get("env", [])}
+        assert {k: env.get(k) for k in SERVE_THROUGHPUT_ENV} == SERVE_THROUGHPUT_ENV, "head env vs SERVE_THROUGHPUT_ENV"
 
 
 def test_rayservice_listens_on_all_interfaces():
