@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperscale.eval.bench import write_record  # noqa: E402
+from hyperscale.records import write_record  # noqa: E402
 from hyperscale.eval.serving import ServerProcess, in_process, run_level  # noqa: E402
 
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +25,8 @@ from hyperscale.eval.classifier import classifier_card, load_classifier
 from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import FID_NOTE, evaluate_samples
-from hyperscale.io import atomic_file
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.records import write_record
 
 SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise (B,C,H,W), labels (B,)) -> images in [-1, 1]
 
@@ -69,26 +66,6 @@ def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int) -> tu
 def teacher_ddim(teacher, steps: int, s: QualitySettings) -> SampleFn:
     guided = CFGDenoiser(teacher, s.guidance_scale)
     return lambda z, y: sample_ddim(guided, z, y, steps, spacing=s.spacing, clip_x0=s.clip_x0)
-
-
-def machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class QualityRun:
@@ -143,19 +120,6 @@ class QualityRun:
         path = write_record(self.out_dir, "quality", settings, self.rows, command)
         plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
         return path
-
-
-def write_record(out_dir: str | os.PathLike, suite: str, settings: dict, rows: list[dict],
-                 command: str | None = None) -> Path:
-    """``<out_dir>/<suite>.json`` in BENCHMARK.md's envelope, written atomically."""
-    record = {"suite": suite, "commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "command": command or " ".join([Path(sys.executable).name] + sys.argv),
-              "settings": settings, "rows": rows}
-    path = Path(out_dir) / f"{suite}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
-    return path
 
 
 def parse_students(specs: list[str]) -> dict[str, str]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from hyperscale.eval.bench import SampleFn, teacher_ddim, write_record, QualitySettings
+from hyperscale.eval.bench import SampleFn, teacher_ddim, QualitySettings
+from hyperscale.records import write_record
 
 
 @dataclass

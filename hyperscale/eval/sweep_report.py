@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from hyperscale.eval.bench import write_record
+from hyperscale.records import write_record
 from hyperscale.io import atomic_file
 
 

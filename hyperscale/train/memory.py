@@ -178,7 +178,7 @@ def run_memory_suite(out_dir: str | Path, s: MemorySettings, command: str | None
     """docs/bench/memory.json: per-rank memory rows (with theory) and throughput rows."""
     import tempfile
 
-    from hyperscale.eval.bench import write_record
+    from hyperscale.records import write_record
     from hyperscale.io import REPO, absolute_local, atomic_file
     from hyperscale.train.local import run_local
 

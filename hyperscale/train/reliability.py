@@ -267,7 +267,7 @@ def nan_loss(stage: int = 2) -> dict:
 
 def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None = None) -> Path:
     """docs/bench/reliability.json: one row per scenario (private ``_`` fields dropped)."""
-    from hyperscale.eval.bench import write_record
+    from hyperscale.records import write_record
 
     rows = []
     for name, fn in (("worker_sigkill", lambda: worker_sigkill(Path(work) / "kill")),
