@@ -59,7 +59,7 @@ def one_step_call(extra: dict) -> dict | None:
 
 def load_generator(source: str | os.PathLike) -> OneStepGenerator:
     path = resolve_source(str(source))
-    extra = json.loads((Path(path) / EXPORT_META).read_text()).get("extra", {})
+    extra = export_extra(path)
     if "generator" not in extra:
         raise ValueError(f"{path}: an export of a multi-step denoiser, not a 1-step generator "
                          f"(no extra.generator in {EXPORT_META})")

@@ -58,7 +58,7 @@ class Overlap:
 
     def overlapping(self) -> bool:
         self._roll()
-        return max(self.peak, self.prev_peak, self.now + 1) > 1
+        return self.now > 0 or max(self.peak, self.prev_peak) > 1
 
     def __enter__(self):
         self._roll()
