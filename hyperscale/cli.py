@@ -20,7 +20,7 @@ def parse(description: str, default_preset: str, argv: list[str] | None = None,
     if extra:
         extra(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may follow overrides
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

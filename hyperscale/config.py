@@ -71,6 +71,9 @@ class TrainSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     max_steps: int = Field(1000, ge=1)
+    # Wall-clock budget of one invocation in minutes (0: none): the loop stops at the first
+    # logged step past it and exports as at max_steps; a resume continues towards max_steps.
+    max_minutes: float = Field(0.0, ge=0)
     lr: float = Field(5e-4, gt=0)
     lr_warmup_steps: int = Field(100, ge=0)
     lr_min_ratio: float = Field(1.0, gt=0, le=1)  # cosine decay to lr*ratio (1.0 = constant)

@@ -5,6 +5,8 @@ Fashion-MNIST teacher) through Ray Train.
     ray job submit -- python jobs/distill.py --config jobs/configs/sim.yaml
     # a multi-phase pipeline (a file with phases:, e.g. Hyper-SD: TSCD -> feedback -> DMD)
     python jobs/distill.py --config jobs/configs/hypersd.yaml [phases.tscd.train.max_steps=100 ...]
+    # one worker in this process, no Ray (a single GPU, a debugger)
+    python jobs/distill.py --no-ray --config jobs/configs/sim-gpu.yaml
 
 Started plainly it runs an embedded local Ray; under ``ray job submit`` it joins the
 cluster. Outputs in ``run.output_dir``: export/ (1-step generator, safetensors + JSON),
@@ -17,17 +19,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperscale.cli import parse  # noqa: E402
-from hyperscale.train.launch import run_training  # noqa: E402
+from hyperscale.train.launch import run_in_process, run_training  # noqa: E402
 from hyperscale.train.pipeline import config_argument, is_pipeline_file, main as run_pipeline_cli  # noqa: E402
 
 if __name__ == "__main__":
     path = config_argument(sys.argv[1:])
     if path is not None and is_pipeline_file(path):
+        if "--no-ray" in sys.argv[1:]:
+            raise SystemExit(f"error: --no-ray runs one config, not a pipeline ({path})")
         summary = run_pipeline_cli(__doc__, sys.argv[1:])
         if summary is not None:
             print(f"[hyperscale] done: {len(summary['phases'])} phases, unified export in "
                   f"{summary['output_dir']}/unified")
         raise SystemExit(0)
-    cfg, _ = parse(__doc__, "sim.yaml")
-    metrics = run_training(cfg)
+    cfg, args = parse(__doc__, "sim.yaml", extra=lambda p: p.add_argument(
+        "--no-ray", action="store_true", help="train in this process (train.num_workers=1), without Ray"))
+    metrics = (run_in_process if args.no_ray else run_training)(cfg)
     print(f"[hyperscale] done: step {metrics.get('step')}, outputs in {cfg.run.output_dir}")

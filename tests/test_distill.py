@@ -43,3 +43,39 @@ def test_sim_distill_stops_resumes_and_exports(tmp_path):
     assert gen.timestep == gen.denoiser.schedule.timestep_for_sigma_ve(2.5)
     x = gen.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
     assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_no_ray_run_stops_on_its_time_budget_and_resumes_exactly(tmp_path):
+    """--no-ray: one worker in this process. train.max_minutes stops at the first logged step
+    past the budget with a checkpoint and an export; a resume then lands on the same weights
+    as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
+    save_denoiser(build_denoiser(cfg.model, cfg.schedule), tmp_path / "teacher")
+    local = ["--no-ray", "train.num_workers=1", "train.engine=torch", "train.log_every=2", "train.checkpoint_every=100"]
+
+    log = _distill(tmp_path / "cut", tmp_path / "teacher", *local, "train.max_steps=1000", "train.max_minutes=1e-6")
+    assert "train.max_minutes=1e-06 spent at step 2" in log
+    assert json.loads((tmp_path / "cut/metrics.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "cut/checkpoints").iterdir()) == ["step_00000002"]
+    assert (tmp_path / "cut/export/ema/model.safetensors").is_file()
+    log = _distill(tmp_path / "cut", tmp_path / "teacher", *local, "train.max_steps=4",
+                   "train.resume_from_checkpoint=latest")
+    assert "resumed at step 2" in log
+    assert json.loads((tmp_path / "cut/metrics.json").read_text())["samples"] == 4 * 4
+
+    _distill(tmp_path / "whole", tmp_path / "teacher", *local, "train.max_steps=4")
+    for kind in ("raw", "ema"):
+        cut, whole = (load_file(tmp_path / d / "export" / kind / "model.safetensors") for d in ("cut", "whole"))
+        assert cut.keys() == whole.keys()
+        assert all(torch.equal(cut[k], whole[k]) for k in cut), kind
+
+
+def test_no_ray_run_refuses_several_workers(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "jobs/distill.py"), "--no-ray", "--config",
+                        str(ROOT / "jobs/configs/sim-tiny.yaml"), f"run.output_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "train.num_workers=2: a run without Ray has one worker" in p.stderr
+    assert not (tmp_path / "run").exists()

@@ -157,3 +157,31 @@ def run_training(cfg: Config) -> dict:
     metrics = dict(result.metrics or {})
     write_text(join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
     return metrics
+
+
+def run_in_process(cfg: Config) -> dict:
+    """Train per ``cfg`` in this process without Ray (``jobs/distill.py --no-ray``): one worker
+    on ``cuda`` (train.use_gpu) or the CPU, the same loop, checkpoints and outputs as
+    ``run_training``, in a local ``run.output_dir``. For a single GPU machine without a Ray
+    install, or a debugger. DeepSpeed still works here (a world-size-1 process group)."""
+    import torch
+
+    from hyperscale.train.local import LocalSession
+    from hyperscale.train.loop import Paths, run
+
+    cfg = resolve_paths(cfg)
+    t = cfg.train
+    if t.num_workers != 1:
+        raise ValueError(f"train.num_workers={t.num_workers}: a run without Ray has one worker; pass "
+                         f"train.num_workers=1 (and scale data.batch_size to keep the global batch)")
+    if is_remote(cfg.run.output_dir):
+        raise ValueError(f"run.output_dir={cfg.run.output_dir}: a run without Ray writes a local directory")
+    if t.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu=true, but torch sees no CUDA device")
+    check_earlier_run(cfg)
+    out = write_resolved(cfg)
+    session = LocalSession(Path(out) / "checkpoints", t.keep_checkpoints)
+    metrics = run(cfg, session, Paths(Path(out) / "checkpoints", Path(out) / "export"),
+                  torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu"))
+    write_text(join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
+    return metrics

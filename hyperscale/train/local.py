@@ -1,9 +1,13 @@
-"""Run a function on N local processes joined in a gloo process group, without Ray.
+"""Training without Ray.
 
-For tests and measurements of the engines (memory per rank, the NaN guard): the same
-process group Ray Train would make (``MASTER_ADDR`` / ``MASTER_PORT`` / ``RANK`` /
-``WORLD_SIZE`` / ``LOCAL_RANK``), at a fraction of the start-up cost. Processes are forked
-(``fn`` may be any callable, even a test's local one); results come back pickled.
+``run_local``: a function on N local processes joined in a gloo process group, for tests and
+measurements of the engines (memory per rank, the NaN guard): the same process group Ray
+Train would make (``MASTER_ADDR`` / ``MASTER_PORT`` / ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK``), at a fraction of the start-up cost. Processes are forked (``fn`` may be any
+callable, even a test's local one); results come back pickled.
+
+``LocalSession``: the training loop's session in this very process (one worker), for
+``jobs/distill.py --no-ray`` on a single GPU or under a debugger.
 """
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ import os
 import pickle
 import socket
 import time
+import shutil
 import traceback
+from contextlib import contextmanager
+from pathlib import Path
 from queue import Empty
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def free_port() -> int:
@@ -79,3 +86,36 @@ def run_local(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float
     if error:
         raise RuntimeError("a local worker failed: " + error)
     return [results[r] for r in range(world)]
+
+
+class LocalSession:
+    """The loop's session in this process, rank 0 of 1, without Ray. A reported checkpoint is
+    copied to ``root/<its name>`` (``step_<n>``) beside, then renamed into place, so only
+    complete ones appear; the newest ``keep`` stay. A restart is a new invocation, which
+    resumes through ``train.resume_from_checkpoint`` (``latest`` finds them)."""
+    rank, world = 0, 1
+
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root, self.keep = Path(root), keep
+        self.metrics: dict = {}
+
+    @contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        yield None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        self.metrics = dict(metrics)
+        if checkpoint_dir is None:
+            return
+        from hyperscale.train.checkpoint import step_of
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        final, aside = self.root / checkpoint_dir.name, self.root / f".tmp-{checkpoint_dir.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, aside)
+        shutil.rmtree(final, ignore_errors=True)
+        aside.rename(final)
+        kept = sorted((d for d in self.root.iterdir() if d.is_dir() and d.name.startswith("step_")),
+                      key=lambda d: step_of(d.name))
+        for old in kept[:-self.keep]:
+            shutil.rmtree(old)

@@ -268,6 +268,13 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             dist.broadcast_object_list(out, src=0)
         return out[0]
 
+    def out_of_time() -> bool:
+        """``train.max_minutes`` spent? Rank 0's clock decides for every rank."""
+        flag = [time.time() - t_start > 60 * t.max_minutes]
+        if world > 1:
+            dist.broadcast_object_list(flag, src=0)
+        return flag[0]
+
     cfg_yaml = to_yaml(cfg)
     t_start, step0, s0 = time.time(), counters.step, counters.samples
     # what a run resumed at (or past) max_steps reports: where it stands, no new losses
@@ -300,6 +307,12 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             timing["time/checkpoint_save_s"] = save_checkpoint(step, metrics)
         elif step % t.log_every == 0 or is_eval:
             session.report(metrics)
+        if t.max_minutes > 0 and step % t.log_every == 0 and step < t.max_steps and out_of_time():
+            if not is_ckpt:  # a resume continues from exactly here
+                timing["time/checkpoint_save_s"] = save_checkpoint(step, metrics)
+            if rank == 0:
+                print(f"[hyperscale] train.max_minutes={t.max_minutes:g} spent at step {step}: exporting", flush=True)
+            break
 
     export(method, roles[gen_name], ema, cfg, counters.step, paths.export_dir, rank)
     if world > 1:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# SIM runs side by side on one GPU, in process (jobs/distill.py --no-ray, jobs/configs/sim-gpu.yaml).
+# The Fashion-MNIST UNet is small: one run leaves most of a GPU idle, so several share it.
+#   bash scripts/gpu_sim.sh MINUTES OUT_DIR NAME:"key=value ..." [NAME:"..." ...]
+# Each run trains for MINUTES (train.max_minutes) into runs/NAME; OUT_DIR gets NAME.tgz (export,
+# metrics.json, samples.png, config.yaml, the log) and gpu.log (nvidia-smi every 20 s).
+set -u
+minutes=$1; out=$2; shift 2
+py=${PYTHON:-python3}
+mkdir -p "$out" runs
+monitor=
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 20 > "$out/gpu.log" 2>&1 &
+  monitor=$!
+fi
+names=(); pids=()
+for spec in "$@"; do
+  name=${spec%%:*}; overrides=${spec#*:}
+  # shellcheck disable=SC2086  # overrides are words
+  PYTHONUNBUFFERED=1 $py jobs/distill.py --no-ray --config jobs/configs/sim-gpu.yaml run.output_dir="runs/$name" \
+      train.max_minutes="$minutes" $overrides > "runs/$name.log" 2>&1 &
+  names+=("$name"); pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { status=1; echo "run ${names[$i]} failed:"; tail -20 "runs/${names[$i]}.log"; }
+  grep -E "done:|max_minutes" "runs/${names[$i]}.log"; tail -2 "runs/${names[$i]}.log" | head -1
+  cp "runs/${names[$i]}.log" "runs/${names[$i]}/train.log" 2>/dev/null
+  tar czf "$out/${names[$i]}.tgz" -C runs --exclude checkpoints "${names[$i]}" 2>/dev/null
+done
+[ -n "$monitor" ] && kill "$monitor" 2>/dev/null
+exit $status
