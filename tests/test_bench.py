@@ -95,18 +95,21 @@ def test_quality_suite_rows_for_a_multi_step_student(tmp_path, monkeypatch):
     from hyperscale.models.build import load_denoiser  # a unified export: multi-step + its 1-step call
     call = {"timestep": 440, "noise_input": "sigma"}
     save_denoiser(load_denoiser(teacher), tmp_path / "unified", {"generator": call, "multi_step": True})
+    save_denoiser(load_denoiser(teacher), tmp_path / "generator", {"generator": call})  # the same call, 1-step only
     path = run_quality(teacher, str(tmp_path / "b"), s, command="b", carry_from=str(first),
                        students={"hypersd-unified": f"{student}@1,2", "hypersd-tscd": f"{teacher}@2:ddim",
-                                 "sim-l2": student, "unified": f"{tmp_path / 'unified'}@1,2"})
+                                 "sim-l2": student, "unified": f"{tmp_path / 'unified'}@1,2",
+                                 "as-generator": str(tmp_path / "generator")})
     rows = json.loads(path.read_text())["rows"]
     assert [(r["generator"], r["steps"]) for r in rows] == [
         ("real-data", 0), ("teacher-ddim", 1), ("hypersd-unified", 1), ("hypersd-unified", 2),
-        ("hypersd-tscd", 2), ("sim-l2", 1), ("unified", 1), ("unified", 2)]
+        ("hypersd-tscd", 2), ("sim-l2", 1), ("unified", 1), ("unified", 2), ("as-generator", 1)]
     assert rows[6]["sampler"] == {"name": "one-step", **call} and rows[7]["sampler"]["name"] == "tcd"
     assert all("carried_from" in r for r in rows[:2]) and not any("carried_from" in r for r in rows[2:])
     assert rows[2]["sampler"] == {"name": "tcd", "eta": 0.3} and rows[4]["sampler"]["name"] == "ddim"
     assert "sampler" not in rows[5] and all(r["fid"] > 0 for r in rows)
-    assert rows[6]["fid"] != rows[2]["fid"]  # a different call from the trailing 1-step TCD
+    # the unified export's 1-step row is its DMD call: the very samples of that call's 1-step export
+    assert rows[6]["fid"] == rows[8]["fid"] and rows[6]["kid"] == rows[8]["kid"]
     assert (tmp_path / "b" / rows[3]["grid"]).is_file()
     with pytest.raises(ValueError, match="unique"):
         run_quality(teacher, str(tmp_path / "c"), s, students={"teacher-ddim": f"{student}@1"})

@@ -218,7 +218,8 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
     """(generator, steps, sample fn, extra row fields) per student row; every export is loaded here,
     before the slow part, so a bad path fails at once."""
     from hyperscale.models.build import load_denoiser
-    from hyperscale.models.generator import OneStepGenerator, export_extra, load_generator, one_step_call
+    from hyperscale.models.generator import (OneStepGenerator, export_extra, load_generator, one_step_call,
+                                             samples_with_call)
 
     rows = []
     for name, source in students.items():
@@ -228,9 +229,9 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
             continue
         denoiser = load_denoiser(spec.path).eval()
         sampler = spec.describe(s.student_eta)
-        call = one_step_call(export_extra(spec.path)) if spec.sampler == "tcd" else None
+        call = one_step_call(export_extra(spec.path))
         for n in spec.steps:
-            if n == 1 and call:  # the unified export's own 1-step call (DMD's), as ImageGenerator samples it
+            if samples_with_call(call, n, spec.sampler):  # the unified export's own 1-step call (DMD's)
                 rows.append((name, 1, OneStepGenerator(denoiser, call["timestep"], call["noise_input"]).eval(),
                              {"sampler": {"name": "one-step", **call}}))
             else:

@@ -39,7 +39,7 @@ from torch import Tensor
 from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_tcd
 from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
-from hyperscale.models.generator import OneStepGenerator, one_step_call, sample_shape
+from hyperscale.models.generator import OneStepGenerator, one_step_call, sample_shape, samples_with_call
 
 MAX_SEED = 2 ** 53  # exact in JSON numbers and in float64 clients
 
@@ -246,10 +246,10 @@ class ImageGenerator:
             return self.model(z, y)
         steps, sampler, eta, w = settings
         den = CFGDenoiser(self.model, w) if w != 1.0 else self.model
+        if samples_with_call(self.one_step_at, steps, sampler):
+            return one_step(den, z, y, self.one_step_at["timestep"], self.one_step_at["noise_input"])
         if sampler == "ddim":
             return sample_ddim(den, z, y, steps, spacing="trailing", clip_x0=True)
-        if steps == 1 and self.one_step_at:
-            return one_step(den, z, y, self.one_step_at["timestep"], self.one_step_at["noise_input"])
         return sample_tcd(den, z, y, steps, eta=eta, generator=gens)
 
     def render(self, job: Job, images: Tensor) -> list[bytes]:

@@ -57,6 +57,13 @@ def one_step_call(extra: dict) -> dict | None:
     return extra.get("generator") if extra.get("multi_step") else None
 
 
+def samples_with_call(call: dict | None, steps: int, sampler: str) -> bool:
+    """The one rule for every sampler of a multi-step export (Serve, the benchmark): 1 step with
+    TCD goes through the export's own 1-step call (``one_step_call``); DDIM keeps its trailing
+    grid, every other step count the sampler's."""
+    return call is not None and steps == 1 and sampler == "tcd"
+
+
 def load_generator(source: str | os.PathLike) -> OneStepGenerator:
     path = resolve_source(str(source))
     extra = export_extra(path)
