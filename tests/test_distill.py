@@ -79,3 +79,21 @@ def test_no_ray_run_refuses_several_workers(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "train.num_workers=2: a run without Ray has one worker" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_local_session_keeps_the_newest_complete_checkpoints(tmp_path):
+    """Without Ray, reported checkpoints land whole under their step names; the newest
+    train.keep_checkpoints stay, and find_latest resumes the newest."""
+    from hyperscale.train.checkpoint import find_latest
+    from hyperscale.train.local import LocalSession
+
+    session = LocalSession(tmp_path / "checkpoints", keep=2)
+    for step in (5, 10, 15):
+        d = tmp_path / "staging" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "state.pt").write_bytes(b"x" * step)
+        (d / "meta.json").write_text(json.dumps({"step": step, "world_size": 1, "format": 1}))
+        session.report({"step": step}, d)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010", "step_00000015"]
+    assert session.metrics == {"step": 15}
+    assert find_latest(tmp_path / "checkpoints") == tmp_path / "checkpoints/step_00000015"
