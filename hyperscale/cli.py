@@ -30,3 +30,9 @@ def parse(description: str, default_preset: str, argv: list[str] | None = None,
         print(to_yaml(cfg), end="")
         raise SystemExit(0)
     return cfg, args
+
+
+def no_ray_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-ray`` of the training jobs (``parse(..., extra=no_ray_flag)``): see launch.run_in_process."""
+    p.add_argument("--no-ray", action="store_true",
+                   help="train in this process without Ray (one worker: train.num_workers=1; cuda with train.use_gpu)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hyperscale.cli import parse  # noqa: E402
+from hyperscale.cli import no_ray_flag, parse  # noqa: E402
 from hyperscale.train.launch import run_in_process, run_training  # noqa: E402
 from hyperscale.train.pipeline import config_argument, is_pipeline_file, main as run_pipeline_cli  # noqa: E402
 
@@ -32,7 +32,6 @@ if __name__ == "__main__":
             print(f"[hyperscale] done: {len(summary['phases'])} phases, unified export in "
                   f"{summary['output_dir']}/unified")
         raise SystemExit(0)
-    cfg, args = parse(__doc__, "sim.yaml", extra=lambda p: p.add_argument(
-        "--no-ray", action="store_true", help="train in this process (train.num_workers=1), without Ray"))
+    cfg, args = parse(__doc__, "sim.yaml", extra=no_ray_flag)
     metrics = (run_in_process if args.no_ray else run_training)(cfg)
     print(f"[hyperscale] done: step {metrics.get('step')}, outputs in {cfg.run.output_dir}")
