@@ -100,9 +100,23 @@ def check_earlier_run(cfg: Config) -> None:
         earlier = (Path(root) / "checkpoint_manager_snapshot.json").is_file() or find_latest(root) is not None
     if earlier:
         what = "a fresh start" if resume is None else f"train.resume_from_checkpoint={resume}"
-        raise ValueError(f"run.output_dir={cfg.run.output_dir} already holds an earlier run's checkpoints, and Ray "
-                         f"Train would resume them instead of {what}: pass train.resume_from_checkpoint=latest "
-                         f"to continue that run, or choose another run.output_dir")
+        raise ValueError(f"run.output_dir={cfg.run.output_dir} already holds an earlier run's checkpoints, which a "
+                         f"new run there would resume (Ray Train) or mix with its own (--no-ray) instead of {what}: "
+                         f"pass train.resume_from_checkpoint=latest to continue that run, or choose another "
+                         f"run.output_dir")
+
+
+def prepare_run(cfg: Config) -> tuple[Config, str]:
+    """Before either runner starts: paths resolved, an earlier run's checkpoints refused unless
+    resumed, config.yaml written. Returns the resolved config and the run directory."""
+    cfg = resolve_paths(cfg)
+    check_earlier_run(cfg)
+    return cfg, write_resolved(cfg)
+
+
+def write_metrics(out: str, metrics: dict) -> dict:
+    write_text(join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
+    return metrics
 
 
 def _storage(out: str) -> dict:
@@ -135,9 +149,7 @@ def run_training(cfg: Config) -> dict:
 
     from hyperscale.data.s3 import settings_env
 
-    cfg = resolve_paths(cfg)
-    check_earlier_run(cfg)
-    out = write_resolved(cfg)
+    cfg, out = prepare_run(cfg)
     t = cfg.train
     ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)))
     trainer = TorchTrainer(
@@ -154,9 +166,7 @@ def run_training(cfg: Config) -> dict:
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    write_text(join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
-    return metrics
+    return write_metrics(out, dict(result.metrics or {}))
 
 
 def run_in_process(cfg: Config) -> dict:
@@ -169,7 +179,6 @@ def run_in_process(cfg: Config) -> dict:
     from hyperscale.train.local import LocalSession
     from hyperscale.train.loop import Paths, run
 
-    cfg = resolve_paths(cfg)
     t = cfg.train
     if t.num_workers != 1:
         raise ValueError(f"train.num_workers={t.num_workers}: a run without Ray has one worker; pass "
@@ -178,10 +187,7 @@ def run_in_process(cfg: Config) -> dict:
         raise ValueError(f"run.output_dir={cfg.run.output_dir}: a run without Ray writes a local directory")
     if t.use_gpu and not torch.cuda.is_available():
         raise RuntimeError("train.use_gpu=true, but torch sees no CUDA device")
-    check_earlier_run(cfg)
-    out = write_resolved(cfg)
-    session = LocalSession(Path(out) / "checkpoints", t.keep_checkpoints)
-    metrics = run(cfg, session, Paths(Path(out) / "checkpoints", Path(out) / "export"),
-                  torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu"))
-    write_text(join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
-    return metrics
+    cfg, out = prepare_run(cfg)
+    root = Path(out) / "checkpoints"
+    device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
+    return write_metrics(out, run(cfg, LocalSession(root, t.keep_checkpoints), Paths(root, Path(out) / "export"), device))

@@ -15,8 +15,8 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
-import time
 import shutil
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,15 +97,13 @@ class LocalSession:
 
     def __init__(self, root: Path, keep: int) -> None:
         self.root, self.keep = Path(root), keep
-        self.metrics: dict = {}
 
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
         yield None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
-        self.metrics = dict(metrics)
-        if checkpoint_dir is None:
+        if checkpoint_dir is None:  # metrics: the loop prints them and returns the last
             return
         from hyperscale.train.checkpoint import step_of
 
