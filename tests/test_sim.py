@@ -19,6 +19,7 @@ from torch import Tensor
 from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method
+from hyperscale.methods.scores import draw_timesteps, karras_sigma
 from hyperscale.methods.sim import Sim, SimConfig, distance_terms, sim_integrand
 from hyperscale.methods.toy import MLPDenoiser, gaussian_posterior_mean, ring_mixture
 from hyperscale.train.step import Role, StepCounters, two_player_step
@@ -222,7 +223,8 @@ def test_generator_is_one_call_at_sigma_init():
                                gen(x_t, torch.full((4,), t_init), cond, out=Prediction.x0))
 
 
-def test_generator_loss_is_the_exact_integrand_with_nothing_detached():
+@pytest.mark.parametrize("sampling", ["grid", "karras"])
+def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling):
     """generator_loss = per_sample at x_t = add_noise(G(z), eps, t), gradients identical; so
     nothing inside generator_loss is detached (the integrand itself is gated above)."""
     sched = NoiseSchedule.from_config()
@@ -230,19 +232,43 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached():
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
     teacher = ring_mixture(sched, k=4, std=0.1)
     fake.requires_grad_(False)
-    method, cond = Sim(SimConfig()), torch.zeros(8, dtype=torch.long)
+    method, cond = Sim(SimConfig(generator_t_sampling=sampling)), torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = method.generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
     g1 = torch.autograd.grad(out.loss.mean(), list(gen.parameters()))
     torch.manual_seed(1)  # replay the same draws: z, then t, then eps
     x0 = method.generate(gen, torch.randn(8, 2), cond)
-    tt = torch.randint(round(0.02 * 999), round(0.8 * 999) + 1, (8,))
+    if sampling == "grid":
+        tt = torch.randint(round(0.02 * 999), round(0.8 * 999) + 1, (8,))
+    else:  # u on the Karras fractions, then the grid step with the nearest sigma~
+        tt = sched.timesteps_for_sigma_ve(karras_sigma(torch.empty(8, dtype=F64).uniform_(0.02, 0.8)))
     x_t = sched.add_noise(x0, torch.randn_like(x0), tt)
     loss = method.per_sample(teacher(x_t, tt, cond, out="sample"), fake(x_t, tt, cond, out="sample"), x0)[0]
     torch.testing.assert_close(out.loss, loss)
     for a, b in zip(g1, torch.autograd.grad(loss.mean(), list(gen.parameters()))):
         torch.testing.assert_close(a, b)
     assert set(out.metrics) >= {"sim/y_norm", "sim/dist"}
+
+
+def test_karras_time_sampling_follows_sids_noise_levels():
+    """"karras" draws sigma~ from SiD's rho = 7 levels (ALGORITHMS.md §1.6) snapped to the grid:
+    its distribution matches the analytic one, and far more draws sit at low noise than with "grid"."""
+    sched = NoiseSchedule.from_config()
+    torch.testing.assert_close(karras_sigma(torch.tensor([0.0, 0.8, 1.0], dtype=F64)),
+                               torch.tensor([0.002, 24.408, 80.0], dtype=F64), rtol=1e-4, atol=0)
+    torch.manual_seed(0)
+    t = draw_timesteps(sched, 40_000, (0.0, 0.8), "cpu", "karras")
+    assert t.dtype == torch.long and t.min() == 0 and t.max() <= sched.timestep_for_sigma_ve(24.408)
+    sig = sched.sigma_ve(t)
+    for q in (0.25, 0.5, 0.75):  # P(sigma~ <= karras_sigma(0.8 q)) = q for u ~ U[0, 0.8]
+        level = karras_sigma(torch.tensor(0.8 * q, dtype=F64))
+        assert abs(float((sig <= level).double().mean()) - q) < 0.015, q  # 6 standard errors
+    grid = sched.sigma_ve(draw_timesteps(sched, 40_000, (0.0, 0.8), "cpu"))
+    assert float((sig < 0.1).double().mean()) > 5 * float((grid < 0.1).double().mean())
+    # the nearest-level rule: every draw's sigma~ is the grid level closest to its Karras level
+    levels = sched.sigma_ve(torch.arange(1000))
+    s = torch.tensor([0.05, 0.9, 3.0], dtype=F64)
+    assert torch.equal(sched.timesteps_for_sigma_ve(s), (levels[None] - s[:, None]).abs().argmin(1))
 
 
 def sliced_w2(a: Tensor, b: Tensor, n_proj: int = 128) -> float:

@@ -84,7 +84,12 @@ class NoiseSchedule:
 
     def timestep_for_sigma_ve(self, sigma: float) -> int:
         """Nearest grid index to a VE noise level (SIM's generator sits at sigma~ = 2.5 -> index ~440)."""
-        return int((self.sigma_ve(torch.arange(self.num_train_timesteps)) - sigma).abs().argmin())
+        return int(self.timesteps_for_sigma_ve(torch.tensor([float(sigma)]))[0])
+
+    def timesteps_for_sigma_ve(self, sigmas: Tensor) -> Tensor:
+        """Nearest grid indices (n,) long to VE noise levels (n,), on the device of ``sigmas``."""
+        grid = self.sigma_ve(torch.arange(self.num_train_timesteps)).to(sigmas.device)
+        return (grid[None, :] - sigmas.to(grid.dtype)[:, None]).abs().argmin(dim=1)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a, s = (bcast(v, x0) for v in self.alpha_sigma(t))

@@ -28,7 +28,7 @@ from hyperscale.diffusion.sampling import one_step
 from hyperscale.diffusion.schedule import Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method
 from hyperscale.methods.registry import register
-from hyperscale.methods.scores import draw_timesteps, fake_score_dsm, generator_noise
+from hyperscale.methods.scores import TimeSampling, draw_timesteps, fake_score_dsm, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
 
 Distance = Literal["l2", "pseudo_huber", "normalized"]
@@ -58,6 +58,10 @@ class SimConfig(MethodSection):
         0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
         is SiD's truncation (t_max = 800, sigma~ <= 24.4 on its Karras grid; sigma~ = 25.7 at
         t = 800 on the linear grid), above which x_t says little about x0 (§1.6).
+    generator_t_sampling: "grid" draws t uniformly on the DDPM grid; "karras" is SiD's own
+        draw (§1.6): the range is a fraction of the Karras rho = 7 noise levels, each draw
+        mapped to the grid step with the nearest sigma~, so low noise levels come up far
+        more often (see scores.draw_timesteps).
     generator_weighting: "uniform" w(t) in denoiser units (the integrand above times
         sigma~^2 for pseudo-Huber/normalized; times sigma~^4 / 2 for L2, so L2 SIM equals SiD
         exactly): every t gets O(1) gradients. "sid" also divides per sample by
@@ -78,6 +82,7 @@ class SimConfig(MethodSection):
     init_sigma: float = Field(2.5, gt=0)
     teacher_guidance_scale: float = Field(1.0, ge=0)
     generator_t_range: tuple[float, float] = (0.02, 0.8)
+    generator_t_sampling: TimeSampling = "grid"
     generator_weighting: Literal["uniform", "sid"] = "uniform"
     fake_t_range: tuple[float, float] = (0.0, 1.0)
     fake_weighting: Literal["uniform", "min_snr"] = "uniform"
@@ -181,7 +186,8 @@ class Sim(Method):
         cond = batch.cond
         x0 = self._samples(generator, cond)
         sched = teacher.schedule
-        t = draw_timesteps(sched, x0.shape[0], self.config.generator_t_range, x0.device)
+        t = draw_timesteps(sched, x0.shape[0], self.config.generator_t_range, x0.device,
+                           self.config.generator_t_sampling)
         x_t = sched.add_noise(x0, torch.randn_like(x0), t)
         if self.config.teacher_guidance_scale != 1.0:
             teacher = CFGDenoiser(teacher, self.config.teacher_guidance_scale)
