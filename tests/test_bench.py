@@ -8,6 +8,7 @@ from hyperscale.config import load_config
 import pytest
 
 from hyperscale.eval.bench import QualitySettings, StudentSpec, parse_students, run_quality, student_sampler
+from hyperscale.eval.denoise import DenoiseSettings, denoising_error, run_denoise
 from hyperscale.eval.speed import SpeedSettings, run_speed
 from hyperscale.methods.sim import Sim, SimConfig
 from hyperscale.models.build import build_denoiser, save_denoiser
@@ -129,6 +130,48 @@ def test_speed_suite_times_students_against_the_teacher(tmp_path):
         assert t["network_calls_per_sample"] == 2 * t["steps"]  # CFG doubles the teacher's calls
     with pytest.raises(ValueError, match="--student"):
         run_speed(teacher, {}, str(tmp_path), s)
+
+
+def zero_eps_denoiser(tmp_path):
+    """A tiny denoiser whose eps prediction is exactly 0 (output conv zeroed), exported."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
+    model = build_denoiser(cfg.model, cfg.schedule)
+    with torch.no_grad():
+        model.unet.conv_out.weight.zero_()
+        model.unet.conv_out.bias.zero_()
+    save_denoiser(model, tmp_path / "zero")
+    return model, str(tmp_path / "zero")
+
+
+def test_denoising_error_of_a_zero_predictor_is_analytic(tmp_path):
+    """eps_hat = 0: eps-MSE is E[eps^2] = 1 up to sampling noise, and x0_hat - x0 = (sigma/alpha) eps
+    exactly, so x0-MSE = sigma~_t^2 * eps-MSE; the same seed gives the same figures."""
+    model, _ = zero_eps_denoiser(tmp_path)
+    x0, y = torch.rand(40, 1, 28, 28) * 2 - 1, torch.arange(40) % 10
+    for t in (0, 300, 999):
+        eps_mse, x0_mse = denoising_error(model, x0, y, t, seed=3, batch_size=16)
+        assert eps_mse == pytest.approx(1.0, abs=0.03)
+        assert x0_mse == pytest.approx(eps_mse * float(model.schedule.sigma_ve(t)) ** 2, rel=1e-5)
+        assert denoising_error(model, x0, y, t, seed=3, batch_size=40) == pytest.approx((eps_mse, x0_mse), rel=1e-6)
+
+
+def test_denoise_suite_compares_denoisers_per_timestep(tmp_path):
+    teacher, _ = tiny_teacher_and_student(tmp_path)
+    _, zero = zero_eps_denoiser(tmp_path)
+    s = DenoiseSettings(num_images=20, timesteps=[0, 500], batch_size=8)
+    rec = json.loads(run_denoise(teacher, {"zero": zero}, str(tmp_path / "d"), s, command="t",
+                                 log=lambda *_: None).read_text())
+    assert rec["suite"] == "denoise" and rec["settings"]["timesteps"] == [0, 500]
+    assert [(r["denoiser"], r["t"]) for r in rec["rows"]] == [("teacher", 0), ("teacher", 500), ("zero", 0),
+                                                             ("zero", 500)]
+    assert all(r["eps_mse"] > 0 and r["x0_mse"] > 0 for r in rec["rows"])
+    # the zero predictor: x0-MSE = sigma~^2 * eps-MSE, through the whole suite
+    assert rec["rows"][2]["x0_mse"] == pytest.approx(rec["rows"][2]["eps_mse"] * rec["rows"][2]["sigma_ve"] ** 2)
+    with pytest.raises(ValueError, match="'teacher' names"):
+        run_denoise(teacher, {"teacher": zero}, str(tmp_path / "d"), s)
+    with pytest.raises(ValueError, match="past teacher's grid"):
+        run_denoise(teacher, {}, str(tmp_path / "d"), DenoiseSettings(num_images=2, timesteps=[1000]))
 
 
 def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch):
