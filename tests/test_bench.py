@@ -166,6 +166,8 @@ def test_denoise_suite_compares_denoisers_per_timestep(tmp_path):
     assert [(r["denoiser"], r["t"]) for r in rec["rows"]] == [("teacher", 0), ("teacher", 500), ("zero", 0),
                                                              ("zero", 500)]
     assert all(r["eps_mse"] > 0 and r["x0_mse"] > 0 for r in rec["rows"])
+    assert rec["rows"][0]["weights_sha256"] != rec["rows"][2]["weights_sha256"]  # which weights, no path
+    assert str(tmp_path) not in json.dumps(rec["rows"])
     # the zero predictor: x0-MSE = sigma~^2 * eps-MSE, through the whole suite
     assert rec["rows"][2]["x0_mse"] == pytest.approx(rec["rows"][2]["eps_mse"] * rec["rows"][2]["sigma_ve"] ** 2)
     with pytest.raises(ValueError, match="'teacher' names"):

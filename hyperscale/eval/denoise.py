@@ -49,8 +49,10 @@ def denoising_error(model, x0: torch.Tensor, labels: torch.Tensor, t: int, seed:
 
 def run_denoise(teacher_dir: str, others: dict[str, str], out_dir: str, s: DenoiseSettings,
                 command: str | None = None, log=print) -> Path:
-    """One row per (denoiser, t): the teacher (name "teacher") and each ``others`` name -> export."""
+    """One row per (denoiser, t): the teacher (name "teacher") and each ``others`` name -> export.
+    A row names its weights by sha256 (as the quality suite does), not by a machine's path."""
     from hyperscale.data.fashion_mnist import load_fashion_mnist
+    from hyperscale.eval.bench import weights_digest
     from hyperscale.models.build import load_denoiser
 
     if "teacher" in others:
@@ -64,13 +66,13 @@ def run_denoise(teacher_dir: str, others: dict[str, str], out_dir: str, s: Denoi
     x0, y = images[:s.num_images], labels[:s.num_images]
     rows = []
     for name, source in {"teacher": teacher_dir, **others}.items():
-        model = load_denoiser(source).eval()
+        model, digest = load_denoiser(source).eval(), weights_digest(source)
         last = model.schedule.num_train_timesteps - 1
         if max(s.timesteps) > last:
             raise ValueError(f"denoise suite: timestep {max(s.timesteps)} is past {name}'s grid (0..{last})")
         for t in s.timesteps:
             eps_mse, x0_mse = denoising_error(model, x0, y, t, s.seed, s.batch_size)
-            rows.append({"denoiser": name, "source": source, "t": t,
+            rows.append({"denoiser": name, "weights_sha256": digest, "t": t,
                          "sigma_ve": float(model.schedule.sigma_ve(t)), "eps_mse": eps_mse, "x0_mse": x0_mse})
             log(f"[denoise] {name:>16} t {t:>4}  eps-MSE {eps_mse:.4f}  x0-MSE {x0_mse:.6f}")
     return write_record(Path(out_dir), "denoise", asdict(s), rows, command)
