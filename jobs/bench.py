@@ -15,9 +15,9 @@
     # workers, checkpoint save/resume times -> docs/bench/memory.json
     python jobs/bench.py --suite memory
     # reliability (§5): worker SIGKILL, S3 outage, NaN loss -> docs/bench/reliability.json
+    python jobs/bench.py --suite reliability
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
     python jobs/bench.py --suite denoise --student teacher-ft=runs/teacher-ft/export/ema --out runs/denoise
-    python jobs/bench.py --suite reliability
 """
 import argparse
 import shlex
@@ -32,7 +32,7 @@ from hyperscale.eval.denoise import DenoiseSettings, run_denoise  # noqa: E402
 from hyperscale.eval.speed import SpeedSettings, run_speed  # noqa: E402
 
 if __name__ == "__main__":
-    d, sd = QualitySettings(), SpeedSettings()
+    d, sd, dd = QualitySettings(), SpeedSettings(), DenoiseSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["quality", "speed", "memory", "reliability", "denoise"], default="quality")
     p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
@@ -54,8 +54,8 @@ if __name__ == "__main__":
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--timesteps", default=None, help="denoise: timesteps, comma separated "
-                   f"(default {DenoiseSettings().timesteps})")
-    p.add_argument("--num-images", type=int, default=DenoiseSettings().num_images, help="denoise: test images")
+                   f"(default {dd.timesteps})")
+    p.add_argument("--num-images", type=int, default=dd.num_images, help="denoise: test images")
     p.add_argument("--work", default=None, help="memory/reliability: scratch directory for the runs")
     a = p.parse_args()
     command = "python jobs/bench.py " + shlex.join(sys.argv[1:])
@@ -80,7 +80,7 @@ if __name__ == "__main__":
             p.error("--suite denoise compares denoisers: give --student NAME=PATH without @STEPS")
         s = DenoiseSettings(num_images=a.num_images, seed=a.seed, batch_size=a.batch_size or 250,
                             timesteps=[int(x) for x in a.timesteps.split(",")] if a.timesteps
-                            else DenoiseSettings().timesteps)
+                            else dd.timesteps)
         path = run_denoise(a.teacher, students, a.out, s, command=command)
     elif a.suite == "quality":
         s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,

@@ -30,7 +30,7 @@ class DenoiseSettings:
 def denoising_error(model, x0: torch.Tensor, labels: torch.Tensor, t: int, seed: int,
                     batch_size: int = 250) -> tuple[float, float]:
     """(eps-MSE, x0-MSE) per pixel of ``model`` at integer timestep ``t`` over images x0 (N, C, H, W)."""
-    from hyperscale.diffusion.schedule import Prediction, bcast
+    from hyperscale.diffusion.schedule import Prediction, convert
 
     sched = model.schedule
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 100_003 + t))
@@ -41,7 +41,7 @@ def denoising_error(model, x0: torch.Tensor, labels: torch.Tensor, t: int, seed:
         sl = slice(i, i + batch_size)
         x_t = sched.add_noise(x0[sl], eps[sl], tt[sl])
         eps_hat = model(x_t, tt[sl], labels[sl], out=Prediction.eps)
-        x0_hat = (x_t - bcast(sigma[sl], x_t) * eps_hat) / bcast(alpha[sl], x_t)
+        x0_hat = convert(eps_hat, x_t, alpha[sl], sigma[sl], Prediction.eps, Prediction.x0)
         eps_se += float((eps_hat - eps[sl]).pow(2).sum())
         x0_se += float((x0_hat - x0[sl]).pow(2).sum())
     return eps_se / x0.numel(), x0_se / x0.numel()
