@@ -19,7 +19,7 @@ from torch import Tensor
 from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method
-from hyperscale.methods.scores import draw_timesteps, karras_sigma
+from hyperscale.methods.scores import draw_timesteps, karras_sigma, lognormal_sigma
 from hyperscale.methods.sim import Sim, SimConfig, distance_terms, sim_integrand
 from hyperscale.methods.toy import MLPDenoiser, gaussian_posterior_mean, ring_mixture
 from hyperscale.train.step import Role, StepCounters, two_player_step
@@ -270,6 +270,48 @@ def test_karras_time_sampling_follows_sids_noise_levels():
     s = torch.tensor([0.05, 0.9, 3.0], dtype=F64)
     assert torch.equal(sched.timesteps_for_sigma_ve(s), (levels[None] - s[:, None]).abs().argmin(1))
 
+
+
+@pytest.mark.parametrize("t_range", [(0.0, 1.0), (0.2, 0.9)])
+def test_lognormal_time_sampling_follows_edms_noise_levels(t_range):
+    """"lognormal" draws sigma~ from EDM's ln sigma ~ N(-1.2, 1.2^2) (SiD's fake score, ALGORITHMS.md
+    §1.5), t_range read as quantiles, snapped to the grid; levels past the grid's ends go to its ends."""
+    sched = NoiseSchedule.from_config()
+    torch.testing.assert_close(lognormal_sigma(torch.tensor([0.5, 0.8413447460685429], dtype=F64)),
+                               torch.tensor([math.exp(-1.2), 1.0], dtype=F64))
+    torch.manual_seed(0)
+    sig = sched.sigma_ve(draw_timesteps(sched, 40_000, t_range, "cpu", "lognormal"))
+    lo, hi = t_range
+    for q in (0.1, 0.5, 0.9):  # P(sigma~ <= lognormal_sigma(lo + q (hi - lo))) = q
+        level = lognormal_sigma(torch.tensor(lo + q * (hi - lo), dtype=F64))
+        assert abs(float((sig <= level).double().mean()) - q) < 0.015, q  # 6 standard errors
+    ends = sched.timesteps_for_sigma_ve(torch.tensor([0.0, 1e-6, float("inf"), 1e9], dtype=F64))
+    assert ends.tolist() == [0, 0, 999, 999]
+
+
+@pytest.mark.parametrize("sampling", ["grid", "karras", "lognormal"])
+def test_critic_loss_is_dsm_on_detached_samples_at_the_configured_draw(sampling):
+    """critic_loss = eps-MSE of the fake score at x_t = add_noise(G(z), eps, t), t drawn from
+    fake_t_range as fake_t_sampling says (replayed draw for draw), no gradient to the generator."""
+    sched = NoiseSchedule.from_config()
+    torch.manual_seed(0)
+    gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
+    method = Sim(SimConfig(fake_t_sampling=sampling, fake_t_range=(0.1, 0.9)))
+    cond = torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(1)
+    out = method.critic_loss(Batch(cond), generator=gen, fake_score=fake)
+    assert all(p.grad is None for p in gen.parameters())
+    torch.manual_seed(1)  # replay: z, then t, then eps
+    with torch.no_grad():
+        x0 = method.generate(gen, torch.randn(8, 2), cond)
+    u = None if sampling == "grid" else torch.empty(8, dtype=F64).uniform_(0.1, 0.9)
+    if sampling == "grid":
+        tt = torch.randint(round(0.1 * 999), round(0.9 * 999) + 1, (8,))
+    else:
+        tt = sched.timesteps_for_sigma_ve(karras_sigma(u) if sampling == "karras" else lognormal_sigma(u))
+    eps = torch.randn_like(x0)
+    want = (fake(sched.add_noise(x0, eps, tt), tt, cond, out=Prediction.eps) - eps).pow(2).mean(1)
+    torch.testing.assert_close(out.loss, want)
 
 def sliced_w2(a: Tensor, b: Tensor, n_proj: int = 128) -> float:
     """Sliced 2-Wasserstein distance between equal-size samples (N, 2), fixed projections."""

@@ -87,9 +87,11 @@ class NoiseSchedule:
         return int(self.timesteps_for_sigma_ve(torch.tensor([float(sigma)]))[0])
 
     def timesteps_for_sigma_ve(self, sigmas: Tensor) -> Tensor:
-        """Nearest grid indices (n,) long to VE noise levels (n,), on the device of ``sigmas``."""
+        """Nearest grid indices (n,) long to VE noise levels (n,), on the device of ``sigmas``;
+        levels past the grid's ends (0, inf included) go to its first or last step."""
         grid = self.sigma_ve(torch.arange(self.num_train_timesteps)).to(sigmas.device)
-        return (grid[None, :] - sigmas.to(grid.dtype)[:, None]).abs().argmin(dim=1)
+        s = sigmas.to(grid.dtype).clamp(grid[0], grid[-1])
+        return (grid[None, :] - s[:, None]).abs().argmin(dim=1)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a, s = (bcast(v, x0) for v in self.alpha_sigma(t))

@@ -17,7 +17,9 @@ from hyperscale.models.generator import sample_shape
 
 # SiD's noise-level grid (ALGORITHMS.md §1.6): Karras et al.'s rho = 7 spacing from 0.002 to 80
 KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
-TimeSampling = Literal["grid", "karras"]
+# SiD's / DI's fake-score noise levels (ALGORITHMS.md §1.5): EDM's log-normal, ln sigma ~ N(-1.2, 1.2^2)
+LOGNORMAL_P_MEAN, LOGNORMAL_P_STD = -1.2, 1.2
+TimeSampling = Literal["grid", "karras", "lognormal"]
 
 
 def karras_sigma(u: Tensor) -> Tensor:
@@ -26,28 +28,39 @@ def karras_sigma(u: Tensor) -> Tensor:
     return (hi + (1 - u) * (lo - hi)) ** KARRAS_RHO
 
 
+def lognormal_sigma(u: Tensor) -> Tensor:
+    """The EDM log-normal noise level at quantile u in [0, 1] (0 -> 0, 1 -> inf)."""
+    return torch.exp(LOGNORMAL_P_MEAN + LOGNORMAL_P_STD * torch.special.ndtri(u))
+
+
 def draw_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float], device,
                    sampling: TimeSampling = "grid") -> Tensor:
     """n integer timesteps (n,) from the two fractions in ``t_range``. "grid": uniform on the DDPM
     grid between the fractions of T - 1. "karras" (SiD): u uniform between the fractions, mapped
     through the Karras rho = 7 noise levels (u = 0.8 -> sigma~ 24.4), then to the grid index with
     the nearest VE noise level; this puts far more draws at low noise than "grid" (median
-    sigma~ about 1 against about 2 for [0, 0.8] on the linear schedule)."""
-    if sampling == "karras":
+    sigma~ about 1 against about 2 for [0, 0.8] on the linear schedule). "lognormal" (SiD's and
+    DI's fake-score draw, EDM's P_mean = -1.2, P_std = 1.2): u uniform between the fractions read
+    as quantiles of the log-normal, so (0, 1) is the whole distribution (median sigma~ 0.30),
+    mapped to the grid the same way (levels beyond the grid's ends go to its first or last step)."""
+    if sampling in ("karras", "lognormal"):
         u = torch.empty(n, dtype=torch.float64).uniform_(*t_range)
-        return schedule.timesteps_for_sigma_ve(karras_sigma(u)).to(device)
+        sigma = karras_sigma(u) if sampling == "karras" else lognormal_sigma(u)
+        return schedule.timesteps_for_sigma_ve(sigma).to(device)
     last = schedule.num_train_timesteps - 1
     lo, hi = round(t_range[0] * last), round(t_range[1] * last)
     return torch.randint(lo, hi + 1, (n,), device=device)
 
 
 def fake_score_dsm(fake_score, x0: Tensor, cond, t_range: tuple[float, float],
-                   weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0) -> LossOut:
+                   weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0,
+                   sampling: TimeSampling = "grid") -> LossOut:
     """Denoising score matching of the online fake score on (detached) generator samples x0
-    (B, ...) with the teacher's own loss: eps-MSE on the DDPM grid, t uniform in ``t_range``
-    (ALGORITHMS.md §1.5 / §2.4, as DMD2 does), optional Min-SNR weighting. Per-sample (B,)."""
+    (B, ...) with the teacher's own loss: eps-MSE on the DDPM grid, t from ``t_range`` drawn as
+    ``sampling`` says (default uniform on the grid: ALGORITHMS.md §1.5 / §2.4, as DMD2 does),
+    optional Min-SNR weighting. Per-sample (B,)."""
     sched = fake_score.schedule
-    t = draw_timesteps(sched, x0.shape[0], t_range, x0.device)
+    t = draw_timesteps(sched, x0.shape[0], t_range, x0.device, sampling)
     eps = torch.randn_like(x0)
     eps_hat = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.eps)
     mse = (eps_hat - eps).pow(2).flatten(1).mean(1)

@@ -70,6 +70,9 @@ class SimConfig(MethodSection):
     fake_t_range / fake_weighting: DSM for the fake score on detached generator samples with
         the teacher's own loss, eps-MSE uniform over the whole grid (§1.5, as DMD2 does);
         "min_snr" optional.
+    fake_t_sampling: how the fake score's t is drawn from fake_t_range, as generator_t_sampling;
+        "grid" (default, DMD2), "karras" (where the generator loss queries it) or "lognormal"
+        (SiD's and DI's EDM draw, §1.5; fake_t_range then holds quantiles, (0, 1) = all of it).
     critic_steps: fake-score updates per generator update; 1 as SiD and DI (§1.6).
     Labels: data-free; batch.cond supplies the class labels (random labels in training).
     """
@@ -86,6 +89,7 @@ class SimConfig(MethodSection):
     generator_weighting: Literal["uniform", "sid"] = "uniform"
     fake_t_range: tuple[float, float] = (0.0, 1.0)
     fake_weighting: Literal["uniform", "min_snr"] = "uniform"
+    fake_t_sampling: TimeSampling = "grid"
     min_snr_gamma: float = Field(5.0, gt=0)
     critic_steps: int = Field(1, ge=1)
 
@@ -204,7 +208,7 @@ class Sim(Method):
         with torch.no_grad():  # §1.5: DSM on detached generator samples
             x0 = self._samples(generator, cond)
         return fake_score_dsm(fake_score, x0, cond, self.config.fake_t_range, self.config.fake_weighting,
-                              self.config.min_snr_gamma)
+                              self.config.min_snr_gamma, self.config.fake_t_sampling)
 
 
 register("sim", SimConfig, Sim)
