@@ -223,16 +223,19 @@ def test_generator_is_one_call_at_sigma_init():
                                gen(x_t, torch.full((4,), t_init), cond, out=Prediction.x0))
 
 
-@pytest.mark.parametrize("sampling", ["grid", "karras"])
-def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling):
+@pytest.mark.parametrize("sampling,clip", [("grid", False), ("karras", False), ("karras", True)])
+def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, clip):
     """generator_loss = per_sample at x_t = add_noise(G(z), eps, t), gradients identical; so
-    nothing inside generator_loss is detached (the integrand itself is gated above)."""
+    nothing inside generator_loss is detached (the integrand itself is gated above). With
+    teacher_clip_x0 the teacher's x0 enters clamped to [-1, 1] (a ring of radius 1.3 makes
+    the clamp bite)."""
     sched = NoiseSchedule.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
-    teacher = ring_mixture(sched, k=4, std=0.1)
+    teacher = ring_mixture(sched, k=4, radius=1.3 if clip else 1.0, std=0.1)
     fake.requires_grad_(False)
-    method, cond = Sim(SimConfig(generator_t_sampling=sampling)), torch.zeros(8, dtype=torch.long)
+    method = Sim(SimConfig(generator_t_sampling=sampling, teacher_clip_x0=clip))
+    cond = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = method.generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
     g1 = torch.autograd.grad(out.loss.mean(), list(gen.parameters()))
@@ -243,7 +246,11 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling):
     else:  # u on the Karras fractions, then the grid step with the nearest sigma~
         tt = sched.timesteps_for_sigma_ve(karras_sigma(torch.empty(8, dtype=F64).uniform_(0.02, 0.8)))
     x_t = sched.add_noise(x0, torch.randn_like(x0), tt)
-    loss = method.per_sample(teacher(x_t, tt, cond, out="sample"), fake(x_t, tt, cond, out="sample"), x0)[0]
+    d_phi = teacher(x_t, tt, cond, out="sample")
+    if clip:
+        assert d_phi.abs().max() > 1.05  # the clamp changes this batch
+        d_phi = d_phi.clamp(-1, 1)
+    loss = method.per_sample(d_phi, fake(x_t, tt, cond, out="sample"), x0)[0]
     torch.testing.assert_close(out.loss, loss)
     for a, b in zip(g1, torch.autograd.grad(loss.mean(), list(gen.parameters()))):
         torch.testing.assert_close(a, b)

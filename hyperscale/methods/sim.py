@@ -53,6 +53,10 @@ class SimConfig(MethodSection):
     init_sigma: 2.5, the generator's fixed VE input level (§1.1; the grid step nearest it).
     teacher_guidance_scale: CFG on the teacher only, fake score unguided (§1.7). 1.0 (none)
         is the CIFAR setting and keeps the target the teacher's own distribution.
+    teacher_clip_x0: clamp the (guided) teacher's x0-prediction D_phi to the data range [-1, 1],
+        Imagen's static thresholding applied to the target score. The true posterior mean of
+        data in [-1, 1] lies in that box, so the clamp moves every pixel of the teacher's estimate
+        closer to it; off by default (the exactness gate's Gaussian data are unbounded).
     generator_t_range: fractions of the DDPM grid (of T - 1), t drawn uniformly in between. The grid
         is where the teacher and fake were trained (uniform t), so they are accurate there.
         0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
@@ -84,6 +88,7 @@ class SimConfig(MethodSection):
     sid_alpha: float = 1.2
     init_sigma: float = Field(2.5, gt=0)
     teacher_guidance_scale: float = Field(1.0, ge=0)
+    teacher_clip_x0: bool = False
     generator_t_range: tuple[float, float] = (0.02, 0.8)
     generator_t_sampling: TimeSampling = "grid"
     generator_weighting: Literal["uniform", "sid"] = "uniform"
@@ -196,6 +201,8 @@ class Sim(Method):
         if self.config.teacher_guidance_scale != 1.0:
             teacher = CFGDenoiser(teacher, self.config.teacher_guidance_scale)
         d_phi = teacher(x_t, t, cond, out=Prediction.x0)
+        if self.config.teacher_clip_x0:
+            d_phi = d_phi.clamp(-1, 1)
         d_psi = fake_score(x_t, t, cond, out=Prediction.x0)
         loss, dist = self.per_sample(d_phi, d_psi, x0)
         y_norm = (d_phi - d_psi).detach().flatten(1).norm(dim=1)
