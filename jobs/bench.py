@@ -52,6 +52,8 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=sd.repeats, help="speed: timed batches per teacher row")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing)
+    p.add_argument("--use-clipped-model-output", action="store_true",
+                   help="quality: teacher DDIM re-derives eps from the clipped x0 (diffusers' flag)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--timesteps", default=None, help="denoise: timesteps, comma separated "
                    f"(default {dd.timesteps})")
@@ -85,7 +87,8 @@ if __name__ == "__main__":
     elif a.suite == "quality":
         s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
                             teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
-                            spacing=a.spacing, student_eta=a.eta)
+                            spacing=a.spacing, student_eta=a.eta,
+                            use_clipped_model_output=a.use_clipped_model_output)
         path = run_quality(a.teacher, a.out, s, command=command, students=students, carry_from=a.carry_from)
     else:
         if not students:

@@ -7,7 +7,8 @@ from PIL import Image
 from hyperscale.config import load_config
 import pytest
 
-from hyperscale.eval.bench import QualitySettings, StudentSpec, parse_students, run_quality, student_sampler
+from hyperscale.eval.bench import (QualitySettings, StudentSpec, carried_rows, parse_students, run_quality,
+                                  student_sampler)
 from hyperscale.eval.denoise import DenoiseSettings, denoising_error, run_denoise
 from hyperscale.eval.speed import SpeedSettings, run_speed
 from hyperscale.methods.sim import Sim, SimConfig
@@ -192,3 +193,12 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
     other = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1], reference_limit=200, seed=1)
     with pytest.raises(ValueError, match="settings differ: seed"):
         run_quality(teacher, str(tmp_path / "c"), other, carry_from=str(tmp_path / "a" / "quality.json"))
+    # a record from before use_clipped_model_output existed was computed without it
+    old_rec = tmp_path / "a" / "quality.json"
+    legacy = json.loads(old_rec.read_text())
+    del legacy["settings"]["use_clipped_model_output"]
+    old_rec.write_text(json.dumps(legacy))
+    assert len(carried_rows(old_rec, s, rec["settings"]["teacher_sha256"])) == 2
+    with pytest.raises(ValueError, match="settings differ: use_clipped_model_output"):
+        carried_rows(old_rec, QualitySettings(fid_samples=20, teacher_steps=[1], reference_limit=200,
+                                              use_clipped_model_output=True), rec["settings"]["teacher_sha256"])

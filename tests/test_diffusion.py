@@ -162,19 +162,21 @@ def test_lcm_tcd_timesteps_match_diffusers():
 
 @pytest.mark.parametrize("precision", ["stock", "float64"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("eta,alpha_one,clip", [(0.0, True, False), (0.7, True, False), (0.0, False, False),
-                                                (1.0, False, False), (0.5, True, True)])
-def test_ddim_matches_diffusers(precision, spacing, eta, alpha_one, clip):
+@pytest.mark.parametrize("eta,alpha_one,clip,rederive", [(0.0, True, False, False), (0.7, True, False, False),
+                                                         (0.0, False, False, False), (1.0, False, False, False),
+                                                         (0.5, True, True, False), (0.0, True, True, True),
+                                                         (0.5, False, True, True)])
+def test_ddim_matches_diffusers(precision, spacing, eta, alpha_one, clip, rederive):
     noise, cond = _inputs()
     for n in STEPS:
         sched, model = _setup(DDIMScheduler, precision, timestep_spacing=spacing, set_alpha_to_one=alpha_one,
                               clip_sample=clip, **SD)
         sched.set_timesteps(n)
-        ref = _reference(sched, model, noise, cond, precision, seed=n, eta=eta)
+        ref = _reference(sched, model, noise, cond, precision, seed=n, eta=eta, use_clipped_model_output=rederive)
         ours = []
         final = None if alpha_one else float(sched.final_alpha_cumprod)
         out = S.sample_ddim(model, noise, cond, n, spacing, eta=eta, clip_x0=clip, generator=torch.Generator().manual_seed(n),
-                            final_alpha_cumprod=final, callback=ours.append)
+                            final_alpha_cumprod=final, callback=ours.append, use_clipped_model_output=rederive)
         _assert_same(ours, ref, TOL[precision])
         assert out is ours[-1].x
 

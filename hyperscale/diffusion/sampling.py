@@ -110,6 +110,12 @@ def predict_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor | float) -> Tensor:
     return (x_t - bcast((1 - abar_t).sqrt(), x_t) * eps) / bcast(abar_t.sqrt(), x_t)
 
 
+def predict_eps(x_t: Tensor, x0: Tensor, abar_t: Tensor | float) -> Tensor:
+    """eps from x_0 at x_t (the inverse of ``predict_x0``), shape of x_t."""
+    abar_t = _f64(abar_t)
+    return (x_t - bcast(abar_t.sqrt(), x_t) * x0) / bcast((1 - abar_t).sqrt(), x_t)
+
+
 def ddim_sigma(abar_t: Tensor | float, abar_s: Tensor | float, eta: float = 1.0) -> Tensor:
     """Noise scale of a stochastic DDIM step t -> s < t (eta = 1 is DDPM's posterior std)."""
     abar_t, abar_s = _f64(abar_t), _f64(abar_s)
@@ -135,13 +141,26 @@ def ddim_jump(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_s: Tensor |
     return ddim_update(predict_x0(x_t, eps, abar_t), eps, abar_s)
 
 
+def clipped_pair(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, clip_x0: bool = False,
+                 use_clipped_model_output: bool = False) -> tuple[Tensor, Tensor]:
+    """(x0, eps) for a DDIM step, as DDIMScheduler.step: x0 from eps, clamped to [-1, 1] with
+    ``clip_x0``; ``use_clipped_model_output`` re-derives eps from the clamped x0 (diffusers'
+    flag of that name; guided-diffusion's DDIM always does), so the pair stays consistent."""
+    x0 = predict_x0(x_t, eps, abar_t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        if use_clipped_model_output:
+            eps = predict_eps(x_t, x0, abar_t)
+    return x0, eps
+
+
 def ddim_step(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_s: Tensor | float,
-              eta: float = 0.0, noise: Tensor | None = None, clip_x0: bool = False) -> Tensor:
-    """Stochastic DDIM step t -> s < t; as DDIMScheduler.step (eps is not re-derived after clipping)."""
+              eta: float = 0.0, noise: Tensor | None = None, clip_x0: bool = False,
+              use_clipped_model_output: bool = False) -> Tensor:
+    """Stochastic DDIM step t -> s < t; as DDIMScheduler.step (see ``clipped_pair``)."""
     if eta > 0 and noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise")
-    x0 = predict_x0(x_t, eps, abar_t)
-    x0 = x0.clamp(-1, 1) if clip_x0 else x0
+    x0, eps = clipped_pair(x_t, eps, abar_t, clip_x0, use_clipped_model_output)
     sigma = ddim_sigma(abar_t, abar_s, eta)
     return ddim_update(x0, eps, abar_s, sigma, noise if eta > 0 else None)
 
@@ -177,7 +196,8 @@ def _eps(denoiser, x: Tensor, t: int, cond) -> Tensor:
 def sample_ddim(denoiser, noise: Tensor, cond, num_steps: int, spacing: Spacing | str = "leading",
                 eta: float = 0.0, clip_x0: bool = False, generator: Generators = None,
                 final_alpha_cumprod: float | None = None, steps_offset: int = 0,
-                prev: PrevRule | str = "stride", callback: Callback | None = None) -> Tensor:
+                prev: PrevRule | str = "stride", callback: Callback | None = None,
+                use_clipped_model_output: bool = False) -> Tensor:
     """DDIM from x_T = noise (B, ...) to x_0 (B, ...).
 
     ``final_alpha_cumprod``: abar used once a step lands below t = 0; None means 1.0
@@ -193,9 +213,7 @@ def sample_ddim(denoiser, noise: Tensor, cond, num_steps: int, spacing: Spacing 
         else:
             s = ts[i + 1] if i + 1 < len(ts) else -1
         abar_t, abar_s = sched.abar(t), sched.abar(s, final)
-        eps = _eps(denoiser, x, t, cond)
-        x0 = predict_x0(x, eps, abar_t)
-        x0 = x0.clamp(-1, 1) if clip_x0 else x0
+        x0, eps = clipped_pair(x, _eps(denoiser, x, t, cond), abar_t, clip_x0, use_clipped_model_output)
         z = _randn(x, generator) if eta > 0 else None
         x = ddim_update(x0, eps, abar_s, ddim_sigma(abar_t, abar_s, eta), z)
         if callback is not None:

@@ -40,6 +40,7 @@ class QualitySettings:
     guidance_scale: float = 1.3  # teacher CFG (w = 1: none); calibrated, see docs/benchmarks.md
     spacing: str = "trailing"  # DDIM grid; "trailing" starts every row at t = T-1
     clip_x0: bool = True
+    use_clipped_model_output: bool = False  # re-derive eps from the clipped x0 (diffusers' flag)
     image_size: int = 64  # feature-network input (EfficientNet-Lite0)
     reference_limit: int | None = None  # None: all 10k test images (tests use fewer)
     student_eta: float = 0.3  # TCD gamma for multi-step student rows without their own (TCD's default)
@@ -65,7 +66,8 @@ def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int) -> tu
 
 def teacher_ddim(teacher, steps: int, s: QualitySettings) -> SampleFn:
     guided = CFGDenoiser(teacher, s.guidance_scale)
-    return lambda z, y: sample_ddim(guided, z, y, steps, spacing=s.spacing, clip_x0=s.clip_x0)
+    return lambda z, y: sample_ddim(guided, z, y, steps, spacing=s.spacing, clip_x0=s.clip_x0,
+                                    use_clipped_model_output=s.use_clipped_model_output)
 
 
 class QualityRun:
@@ -186,7 +188,10 @@ def student_sampler(denoiser, steps: int, sampler: dict, seed: int) -> SampleFn:
 
 
 # Settings that change a row's numbers; rows carry over between runs only when all are equal.
-ROW_SETTINGS = ("fid_samples", "seed", "guidance_scale", "spacing", "clip_x0", "image_size", "reference_limit")
+ROW_SETTINGS = ("fid_samples", "seed", "guidance_scale", "spacing", "clip_x0", "use_clipped_model_output",
+                "image_size", "reference_limit")
+# what a record written before a setting existed was computed with
+PREDATING = {"use_clipped_model_output": False}
 
 
 def weights_digest(export_dir: str | os.PathLike) -> str:
@@ -204,7 +209,7 @@ def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha
     FID/KID/accuracy); each carried row says where it came from."""
     rec = json.loads(Path(record_path).read_text())
     old = rec.get("settings", {})
-    diff = [k for k in ROW_SETTINGS if old.get(k) != getattr(s, k)]
+    diff = [k for k in ROW_SETTINGS if old.get(k, PREDATING.get(k)) != getattr(s, k)]
     if old.get("teacher_sha256") not in (None, teacher_sha256):
         diff.append("teacher_sha256")
     if diff:
