@@ -307,14 +307,16 @@ def test_critic_loss_is_dsm_on_detached_samples_at_the_configured_draw(sampling)
     cond = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = method.critic_loss(Batch(cond), generator=gen, fake_score=fake)
-    assert all(p.grad is None for p in gen.parameters())
+    out.loss.mean().backward()
+    assert all(p.grad is None for p in gen.parameters())  # the samples were detached
+    assert all(p.grad is not None for p in fake.parameters())
     torch.manual_seed(1)  # replay: z, then t, then eps
     with torch.no_grad():
         x0 = method.generate(gen, torch.randn(8, 2), cond)
-    u = None if sampling == "grid" else torch.empty(8, dtype=F64).uniform_(0.1, 0.9)
     if sampling == "grid":
         tt = torch.randint(round(0.1 * 999), round(0.9 * 999) + 1, (8,))
     else:
+        u = torch.empty(8, dtype=F64).uniform_(0.1, 0.9)
         tt = sched.timesteps_for_sigma_ve(karras_sigma(u) if sampling == "karras" else lognormal_sigma(u))
     eps = torch.randn_like(x0)
     want = (fake(sched.add_noise(x0, eps, tt), tt, cond, out=Prediction.eps) - eps).pow(2).mean(1)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hyperscale.diffusion.schedule import Prediction, bcast
+from hyperscale.diffusion.schedule import Prediction, bcast, convert
 
 
 class Spacing(str, Enum):
@@ -110,12 +110,6 @@ def predict_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor | float) -> Tensor:
     return (x_t - bcast((1 - abar_t).sqrt(), x_t) * eps) / bcast(abar_t.sqrt(), x_t)
 
 
-def predict_eps(x_t: Tensor, x0: Tensor, abar_t: Tensor | float) -> Tensor:
-    """eps from x_0 at x_t (the inverse of ``predict_x0``), shape of x_t."""
-    abar_t = _f64(abar_t)
-    return (x_t - bcast(abar_t.sqrt(), x_t) * x0) / bcast((1 - abar_t).sqrt(), x_t)
-
-
 def ddim_sigma(abar_t: Tensor | float, abar_s: Tensor | float, eta: float = 1.0) -> Tensor:
     """Noise scale of a stochastic DDIM step t -> s < t (eta = 1 is DDPM's posterior std)."""
     abar_t, abar_s = _f64(abar_t), _f64(abar_s)
@@ -150,7 +144,8 @@ def clipped_pair(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, clip_x0: bool
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         if use_clipped_model_output:
-            eps = predict_eps(x_t, x0, abar_t)
+            abar_t = _f64(abar_t)
+            eps = convert(x0, x_t, abar_t.sqrt(), (1 - abar_t).sqrt(), Prediction.x0, Prediction.eps)
     return x0, eps
 
 
