@@ -52,6 +52,9 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=sd.repeats, help="speed: timed batches per teacher row")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing)
+    p.add_argument("--no-clip-x0", action="store_true",
+                   help="quality: teacher DDIM keeps its x0 unclipped (the teacher's own ODE, the distribution "
+                        "SIM and DMD match)")
     p.add_argument("--use-clipped-model-output", action="store_true",
                    help="quality: teacher DDIM re-derives eps from the clipped x0 (diffusers' flag)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -66,6 +69,8 @@ if __name__ == "__main__":
     except ValueError as e:
         p.error(str(e))
     steps = [int(x) for x in a.steps.split(",")] if a.steps else None
+    if a.no_clip_x0 and a.use_clipped_model_output:
+        p.error("--use-clipped-model-output re-derives eps from the clipped x0: it needs clipping, drop --no-clip-x0")
     if a.suite in ("memory", "reliability"):
         import tempfile
 
@@ -88,7 +93,7 @@ if __name__ == "__main__":
         s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
                             teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
                             spacing=a.spacing, student_eta=a.eta,
-                            use_clipped_model_output=a.use_clipped_model_output)
+                            clip_x0=not a.no_clip_x0, use_clipped_model_output=a.use_clipped_model_output)
         path = run_quality(a.teacher, a.out, s, command=command, students=students, carry_from=a.carry_from)
     else:
         if not students:

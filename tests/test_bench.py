@@ -202,3 +202,15 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="settings differ: use_clipped_model_output"):
         carried_rows(old_rec, QualitySettings(fid_samples=20, teacher_steps=[1], reference_limit=200,
                                               use_clipped_model_output=True), rec["settings"]["teacher_sha256"])
+
+
+def test_bench_cli_refuses_rederived_eps_without_clipping():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "jobs" / "bench.py"), "--suite", "quality", "--no-clip-x0",
+                        "--use-clipped-model-output"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--use-clipped-model-output re-derives eps from the clipped x0" in r.stderr

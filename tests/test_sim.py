@@ -223,18 +223,21 @@ def test_generator_is_one_call_at_sigma_init():
                                gen(x_t, torch.full((4,), t_init), cond, out=Prediction.x0))
 
 
-@pytest.mark.parametrize("sampling,clip", [("grid", False), ("karras", False), ("karras", True)])
-def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, clip):
+@pytest.mark.parametrize("sampling,clip,fake_clip", [("grid", False, False), ("karras", False, False),
+                                                     ("karras", True, False), ("karras", True, True)])
+def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, clip, fake_clip):
     """generator_loss = per_sample at x_t = add_noise(G(z), eps, t), gradients identical; so
     nothing inside generator_loss is detached (the integrand itself is gated above). With
     teacher_clip_x0 the teacher's x0 enters clamped to [-1, 1] (a ring of radius 1.3 makes
-    the clamp bite)."""
+    the clamp bite); with fake_clip_x0 the fake score's x0 too, in y and in the Stein term."""
     sched = NoiseSchedule.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
     teacher = ring_mixture(sched, k=4, radius=1.3 if clip else 1.0, std=0.1)
+    if fake_clip:  # an analytic fake off the box, so its clamp bites too
+        fake = ring_mixture(sched, k=6, radius=1.4, std=0.1)
     fake.requires_grad_(False)
-    method = Sim(SimConfig(generator_t_sampling=sampling, teacher_clip_x0=clip))
+    method = Sim(SimConfig(generator_t_sampling=sampling, teacher_clip_x0=clip, fake_clip_x0=fake_clip))
     cond = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = method.generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
@@ -250,7 +253,11 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
     if clip:
         assert d_phi.abs().max() > 1.05  # the clamp changes this batch
         d_phi = d_phi.clamp(-1, 1)
-    loss = method.per_sample(d_phi, fake(x_t, tt, cond, out="sample"), x0)[0]
+    d_psi = fake(x_t, tt, cond, out="sample")
+    if fake_clip:
+        assert d_psi.abs().max() > 1.05
+        d_psi = d_psi.clamp(-1, 1)
+    loss = method.per_sample(d_phi, d_psi, x0)[0]
     torch.testing.assert_close(out.loss, loss)
     for a, b in zip(g1, torch.autograd.grad(loss.mean(), list(gen.parameters()))):
         torch.testing.assert_close(a, b)

@@ -57,6 +57,9 @@ class SimConfig(MethodSection):
         Imagen's static thresholding applied to the target score. The true posterior mean of
         data in [-1, 1] lies in that box, so the clamp moves every pixel of the teacher's estimate
         closer to it; off by default (the exactness gate's Gaussian data are unbounded).
+    fake_clip_x0: clamp the fake score's x0-prediction D_psi the same way, in y and in the Stein
+        term. With teacher_clip_x0 both estimates are projected onto the box (the consistent
+        variant: the teacher alone clamped leaves y = clip(D_phi) - D_psi nonzero at the fixed point).
     generator_t_range: fractions of the DDPM grid (of T - 1), t drawn uniformly in between. The grid
         is where the teacher and fake were trained (uniform t), so they are accurate there.
         0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
@@ -89,6 +92,7 @@ class SimConfig(MethodSection):
     init_sigma: float = Field(2.5, gt=0)
     teacher_guidance_scale: float = Field(1.0, ge=0)
     teacher_clip_x0: bool = False
+    fake_clip_x0: bool = False
     generator_t_range: tuple[float, float] = (0.02, 0.8)
     generator_t_sampling: TimeSampling = "grid"
     generator_weighting: Literal["uniform", "sid"] = "uniform"
@@ -204,6 +208,8 @@ class Sim(Method):
         if self.config.teacher_clip_x0:
             d_phi = d_phi.clamp(-1, 1)
         d_psi = fake_score(x_t, t, cond, out=Prediction.x0)
+        if self.config.fake_clip_x0:
+            d_psi = d_psi.clamp(-1, 1)
         loss, dist = self.per_sample(d_phi, d_psi, x0)
         y_norm = (d_phi - d_psi).detach().flatten(1).norm(dim=1)
         return LossOut(loss, {"sim/y_norm": y_norm.mean(), "sim/dist": dist.detach().mean(),
