@@ -18,6 +18,7 @@ from torch import Tensor
 
 from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
 from hyperscale.methods.base import Batch
+from hyperscale.methods.dmd import Dmd, DmdConfig
 from hyperscale.methods.registry import build_method
 from hyperscale.methods.scores import draw_timesteps, karras_sigma, lognormal_sigma
 from hyperscale.methods.sim import Sim, SimConfig, distance_terms, sim_integrand
@@ -303,14 +304,17 @@ def test_lognormal_time_sampling_follows_edms_noise_levels(t_range):
     assert ends.tolist() == [0, 0, 999, 999]
 
 
+@pytest.mark.parametrize("name", ["sim", "dmd"])
 @pytest.mark.parametrize("sampling", ["grid", "karras", "lognormal"])
-def test_critic_loss_is_dsm_on_detached_samples_at_the_configured_draw(sampling):
+def test_critic_loss_is_dsm_on_detached_samples_at_the_configured_draw(sampling, name):
     """critic_loss = eps-MSE of the fake score at x_t = add_noise(G(z), eps, t), t drawn from
-    fake_t_range as fake_t_sampling says (replayed draw for draw), no gradient to the generator."""
+    fake_t_range as fake_t_sampling says (replayed draw for draw), no gradient to the generator;
+    SIM's and DMD's (Hyper-SD stage 3) alike."""
     sched = NoiseSchedule.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
-    method = Sim(SimConfig(fake_t_sampling=sampling, fake_t_range=(0.1, 0.9)))
+    method = (Sim(SimConfig(fake_t_sampling=sampling, fake_t_range=(0.1, 0.9))) if name == "sim" else
+              Dmd(DmdConfig(fake_t_sampling=sampling, fake_t_range=(0.1, 0.9))))
     cond = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = method.critic_loss(Batch(cond), generator=gen, fake_score=fake)

@@ -34,8 +34,8 @@ from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.base import Batch, LossOut, Method
 from hyperscale.methods.feedback import RewardSpec, reward_hinge
 from hyperscale.methods.registry import register
-from hyperscale.methods.scores import (StudentSection, build_student, check_student, draw_timesteps,
-                                       fake_score_dsm, generator_noise)
+from hyperscale.methods.scores import (StudentSection, TimeSampling, build_student, check_student,
+                                       draw_timesteps, fake_score_dsm, generator_noise)
 from hyperscale.models.denoiser import CFGDenoiser
 
 
@@ -61,6 +61,8 @@ class DmdConfig(StudentSection):
     normalize: divide by mean|x0 - D_real| per sample (DMD); false keeps the raw
         D_fake - D_real (the per-t KL gradient up to sigma_t^2 / alpha_t^2).
     fake_t_range / fake_weighting: the fake score's eps-MSE on the whole grid (DMD2).
+    fake_t_sampling: how that t is drawn, as SIM's (``scores.draw_timesteps``): "grid" (DMD2),
+        "karras" or "lognormal".
     critic_steps: fake-score updates per generator update (DMD2's two-time-scale rule: 5).
     regression: "none", "batch" (PairBatch from the data stream) or "online" (teacher DDIM from
         the same z, ``regression_steps`` trailing steps, with real_guidance_scale);
@@ -76,6 +78,7 @@ class DmdConfig(StudentSection):
     dm_weight: float = Field(1.0, ge=0)
     fake_t_range: tuple[float, float] = (0.0, 1.0)
     fake_weighting: Literal["uniform", "min_snr"] = "uniform"
+    fake_t_sampling: TimeSampling = "grid"
     min_snr_gamma: float = Field(5.0, gt=0)
     critic_steps: int = Field(5, ge=1)
     regression: Literal["none", "batch", "online"] = "none"
@@ -208,7 +211,7 @@ class Dmd(Method):
         with torch.no_grad():  # DSM on detached generator samples, as SIM's fake score
             x0 = self.generate(generator, generator_noise(generator, batch.cond), batch.cond)
         return fake_score_dsm(fake_score, x0, batch.cond, self.config.fake_t_range, self.config.fake_weighting,
-                              self.config.min_snr_gamma)
+                              self.config.min_snr_gamma, self.config.fake_t_sampling)
 
 
 register("dmd", DmdConfig, Dmd)
