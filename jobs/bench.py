@@ -69,8 +69,6 @@ if __name__ == "__main__":
     except ValueError as e:
         p.error(str(e))
     steps = [int(x) for x in a.steps.split(",")] if a.steps else None
-    if a.no_clip_x0 and a.use_clipped_model_output:
-        p.error("--use-clipped-model-output re-derives eps from the clipped x0: it needs clipping, drop --no-clip-x0")
     if a.suite in ("memory", "reliability"):
         import tempfile
 
@@ -90,10 +88,13 @@ if __name__ == "__main__":
                             else dd.timesteps)
         path = run_denoise(a.teacher, students, a.out, s, command=command)
     elif a.suite == "quality":
-        s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
-                            teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
-                            spacing=a.spacing, student_eta=a.eta,
-                            clip_x0=not a.no_clip_x0, use_clipped_model_output=a.use_clipped_model_output)
+        try:
+            s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
+                                teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
+                                spacing=a.spacing, student_eta=a.eta,
+                                clip_x0=not a.no_clip_x0, use_clipped_model_output=a.use_clipped_model_output)
+        except ValueError as e:
+            p.error(str(e))
         path = run_quality(a.teacher, a.out, s, command=command, students=students, carry_from=a.carry_from)
     else:
         if not students:

@@ -1,5 +1,8 @@
 """The quality benchmark runs end to end on tiny settings and writes BENCHMARK.md's record format."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -204,13 +207,11 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
                                               use_clipped_model_output=True), rec["settings"]["teacher_sha256"])
 
 
-def test_bench_cli_refuses_rederived_eps_without_clipping():
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_rederived_eps_without_clipping_is_refused_in_settings_and_cli():
+    with pytest.raises(ValueError, match="needs clip_x0"):
+        QualitySettings(clip_x0=False, use_clipped_model_output=True)
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, str(root / "jobs" / "bench.py"), "--suite", "quality", "--no-clip-x0",
                         "--use-clipped-model-output"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "--use-clipped-model-output re-derives eps from the clipped x0" in r.stderr
+    assert "use_clipped_model_output re-derives eps from the clipped x0: it needs clip_x0" in r.stderr

@@ -46,6 +46,11 @@ class QualitySettings:
     student_eta: float = 0.3  # TCD gamma for multi-step student rows without their own (TCD's default)
     threads: int = field(default_factory=lambda: torch.get_num_threads())
 
+    def __post_init__(self) -> None:
+        if self.use_clipped_model_output and not self.clip_x0:
+            # else a row equal to the unclipped one would be recorded under settings that refuse to carry it
+            raise ValueError("use_clipped_model_output re-derives eps from the clipped x0: it needs clip_x0")
+
 
 def fixed_inputs(s: QualitySettings, shape=(1, 28, 28)) -> tuple[Tensor, Tensor]:
     """The shared evaluation inputs: class-balanced labels and their noise, from ``s.seed``."""
