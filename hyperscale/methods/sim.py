@@ -60,6 +60,11 @@ class SimConfig(MethodSection):
     fake_clip_x0: clamp the fake score's x0-prediction D_psi the same way, in y and in the Stein
         term. With teacher_clip_x0 both estimates are projected onto the box (the consistent
         variant: the teacher alone clamped leaves y = clip(D_phi) - D_psi nonzero at the fixed point).
+    generator_clip_x0: clamp the generator's output x0 to the data range [-1, 1] in the forward
+        pass, so its samples lie where the data lie (the 1-step analogue of the teacher sampler's
+        clip_x0). The gradient is the clamp's own (zero where a pixel is clamped), so the loss is
+        still the exact surrogate for the clamped generator. Every image consumer (bench, grids,
+        serving) clamps anyway, so the exported weights sample the same images either way.
     generator_t_range: fractions of the DDPM grid (of T - 1), t drawn uniformly in between. The grid
         is where the teacher and fake were trained (uniform t), so they are accurate there.
         0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
@@ -93,6 +98,7 @@ class SimConfig(MethodSection):
     teacher_guidance_scale: float = Field(1.0, ge=0)
     teacher_clip_x0: bool = False
     fake_clip_x0: bool = False
+    generator_clip_x0: bool = False
     generator_t_range: tuple[float, float] = (0.02, 0.8)
     generator_t_sampling: TimeSampling = "grid"
     generator_weighting: Literal["uniform", "sid"] = "uniform"
@@ -165,7 +171,8 @@ class Sim(Method):
     def generate(self, generator, z: Tensor, cond) -> Tensor:
         """x0 (B, C, H, W) from noise z (B, C, H, W): one differentiable call at sigma~_init (§1.1)."""
         t = generator.schedule.timestep_for_sigma_ve(self.config.init_sigma)
-        return one_step(generator, z, cond, t, noise_input="sigma")
+        x0 = one_step(generator, z, cond, t, noise_input="sigma")
+        return x0.clamp(-1, 1) if self.config.generator_clip_x0 else x0
 
     def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
         return self.generate(generator, z, cond)
