@@ -224,13 +224,15 @@ def test_generator_is_one_call_at_sigma_init():
                                gen(x_t, torch.full((4,), t_init), cond, out=Prediction.x0))
 
 
-@pytest.mark.parametrize("sampling,clip,fake_clip", [("grid", False, False), ("karras", False, False),
-                                                     ("karras", True, False), ("karras", True, True)])
-def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, clip, fake_clip):
+@pytest.mark.parametrize("sampling,clip,fake_clip,gen_clip", [
+    ("grid", False, False, False), ("karras", False, False, False), ("karras", True, False, False),
+    ("karras", True, True, False), ("karras", False, False, True)])
+def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, clip, fake_clip, gen_clip):
     """generator_loss = per_sample at x_t = add_noise(G(z), eps, t), gradients identical; so
     nothing inside generator_loss is detached (the integrand itself is gated above). With
     teacher_clip_x0 the teacher's x0 enters clamped to [-1, 1] (a ring of radius 1.3 makes
-    the clamp bite); with fake_clip_x0 the fake score's x0 too, in y and in the Stein term."""
+    the clamp bite); with fake_clip_x0 the fake score's x0 too, in y and in the Stein term;
+    with generator_clip_x0 the generator's own output (scaled off the box here), before noising."""
     sched = NoiseSchedule.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
@@ -238,13 +240,22 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
     if fake_clip:  # an analytic fake off the box, so its clamp bites too
         fake = ring_mixture(sched, k=6, radius=1.4, std=0.1)
     fake.requires_grad_(False)
-    method = Sim(SimConfig(generator_t_sampling=sampling, teacher_clip_x0=clip, fake_clip_x0=fake_clip))
+    if gen_clip:  # a generator whose raw output leaves the box
+        with torch.no_grad():
+            gen.net[-1].weight.mul_(20)
+    method = Sim(SimConfig(generator_t_sampling=sampling, teacher_clip_x0=clip, fake_clip_x0=fake_clip,
+                           generator_clip_x0=gen_clip))
     cond = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = method.generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
     g1 = torch.autograd.grad(out.loss.mean(), list(gen.parameters()))
     torch.manual_seed(1)  # replay the same draws: z, then t, then eps
-    x0 = method.generate(gen, torch.randn(8, 2), cond)
+    t_init = sched.timestep_for_sigma_ve(2.5)  # the generator's call, spelled out
+    x0 = gen(sched.alpha_sigma(t_init)[1].float() * torch.randn(8, 2), torch.full((8,), t_init), cond,
+             out=Prediction.x0)
+    if gen_clip:
+        assert x0.abs().max() > 1.05  # the clamp changes this batch
+        x0 = x0.clamp(-1, 1)
     if sampling == "grid":
         tt = torch.randint(round(0.02 * 999), round(0.8 * 999) + 1, (8,))
     else:  # u on the Karras fractions, then the grid step with the nearest sigma~
@@ -323,7 +334,12 @@ def test_critic_loss_is_dsm_on_detached_samples_at_the_configured_draw(sampling,
     assert all(p.grad is not None for p in fake.parameters())
     torch.manual_seed(1)  # replay: z, then t, then eps
     with torch.no_grad():
-        x0 = method.generate(gen, torch.randn(8, 2), cond)
+        t_init = sched.timestep_for_sigma_ve(2.5)  # the generator's call, spelled out
+    x0 = gen(sched.alpha_sigma(t_init)[1].float() * torch.randn(8, 2), torch.full((8,), t_init), cond,
+             out=Prediction.x0)
+    if gen_clip:
+        assert x0.abs().max() > 1.05  # the clamp changes this batch
+        x0 = x0.clamp(-1, 1)
     if sampling == "grid":
         tt = torch.randint(round(0.1 * 999), round(0.9 * 999) + 1, (8,))
     else:
