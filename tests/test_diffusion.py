@@ -57,14 +57,18 @@ def _reference(sched, model, noise, cond, precision, seed, **step_kw):
 
 
 def _assert_same(ours, ref, tol):
+    """Each step's x (and x0) within tol relative to that tensor's scale (max(1, max|.|)): the
+    trajectories reach |x| ~ 40, where float32 rounding alone is ~4e-6 per operation."""
     assert [s.t for s in ours] == [t for t, _, _ in ref]
     for s, (_, x, x0) in zip(ours, ref):
-        assert (s.x - x).abs().max().item() <= tol
+        assert (s.x - x).abs().max().item() <= tol * max(1.0, x.abs().max().item())
         if x0 is not None:
-            assert (s.x0 - x0).abs().max().item() <= tol
+            assert (s.x0 - x0).abs().max().item() <= tol * max(1.0, x0.abs().max().item())
 
 
-TOL = {"stock": 1e-5, "float64": 1e-10}
+# stock: diffusers in float32 against our float64 path, ~30 float32 ulps of the scale; the
+# worst case seen is 3.8e-7 (TCD, eta 0.3, 8 steps, on an AMD EPYC; Intel CPUs stay lower)
+TOL = {"stock": 2e-6, "float64": 1e-10}
 
 
 # --- schedules and conversions ---------------------------------------------------------------

@@ -293,7 +293,9 @@ def test_karras_time_sampling_follows_sids_noise_levels():
     assert float((sig < 0.1).double().mean()) > 5 * float((grid < 0.1).double().mean())
     # the nearest-level rule: every draw's sigma~ is the grid level closest to its Karras level
     levels = sched.sigma_ve(torch.arange(1000))
-    s = torch.tensor([0.05, 0.9, 3.0], dtype=F64)
+    mids = (levels[1:] + levels[:-1]) / 2  # exact ties go to the lower step, as argmin's first hit
+    s = torch.cat([torch.tensor([0.05, 0.9, 3.0], dtype=F64), levels, mids,
+                   torch.empty(2000, dtype=F64).uniform_(-9, 6).exp()])
     assert torch.equal(sched.timesteps_for_sigma_ve(s), (levels[None] - s[:, None]).abs().argmin(1))
 
 

@@ -89,9 +89,11 @@ class NoiseSchedule:
     def timesteps_for_sigma_ve(self, sigmas: Tensor) -> Tensor:
         """Nearest grid indices (n,) long to VE noise levels (n,), on the device of ``sigmas``;
         levels past the grid's ends (0, inf included) go to its first or last step."""
-        grid = self.sigma_ve(torch.arange(self.num_train_timesteps)).to(sigmas.device)
+        grid = self.sigma_ve(torch.arange(self.num_train_timesteps)).to(sigmas.device)  # increasing in t
         s = sigmas.to(grid.dtype).clamp(grid[0], grid[-1])
-        return (grid[None, :] - s[:, None]).abs().argmin(dim=1)
+        # the two neighbours of each level; a tie goes to the lower step
+        hi = torch.searchsorted(grid, s).clamp(1, grid.numel() - 1)
+        return torch.where(s - grid[hi - 1] <= grid[hi] - s, hi - 1, hi)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a, s = (bcast(v, x0) for v in self.alpha_sigma(t))
