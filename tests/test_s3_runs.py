@@ -130,6 +130,20 @@ def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path):
         assert ckpt.problems(local) == [] and ckpt.read_checkpoint(local) == {"step": 4}
         assert (local / "engines/generator/state/zero_pp_rank_1_optim_states.pt").is_file()
     assert not local.exists()  # every process's own temp copy, removed after the restore
+    shard1 = "engines/generator/state/zero_pp_rank_1_optim_states.pt"
+    with ckpt.local_copy(f"{root}/checkpoint_b", rank=0) as local:  # rank 0's part: not rank 1's shard
+        assert not (local / shard1).exists() and (local / "manifests/rank-00001.json").is_file()
+        assert json.loads((local / ckpt.SUBSET).read_text())["ranks"] == [0]
+        assert ckpt.problems(local) == [] and ckpt.read_checkpoint(local) == {"step": 4}
+        (local / "state.pt").unlink()
+        assert ckpt.problems(local) == ["no state.pt / meta.json"]
+    with ckpt.local_copy(f"{root}/checkpoint_b", rank=1) as local:
+        assert (local / shard1).is_file() and ckpt.problems(local) == []
+        (local / shard1).unlink()  # the ranks a copy names are still checked
+        assert ckpt.problems(local) == [f"rank 1: {shard1} missing or truncated"]
+    with pytest.raises(FileNotFoundError, match=f"incomplete checkpoint: rank 1: {shard1} missing"):
+        with ckpt.local_copy(f"{root}/checkpoint_c", rank=0):
+            pass
     with ckpt.local_copy(tmp_path / "s2-r0") as local:
         assert local == tmp_path / "s2-r0"  # local checkpoints are used in place
     with ckpt.local_copy(None) as local:

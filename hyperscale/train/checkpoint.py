@@ -20,7 +20,8 @@ STACK.md §3); incomplete checkpoints are never resumed from.
 Storage may be a local directory or an ``s3://`` prefix: ``problems``, ``find_latest``,
 ``meta_step`` and ``resolve_resume`` take either (S3: one listing, then small GETs for
 meta.json and manifests), and ``local_copy`` gives a local directory to ``restore`` from
-(an S3 checkpoint is downloaded into a temp dir of the calling process).
+(an S3 checkpoint is downloaded into a temp dir of the calling process; given its rank, only
+what that rank restores from).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ META = "meta.json"
 ENGINES = "engines"
 MANIFESTS = "manifests"
 FORMAT = 2  # 1: rank-0 state.pt only (no manifests)
+SUBSET = "subset.json"  # only in a rank's local copy of an S3 checkpoint: {"ranks": [...], "source": url}
 
 Where = Union[Path, str]  # a local checkpoint directory, or an s3:// prefix (a str)
 
@@ -82,14 +84,16 @@ def write_rank(directory: Path, rank: int, roles: Iterable[Role], state: dict | 
 
 
 def _problems(size: Callable[[str], int | None], read: Callable[[str], str]) -> list[str]:
-    """``size(rel)``: a file's bytes, None when absent; ``read(rel)``: its text."""
+    """``size(rel)``: a file's bytes, None when absent; ``read(rel)``: its text. A rank's copy of
+    an S3 checkpoint (``local_copy``) holds the ranks its ``SUBSET`` names, checked complete."""
     if size(STATE) is None or size(META) is None:
         return [f"no {STATE} / {META}"]
     meta = json.loads(read(META))
     if meta.get("format", 1) < 2:
         return []
     out = []
-    for r in range(int(meta["world_size"])):
+    ranks = json.loads(read(SUBSET))["ranks"] if size(SUBSET) is not None else range(int(meta["world_size"]))
+    for r in ranks:
         if size(_manifest(r)) is None:
             out.append(f"rank {r}: no manifest")
             continue
@@ -217,16 +221,40 @@ def resolve_resume(value: str | None, run_root: Where) -> Where | None:
 
 
 @contextmanager
-def local_copy(checkpoint: Where | None) -> Iterator[Path | None]:
+def local_copy(checkpoint: Where | None, rank: int | None = None) -> Iterator[Path | None]:
     """The checkpoint as a local directory for ``restore``: a local one as it is; an s3:// one
-    downloaded into a temp dir of this process (every worker its own copy), removed after."""
+    downloaded into a temp dir of this process (every worker its own copy), removed after.
+
+    With ``rank``, an S3 copy holds what that rank restores from: the rank-0 state, every
+    manifest, and the files in rank 0's and this rank's manifests (DeepSpeed's non-elastic
+    ZeRO load reads only its own optimizer partition), not every rank's shards. The whole
+    checkpoint is checked complete on S3 first; the copy's ``SUBSET`` names the ranks it holds."""
     if checkpoint is None or not is_remote(checkpoint):
         yield None if checkpoint is None else Path(checkpoint)
         return
-    from hyperscale.data.s3 import download_dir
+    from hyperscale.data import s3
 
+    url = location(checkpoint).rstrip("/")
+    objects = s3.list_objects(url + "/")
+    ranks = None
+    if rank is not None:
+        sizes = {o.url[len(url) + 1:]: o.size for o in objects}
+        size, read = _s3_files(url, sizes)
+        bad = _problems(size, read)
+        if bad:
+            raise FileNotFoundError(f"{url}: incomplete checkpoint: {'; '.join(bad)}")
+        meta = json.loads(read(META))
+        if meta.get("format", 1) >= 2:
+            ranks = sorted({0, rank})
+            others = set()
+            for r in set(range(int(meta["world_size"]))) - set(ranks):
+                others |= set(json.loads(read(_manifest(r)))["files"])
+            objects = [o for o in objects if o.url[len(url) + 1:] not in others]
     with tempfile.TemporaryDirectory(prefix="hs-restore-") as tmp:
-        yield download_dir(location(checkpoint), Path(tmp) / "checkpoint")
+        local = s3.download_dir(url, Path(tmp) / "checkpoint", objects=objects)
+        if ranks is not None:
+            (local / SUBSET).write_text(json.dumps({"ranks": ranks, "source": url}))
+        yield local
 
 
 def step_of(name: str) -> int:

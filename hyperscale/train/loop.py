@@ -171,13 +171,13 @@ def restore_source(session: Session, t, paths: Paths) -> Iterator[tuple[Path | N
             if own is None:
                 raise FileNotFoundError(f"rank 0 restores from {run_root}, which this rank cannot see: "
                                         f"the run's storage must be shared by all workers")
-            with ckpt.local_copy(own) as local:  # an S3 checkpoint: downloaded by every rank
+            with ckpt.local_copy(own, session.rank) as local:  # S3: this rank's part, downloaded
                 yield local, "this run's latest complete checkpoint"
         elif choice[0] == "ray":
             yield Path(d), "Ray's latest checkpoint"
         else:
             path = ckpt.resolve_resume(t.resume_from_checkpoint, run_root)
-            with ckpt.local_copy(path) as local:
+            with ckpt.local_copy(path, session.rank) as local:
                 yield local, str(path)
 
 
