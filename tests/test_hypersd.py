@@ -353,7 +353,10 @@ def test_dmd_regression_pairs(cfg, teacher):
     cond = torch.tensor([3, 4])
     # one teacher step from T - 1 to clean data is the teacher's x0 prediction at z
     x0_teacher = teacher_ode(teacher, z, cond, 999, 1)
-    assert torch.allclose(x0_teacher, teacher(z, torch.full((2,), 999), cond, out=Prediction.x0), atol=1e-5)
+    ref = teacher(z, torch.full((2,), 999), cond, out=Prediction.x0)
+    # x0 at t = 999 is eps / 0.006: |x0| ~ 250, so float32 rounding is judged against that scale
+    err = float((x0_teacher - ref).abs().max() / ref.abs().max())
+    assert err < 1e-6, err
     method = build_method(DmdConfig(regression="batch", regression_weight=1.0))
     assert method.needs_data
     with pytest.raises(ValueError, match="PairBatch"):
