@@ -165,7 +165,11 @@ def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(tmp_path
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=480, env=env)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
-    assert "[sweep] resuming" in log and "[hyperscale] resumed at step" in log
+    assert "[sweep] resuming" in log
+    # the trials' own results say where they restored (worker log lines can be lost under load)
+    restored = [json.loads(line).get("restored_at_step") for f in exp.glob("*/result.json")
+                for line in f.read_text().splitlines() if line.strip()]
+    assert any(r and r > 0 for r in restored), restored
     rows = json.loads((tmp_path / "r/sweep.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["steps"] == 8 and r["error"] is None for r in rows)
     # every evaluation of every trial is in the history exactly once across the two runs
