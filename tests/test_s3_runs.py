@@ -137,6 +137,8 @@ def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path):
         assert ckpt.problems(local) == [] and ckpt.read_checkpoint(local) == {"step": 4}
         (local / "state.pt").unlink()
         assert ckpt.problems(local) == ["no state.pt / meta.json"]
+    with ckpt.local_copy(f"{root}/checkpoint_b", rank=3) as local:  # a rank the 2-rank checkpoint lacks
+        assert not (local / shard1).exists() and ckpt.problems(local) == []
     with ckpt.local_copy(f"{root}/checkpoint_b", rank=1) as local:
         assert (local / shard1).is_file() and ckpt.problems(local) == []
         (local / shard1).unlink()  # the ranks a copy names are still checked

@@ -245,9 +245,10 @@ def local_copy(checkpoint: Where | None, rank: int | None = None) -> Iterator[Pa
             raise FileNotFoundError(f"{url}: incomplete checkpoint: {'; '.join(bad)}")
         meta = json.loads(read(META))
         if meta.get("format", 1) >= 2:
-            ranks = sorted({0, rank})
+            world = set(range(int(meta["world_size"])))
+            ranks = sorted({0, rank} & world)  # a rank past the checkpoint's world (a larger run) has no files
             others = set()
-            for r in set(range(int(meta["world_size"]))) - set(ranks):
+            for r in world - set(ranks):
                 others |= set(json.loads(read(_manifest(r)))["files"])
             objects = [o for o in objects if o.url[len(url) + 1:] not in others]
     with tempfile.TemporaryDirectory(prefix="hs-restore-") as tmp:
