@@ -105,7 +105,7 @@ def _fake_checkpoint(tmp: Path, url: str, step: int, run_id: str, drop_rank1_sha
     s3.client().put_object(Bucket=bucket, Key=key + "/engines/", Body=b"")  # a pyarrow "directory"
 
 
-def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path):
+def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path, monkeypatch):
     from hyperscale.train import checkpoint as ckpt
 
     root = f"s3://{BUCKET}/run/checkpoints"
@@ -131,7 +131,10 @@ def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path):
         assert (local / "engines/generator/state/zero_pp_rank_1_optim_states.pt").is_file()
     assert not local.exists()  # every process's own temp copy, removed after the restore
     shard1 = "engines/generator/state/zero_pp_rank_1_optim_states.pt"
+    reads = []
+    monkeypatch.setattr(s3, "read_text", lambda url, _read=s3.read_text: reads.append(url) or _read(url))
     with ckpt.local_copy(f"{root}/checkpoint_b", rank=0) as local:  # rank 0's part: not rank 1's shard
+        assert sorted(u.rsplit("/", 1)[1] for u in reads) == ["meta.json", "rank-00000.json", "rank-00001.json"]
         assert not (local / shard1).exists() and (local / "manifests/rank-00001.json").is_file()
         assert json.loads((local / ckpt.SUBSET).read_text())["ranks"] == [0]
         assert ckpt.problems(local) == [] and ckpt.read_checkpoint(local) == {"step": 4}

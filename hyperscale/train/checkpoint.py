@@ -25,6 +25,7 @@ what that rank restores from).
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -240,6 +241,7 @@ def local_copy(checkpoint: Where | None, rank: int | None = None) -> Iterator[Pa
     if rank is not None:
         sizes = {o.url[len(url) + 1:]: o.size for o in objects}
         size, read = _s3_files(url, sizes)
+        read = functools.lru_cache(maxsize=None)(read)  # the manifests serve the check and the split
         bad = _problems(size, read)
         if bad:
             raise FileNotFoundError(f"{url}: incomplete checkpoint: {'; '.join(bad)}")
