@@ -84,7 +84,7 @@ def _nonzero(gs) -> bool:
     return any(g is not None and g.abs().sum() > 0 for g in gs)
 
 
-def _equal(a, b) -> bool:
+def _same(a, b) -> bool:
     """Same gradients up to float32 rounding: |x - y| <= 1e-5 of the largest |y| over all the role's
     parameters. Which gradients autograd is asked for can change the CPU kernels (an AMD EPYC
     differed by 7e-9 where the largest entry is 1.2e-2; near-zero tensors, ~1e-11, by 100% of
@@ -119,7 +119,7 @@ def test_generator_loss_gradients_reach_the_generator_and_ignore_requires_grad(s
     everything = _grads(method, "generator_loss", roles, frozen, batch, None)
     trainer_mode = _grads(method, "generator_loss", roles, frozen, batch, roles[gen])
     assert _nonzero(everything[gen])
-    assert _equal(everything[gen], trainer_mode[gen])  # the loss does not read requires_grad
+    assert _same(everything[gen], trainer_mode[gen])  # the loss does not read requires_grad
     assert all(not _nonzero(g) for n, g in trainer_mode.items() if n != gen)
 
 
@@ -130,7 +130,7 @@ def test_critic_loss_trains_the_critic_only(setup):
     everything = _grads(method, "critic_loss", roles, frozen, batch, None)
     trainer_mode = _grads(method, "critic_loss", roles, frozen, batch, roles[method.critic])
     assert _nonzero(everything[method.critic])
-    assert _equal(everything[method.critic], trainer_mode[method.critic])
+    assert _same(everything[method.critic], trainer_mode[method.critic])
     # generator samples are detached: nothing reaches the generator (or the teacher)
     assert all(not _nonzero(g) for n, g in everything.items() if n != method.critic)
 

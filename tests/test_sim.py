@@ -212,16 +212,21 @@ def test_wrong_variants_fail_the_gate():
     torch.testing.assert_close(got[1], want[1] / 2, rtol=1e-6, atol=0)
 
 
+def _generator_call(gen, z, cond):
+    """The generator's forward pass spelled out: x0 from x~ = sigma~ z at the grid step nearest 2.5."""
+    sched = gen.schedule
+    t_init = sched.timestep_for_sigma_ve(2.5)
+    assert t_init == 440
+    x_t = sched.alpha_sigma(t_init)[1].float() * z  # VE: x~ = sigma~ z
+    return gen(x_t, torch.full((z.shape[0],), t_init), cond, out=Prediction.x0)
+
+
 def test_generator_is_one_call_at_sigma_init():
     sched = NoiseSchedule.from_config()
     torch.manual_seed(0)
     gen = MLPDenoiser(sched, 2, 16)
     z, cond = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
-    t_init = sched.timestep_for_sigma_ve(2.5)
-    assert t_init == 440
-    x_t = sched.alpha_sigma(t_init)[1].float() * z  # VE: x~ = sigma~ z
-    torch.testing.assert_close(Sim(SimConfig()).generate(gen, z, cond),
-                               gen(x_t, torch.full((4,), t_init), cond, out=Prediction.x0))
+    torch.testing.assert_close(Sim(SimConfig()).generate(gen, z, cond), _generator_call(gen, z, cond))
 
 
 @pytest.mark.parametrize("sampling,clip,fake_clip,gen_clip", [
@@ -250,9 +255,7 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
     out = method.generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
     g1 = torch.autograd.grad(out.loss.mean(), list(gen.parameters()))
     torch.manual_seed(1)  # replay the same draws: z, then t, then eps
-    t_init = sched.timestep_for_sigma_ve(2.5)  # the generator's call, spelled out
-    x0 = gen(sched.alpha_sigma(t_init)[1].float() * torch.randn(8, 2), torch.full((8,), t_init), cond,
-             out=Prediction.x0)
+    x0 = _generator_call(gen, torch.randn(8, 2), cond)
     if gen_clip:
         assert x0.abs().max() > 1.05  # the clamp changes this batch
         x0 = x0.clamp(-1, 1)
