@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-from hyperscale.diffusion.schedule import Prediction, ScheduleKind
+from hyperscale.diffusion.schedule import Prediction
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,8 @@ class RunSection(Section):
 
 
 class ScheduleSection(Section):
-    kind: ScheduleKind = ScheduleKind.linear
+    # the VP kinds; rectified flow comes with the families that carry it (diffusion/schedule.py)
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_train_timesteps: int = Field(1000, ge=2)
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(2e-2, gt=0, lt=1)
@@ -119,6 +120,24 @@ class TrainSection(Section):
         return self
 
 
+class RoleOptim(Section):
+    """Optimiser settings of one kind of trained role; unset fields inherit (critic from
+    generator, generator from ``train``)."""
+    lr: Optional[float] = Field(None, gt=0)
+    adam_beta1: Optional[float] = Field(None, ge=0, lt=1)
+    adam_beta2: Optional[float] = Field(None, ge=0, lt=1)
+    adam_epsilon: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    max_grad_norm: Optional[float] = Field(None, gt=0)
+
+
+class OptimSection(Section):
+    """Per-role optimiser settings: ``generator`` (the exported model) and ``critic`` (the fake
+    score or the discriminator head). DMD2 and SiD train the two at different learning rates."""
+    generator: RoleOptim = RoleOptim()
+    critic: RoleOptim = RoleOptim()
+
+
 class MethodSection(Section):
     """Base of every method's section; ``name`` selects the method in the registry."""
     name: str
@@ -130,6 +149,7 @@ class Config(Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
     # SerializeAsAny: dumps keep the concrete method's fields, not just the base's ``name``.
     method: SerializeAsAny[MethodSection] = Field(default_factory=lambda: _method_section({"name": "denoising"}))
 
@@ -140,6 +160,13 @@ class Config(Section):
             data = dict(data)
             data["method"] = _method_section(data["method"])
         return data
+
+
+def role_train(cfg: Config, kind: Literal["generator", "critic"]) -> TrainSection:
+    """``cfg.train`` with the optimiser settings of a role kind applied (critic <- generator <- train)."""
+    chain = [cfg.optim.generator] + ([cfg.optim.critic] if kind == "critic" else [])
+    update = {k: v for o in chain for k, v in o.model_dump(exclude_none=True).items()}
+    return cfg.train.model_copy(update=update)
 
 
 def _method_section(raw: dict) -> MethodSection:

@@ -34,7 +34,7 @@ def test_dotted_overrides_are_typed():
                        "train.resume_from_checkpoint=latest"])
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.model.block_out_channels == [8, 16, 16]
-    assert cfg.schedule.kind.value == "cosine"
+    assert cfg.schedule.kind == "cosine"
     assert cfg.train.resume_from_checkpoint == "latest"
 
 
@@ -97,3 +97,24 @@ def test_serve_configs_validate(name):
         load_serve_config(ROOT / "jobs" / "configs" / name, ["max_batch_size=lots"])
     with pytest.raises(ConfigError, match="args.batchign"):
         load_serve_config(ROOT / "jobs" / "configs" / name, ["batchign=true"])
+
+
+def test_per_role_optimiser_settings_inherit_critic_from_generator_from_train():
+    import torch
+
+    from hyperscale.config import role_train
+    from hyperscale.train import engines
+
+    cfg = load_config(None, ["train.lr=0.001", "train.adam_beta1=0.5", "optim.generator.lr=0.0002",
+                             "optim.critic.adam_beta2=0.99", "train.engine=torch"])
+    gen, critic = role_train(cfg, "generator"), role_train(cfg, "critic")
+    assert (gen.lr, gen.adam_beta1, gen.adam_beta2) == (0.0002, 0.5, 0.999)
+    assert (critic.lr, critic.adam_beta1, critic.adam_beta2) == (0.0002, 0.5, 0.99)
+    assert role_train(load_config(None, ["optim.critic.lr=0.01"]), "generator") == load_config().train
+    # what the trainer builds from them: each role's optimiser carries its own settings
+    for t, lr, betas in ((gen, 0.0002, (0.5, 0.999)), (critic, 0.0002, (0.5, 0.99))):
+        role = engines.build_role("r", torch.nn.Linear(2, 2), t, 4, 1, torch.device("cpu"))
+        group = role.optimizer.param_groups[0]
+        assert group["initial_lr"] == lr and group["betas"] == betas
+    with pytest.raises(ConfigError, match="optim.critic.lr"):
+        load_config(None, ["optim.critic.lr=-1"])

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, TCDScheduler
 
 from hyperscale.diffusion import sampling as S
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction, bcast, convert
+from hyperscale.diffusion.schedule import DiscreteVP, Prediction, RectifiedFlow, bcast, convert
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEPS = [1, 2, 4, 8]
@@ -13,7 +13,7 @@ STEPS = [1, 2, 4, 8]
 class Toy(torch.nn.Module):
     """Deterministic t-dependent eps predictor, eps = tanh(x (0.5 + t/1000)) + 0.1 cond; float64."""
 
-    def __init__(self, schedule: NoiseSchedule):
+    def __init__(self, schedule: DiscreteVP):
         super().__init__()
         self.schedule = schedule
 
@@ -34,12 +34,12 @@ def _setup(cls, precision, **cfg):
     abar (our schedule takes those values); "float64": diffusers runs on our float64 abar."""
     sched = cls(**cfg)
     if precision == "float64":
-        ours = NoiseSchedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012)
+        ours = DiscreteVP.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012)
         sched.alphas_cumprod = ours.alphas_cumprod.clone()
         if not cfg.get("set_alpha_to_one", True):
             sched.final_alpha_cumprod = ours.alphas_cumprod[0]
     else:
-        ours = NoiseSchedule(sched.alphas_cumprod.double())
+        ours = DiscreteVP(sched.alphas_cumprod.double())
     return sched, Toy(ours)
 
 
@@ -76,50 +76,62 @@ TOL = {"stock": 2e-6, "float64": 1e-10}
 @pytest.mark.parametrize("kind,theirs", [("linear", "linear"), ("scaled_linear", "scaled_linear"),
                                          ("cosine", "squaredcos_cap_v2")])
 def test_alphas_cumprod_match_diffusers(kind, theirs):
-    ours = NoiseSchedule.from_config(kind).alphas_cumprod
+    ours = DiscreteVP.from_config(kind).alphas_cumprod
     ref = DDPMScheduler(beta_schedule=theirs).alphas_cumprod  # cumprod in float32
     assert ours.dtype == torch.float64 and ours.shape == (1000,)
     assert (ours - ref.double()).abs().max().item() < 1e-6
 
 
-def test_prediction_conversions_round_trip():
-    sched = NoiseSchedule.from_config("linear")
+AFFINE_PATHS = {  # (alpha, sigma) at three times: VP, rectified flow with a shift, and a VE-like path
+    "vp": lambda: DiscreteVP.from_config("linear").alpha_sigma(torch.tensor([0, 500, 999])),
+    "rf": lambda: RectifiedFlow(3.0).alpha_sigma(torch.tensor([0.02, 0.5, 0.97], dtype=torch.float64)),
+    "ve": lambda: (torch.ones(3, dtype=torch.float64), torch.tensor([0.01, 1.0, 80.0], dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("path", sorted(AFFINE_PATHS))
+def test_prediction_conversions_round_trip(path):
+    """Every pair of parameterisations converts both ways on any affine path (a^2 + s^2 != 1 too)."""
     g = torch.Generator().manual_seed(0)
     x0, eps = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    a, s = sched.alpha_sigma(torch.tensor([0, 500, 999]))
+    a, s = AFFINE_PATHS[path]()
     x_t = bcast(a, x0) * x0 + bcast(s, x0) * eps
     truth = {Prediction.eps: eps, Prediction.x0: x0, Prediction.v: bcast(a, x0) * eps - bcast(s, x0) * x0,
-             Prediction.score: -eps / bcast(s, x0)}
+             Prediction.flow: eps - x0, Prediction.score: -eps / bcast(s, x0)}
     for src in Prediction:
         for dst in Prediction:
             out = convert(truth[src], x_t, a, s, src, dst)
-            assert (out - truth[dst]).abs().max().item() < 1e-10, (src, dst)
+            scale = truth[dst].abs().max().item()
+            assert (out - truth[dst]).abs().max().item() < 1e-10 * max(1.0, scale), (src, dst)
             back = convert(out, x_t, a, s, dst, src)
-            assert (back - truth[src]).abs().max().item() < 1e-10, (src, dst)
+            assert (back - truth[src]).abs().max().item() < 1e-10 * max(1.0, truth[src].abs().max().item()), (src, dst)
 
 
 # --- DDIM closed forms -----------------------------------------------------------------------
 
 def test_ddim_jump_with_true_eps_is_exact():
-    sched = NoiseSchedule.from_config("linear")
+    sched = DiscreteVP.from_config("linear")
     g = torch.Generator().manual_seed(1)
     x0, eps = (torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     t, s = torch.tensor([999, 700, 10, 300, 0]), torch.tensor([0, -1, 900, 299, 999])  # down, to clean, up
     x_t = sched.add_noise(x0, eps, t)
-    x_s = S.ddim_jump(x_t, eps, sched.abar(t), sched.abar(s))
+    x_s = S.ddim_jump(x_t, eps, sched.alpha_sigma(t), sched.alpha_sigma(s))
     a_s, s_s = sched.alpha_sigma(s)
     assert (x_s - (bcast(a_s, x0) * x0 + bcast(s_s, x0) * eps)).abs().max().item() < 1e-12
     # eta = 0 steps are the same move; eta > 0 keeps the marginal's total variance
-    assert torch.equal(S.ddim_step(x_t[:2], eps[:2], sched.abar(t[:2]), sched.abar(s[:2])), x_s[:2])
-    sig = S.ddim_sigma(sched.abar(999), sched.abar(500), 1.0)
+    assert torch.equal(S.ddim_step(x_t[:2], eps[:2], sched.alpha_sigma(t[:2]), sched.alpha_sigma(s[:2])), x_s[:2])
+    sig = S.ddim_sigma(*sched.alpha_sigma(999), *sched.alpha_sigma(500), 1.0)
     assert 0 < sig.item() < (1 - sched.abar(500)).sqrt().item()
+    # DDIM's eq. 16 in abar form
+    ab_t, ab_s = sched.abar(999), sched.abar(500)
+    torch.testing.assert_close(sig, ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("c", [0.5, 2.0])
 def test_ddim_on_gaussian_data_is_a_linear_map_with_the_right_std(c):
     """Data N(0, c^2 I): E[eps | x_t] = s_t x_t / (a_t^2 c^2 + s_t^2), so every DDIM step (and the whole
     sampler) scales x by a closed-form factor; it tends to c with first-order error in 1/steps."""
-    sched = NoiseSchedule.from_config("linear")
+    sched = DiscreteVP.from_config("linear")
 
     def exact(x, t, cond=None, out=Prediction.eps):
         a, s = (bcast(v, x) for v in sched.alpha_sigma(t))
@@ -188,7 +200,7 @@ def test_ddim_matches_diffusers(precision, spacing, eta, alpha_one, clip, rederi
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddim_grid_rule_equals_stride_rule_when_n_divides_T(spacing):
     noise, cond = _inputs()
-    model = Toy(NoiseSchedule.from_config("linear"))
+    model = Toy(DiscreteVP.from_config("linear"))
     for n in STEPS:
         a = S.sample_ddim(model, noise, cond, n, spacing, prev="stride")
         assert torch.equal(a, S.sample_ddim(model, noise, cond, n, spacing, prev="grid"))
@@ -237,7 +249,7 @@ def test_custom_timesteps_lcm_and_tcd():
 # --- one step -------------------------------------------------------------------------------
 
 def test_one_step_predicts_x0_from_noise_with_gradients():
-    sched = NoiseSchedule.from_config("linear")
+    sched = DiscreteVP.from_config("linear")
     model = Toy(sched)
     noise, cond = _inputs()
     noise.requires_grad_(True)
@@ -248,3 +260,114 @@ def test_one_step_predicts_x0_from_noise_with_gradients():
     s = sched.alpha_sigma(440)[1]
     x0_sim = S.one_step(model, noise.detach(), cond, 440, noise_input="sigma")
     assert torch.equal(x0_sim, model(s * noise.detach(), torch.full((4,), 440), cond, out=Prediction.x0))
+
+
+# --- rectified flow (SD3 / FLUX) and continuous time ----------------------------------------
+
+class FlowToy(torch.nn.Module):
+    """Deterministic velocity predictor v = tanh(x (0.5 + tau / 1000)) + 0.1 cond, tau the
+    network timestep (1000 sigma, as diffusers feeds SD3/FLUX transformers); flow-native."""
+    prediction_type = Prediction.flow
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def velocity(self, x, tau, cond):
+        return torch.tanh(x * bcast(0.5 + torch.as_tensor(tau, dtype=x.dtype) / 1000, x)) + 0.1 * bcast(cond, x)
+
+    def forward(self, x, t, cond=None, out=Prediction.eps):
+        v = self.velocity(x, self.schedule.model_time(t).to(x.dtype), cond)
+        a, s = self.schedule.alpha_sigma(t, dtype=x.dtype)
+        return convert(v, x, a, s, Prediction.flow, out)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_rectified_flow_grid_matches_flow_match_euler(shift):
+    """Training grid index i: sigma = shift u / (1 + (shift - 1) u) with u = (i + 1) / T, and the
+    network timestep 1000 sigma, as FlowMatchEulerDiscreteScheduler's own tables."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+    ours = RectifiedFlow(shift)
+    idx = torch.arange(999, -1, -1)
+    a, s = ours.alpha_sigma(idx)
+    torch.testing.assert_close(s.float(), ref.sigmas[:1000], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a, 1 - s)
+    torch.testing.assert_close(ours.model_time(idx), ref.timesteps, rtol=1e-6, atol=1e-4)
+    # continuous time is the same path: t = (i + 1) / T
+    torch.testing.assert_close(ours.alpha_sigma(ours.time(idx))[1], s)
+    torch.testing.assert_close(ours.unshifted(s), ours.time(idx))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", STEPS)
+def test_euler_matches_flow_match_euler_step_for_step(shift, n):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    x, cond = (v.float() for v in _inputs(3))
+    model = FlowToy(RectifiedFlow(shift))
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+    ref.set_timesteps(n)
+    theirs, xr = [], x.clone()
+    for tau in ref.timesteps:
+        xr = ref.step(model.velocity(xr, tau, cond), tau, xr).prev_sample
+        theirs.append(xr)
+    ours = []
+    out = S.sample_euler(model, x, cond, n, callback=lambda st: ours.append(st.x))
+    assert len(ours) == len(theirs) == n
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, xr, rtol=1e-5, atol=1e-5)
+
+
+def test_euler_is_exact_on_a_straight_path():
+    """With the true velocity eps - x0 of one (x0, eps) pair, one Euler step from pure noise lands
+    on x0 exactly, and any intermediate step on (1 - sigma) x0 + sigma eps."""
+    g = torch.Generator().manual_seed(4)
+    x0, eps = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    sched = RectifiedFlow(3.0)
+
+    class Oracle(torch.nn.Module):
+        prediction_type, schedule = Prediction.flow, sched
+
+        def forward(self, x, t, cond=None, out=Prediction.eps):
+            a, s = sched.alpha_sigma(t)
+            return convert(eps - x0, x, a, s, Prediction.flow, out)
+
+    torch.testing.assert_close(S.sample_euler(Oracle(), eps, None, 1), x0, rtol=0, atol=1e-12)
+    mid = S.sample_euler(Oracle(), eps, None, 1, times=[1.0, 0.4])
+    torch.testing.assert_close(mid, x0, rtol=0, atol=1e-12)
+    a, s = sched.alpha_sigma(0.4)
+    half = S.affine_jump(x0, eps, a, s)
+    torch.testing.assert_close(half, (1 - s) * x0 + s * eps)
+
+
+def test_discrete_vp_takes_continuous_time_on_its_grid():
+    """t = (i + 1) / T is grid index i; t = 0 is clean data; other t snap to the nearest index."""
+    sched = DiscreteVP.from_config("linear")
+    idx = torch.tensor([-1, 0, 440, 999])
+    t = sched.time(idx)
+    torch.testing.assert_close(t, torch.tensor([0.0, 0.001, 0.441, 1.0], dtype=torch.float64))
+    assert torch.equal(sched.index(t), idx)
+    assert torch.equal(sched.index(t.float()), idx)  # float32 times too
+    for a, b in zip(sched.alpha_sigma(t), sched.alpha_sigma(idx)):
+        assert torch.equal(a, b)
+    assert torch.equal(sched.index(torch.tensor([0.4412, 0.4408])), torch.tensor([440, 440]))
+    assert sched.alpha_sigma(0.0)[0].item() == 1.0 and sched.alpha_sigma(0.0)[1].item() == 0.0
+
+
+def test_logit_normal_time_draw_follows_sd3():
+    """SD3's training draw t = sigmoid(N(0, 1)), continuous; [lo, hi] are quantiles."""
+    from hyperscale.diffusion.timedist import time_dist
+
+    torch.manual_seed(0)
+    t = time_dist("logit_normal").draw(RectifiedFlow(), 40_000, "cpu")
+    assert t.dtype == torch.float64 and 0 < t.min() and t.max() < 1
+    for q in (0.1, 0.5, 0.9):
+        level = torch.sigmoid(torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
+        assert abs((t <= level).double().mean().item() - q) < 0.01
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        time_dist("uniform")
+    with pytest.raises(ValueError, match="lo <= hi"):
+        time_dist("grid", 0.9, 0.1)

@@ -15,11 +15,12 @@ from torch import nn
 from hyperscale.config import load_config, to_yaml
 from hyperscale.diffusion import segments as seg
 from hyperscale.diffusion.sampling import sample_ddim
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
-from hyperscale.methods.base import Batch
-from hyperscale.methods.dmd import Dmd, DmdConfig, PairBatch, dmd_direction, dmd_loss, teacher_ode
+from hyperscale.diffusion.schedule import DiscreteVP, Prediction
+from hyperscale.methods.base import Batch, RoleSpec
+from hyperscale.methods.dmd import Dmd, DmdConfig, dmd_direction, dmd_loss, teacher_ode
+from hyperscale.methods.scores import generator_noise
 from hyperscale.methods.feedback import Feedback, FeedbackConfig, RewardSpec, reward_hinge, truncated_rollout
-from hyperscale.methods.registry import build_method, method_config_class, method_names
+from hyperscale.methods.registry import build_method, method_names
 from hyperscale.methods.toy import gaussian_posterior_mean
 from hyperscale.methods.tscd import CdConfig, Tscd, TscdConfig
 from hyperscale.models.build import build_denoiser, load_denoiser
@@ -203,7 +204,7 @@ def test_online_target_is_a_stop_gradient_copy(cfg, teacher):
 
 def test_stage_schedule_sampling_and_export_meta(cfg, teacher):
     method = build_method(TscdConfig())
-    assert method.frozen_roles == ("target",) and method.ema_roles == {"target": ("generator", 0.95)}
+    assert _spec(method, "target") == RoleSpec("target", "frozen", "ema", source="generator", decay=0.95)
     ks = []
     for step in (0, 999, 1000, 2500, 3999, 10 ** 6):
         assert method.set_global_step(step) == method.stage
@@ -217,7 +218,11 @@ def test_stage_schedule_sampling_and_export_meta(cfg, teacher):
     method.sample(counting, z, torch.tensor([0, 1]))
     assert calls == [999, 749, 499, 249] and method.export_meta(teacher)["sampler"]["num_steps"] == 4
     assert "generator" not in method.export_meta(teacher)
-    assert build_method(TscdConfig(target_network="online")).frozen_roles == ()
+    assert [r.name for r in build_method(TscdConfig(target_network="online")).roles()] == ["generator", "teacher"]
+
+
+def _spec(method, name: str) -> RoleSpec:
+    return {r.name: r for r in method.roles()}[name]
 
 
 class _Counting(nn.Module):
@@ -236,9 +241,9 @@ class _Counting(nn.Module):
 
 def test_lora_config_needs_a_lora_generator(cfg, teacher):
     method = build_method(TscdConfig(student="lora", lora_rank=4, target_network="online"))
-    with pytest.raises(TypeError, match="build_role"):
+    with pytest.raises(TypeError, match="roles"):
         method.generator_loss(_batch(cfg), generator=copy.deepcopy(teacher), teacher=teacher)
-    gen = method.build_role("generator", teacher)
+    gen = _spec(method, "generator").build(teacher)
     assert isinstance(gen, LoraDenoiser)
 
     class Wrapper(nn.Module):  # an engine / DDP-style wrapper exposing ``.module``
@@ -265,7 +270,7 @@ def test_discriminator_heads_on_teacher_features(cfg, teacher):
     assert all(not b._forward_hooks for b in list(unet.down_blocks) + [unet.mid_block])  # hooks removed
     method = build_method(TscdConfig(adversarial=True))
     assert method.trainable == ("generator", "discriminator") and method.critic == "discriminator"
-    disc = method.build_role("discriminator", teacher)
+    disc = _spec(method, "discriminator").build(teacher)
     assert disc(feats).shape == (2,)
     assert build_method(TscdConfig()).critic is None and build_method(TscdConfig()).critic_steps() == 0
     assert torch.equal(hinge_d(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])), torch.tensor([0.0, 2.0]))
@@ -298,7 +303,7 @@ def _dmd_gaussian_grads(normalize: bool, t: int = 300):
     mu, cov = torch.tensor([0.5, -0.3], dtype=f64), torch.tensor([[1.0, 0.4], [0.4, 0.6]], dtype=f64)
     m = torch.tensor([0.1, 0.2], dtype=f64, requires_grad=True)
     A = torch.tensor([[1.3, 0.3], [-0.2, 0.8]], dtype=f64, requires_grad=True)
-    sched = NoiseSchedule.from_config("linear", 1000)
+    sched = DiscreteVP.from_config("linear", 1000)
     alpha, sigma = (v.to(f64) for v in sched.alpha_sigma(t))
     nodes, w = _gh(6, 4)  # the integrand is a polynomial of degree 2: exact
     z, eps = nodes[:, :2], nodes[:, 2:]
@@ -357,17 +362,16 @@ def test_dmd_regression_pairs(cfg, teacher):
     # x0 at t = 999 is eps / 0.006: |x0| ~ 250, so float32 rounding is judged against that scale
     err = float((x0_teacher - ref).abs().max() / ref.abs().max())
     assert err < 1e-6, err
-    method = build_method(DmdConfig(regression="batch", regression_weight=1.0))
-    assert method.needs_data
-    with pytest.raises(ValueError, match="PairBatch"):
-        method.generator_loss(Batch(cond=cond), generator=gen, fake_score=teacher, teacher=teacher)
-    pairs = PairBatch(cond=cond, x0=teacher_ode(teacher, z, cond, 999, 3), noise=z)
+    method = build_method(DmdConfig(regression="online", regression_steps=3, regression_weight=1.0))
     torch.manual_seed(0)
-    out = method.generator_loss(pairs, generator=gen, fake_score=teacher, teacher=teacher)
+    out = method.generator_loss(Batch(cond=cond), generator=gen, fake_score=teacher, teacher=teacher)
+    torch.manual_seed(0)  # replay: the same z, the teacher's 3-step ODE solution from it
+    z = generator_noise(gen, cond)
     with torch.no_grad():
-        want = (method.generate(gen, z, cond) - pairs.x0).pow(2).flatten(1).mean(1).mean()
-    assert torch.allclose(out.metrics["loss/regression"], want)
-    assert pairs.to("cpu").noise is not None
+        want = (method.generate(gen, z, cond) - teacher_ode(teacher, z, cond, 999, 3)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(out.metrics["loss/regression"], want.mean())
+    with pytest.raises(ValueError, match="regression"):  # pairs from a data stream: not offered
+        DmdConfig(regression="batch")
 
 
 # ---------------------------------------------------------------- feedback
@@ -619,10 +623,23 @@ def test_lora_file_loads_into_a_diffusers_sd_unet(tmp_path):
         assert torch.allclose(fresh(x, t, e).sample, want, atol=1e-6)
 
 
-def test_contract_helpers_cover_the_new_roles():
-    """The contract test builds roles through build_role / frozen_roles for these methods."""
-    for name in ("tscd", "cd", "dmd", "feedback"):
-        m = build_method(method_config_class(name)())
-        assert hasattr(m, "build_role") and hasattr(m, "frozen_roles")
+def test_declared_roles_of_the_hypersd_methods():
+    """What the trainer and the contract test build (``methods.roles.build_roles``) for each method."""
+    def kinds(m):
+        return [(r.name, r.kind, r.init) for r in m.roles()]
+
+    gen = ("generator", "generator", "custom")
+    assert kinds(build_method(TscdConfig())) == [gen, ("teacher", "frozen", "teacher"),
+                                               ("target", "frozen", "ema")]
+    assert kinds(build_method(CdConfig(adversarial=True, target_network="online"))) == [
+        gen, ("teacher", "frozen", "teacher"), ("discriminator", "critic", "custom")]
+    assert kinds(build_method(DmdConfig())) == [gen, ("fake_score", "critic", "copy_of_teacher"),
+                                              ("teacher", "frozen", "teacher")]
+    assert kinds(build_method(FeedbackConfig()))[-1] == ("reward", "frozen", "reward")
+    assert build_method(TscdConfig()).batch == "data" and build_method(DmdConfig()).batch == "conditions"
     assert isinstance(build_method(DmdConfig()), Dmd) and isinstance(build_method(FeedbackConfig()), Feedback)
     assert isinstance(build_method(CdConfig()), Tscd)
+    with pytest.raises(ValueError, match="ema"):
+        RoleSpec("target", "frozen", "ema")
+    with pytest.raises(ValueError, match="cannot be initialised"):
+        RoleSpec("generator", "generator", "teacher")

@@ -9,6 +9,7 @@ import torch
 from hyperscale.config import load_config
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method, method_config_class, method_names
+from hyperscale.methods.roles import build_roles
 from hyperscale.models.build import build_denoiser
 from hyperscale.train.step import Role, StepCounters, two_player_step
 
@@ -16,49 +17,35 @@ TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,true]"
 B = 2
 
 
-def _frozen_role(name: str, method, roles: dict, cfg):
-    """Frozen roles besides the teacher that a method declares (``method.frozen_roles``):
-    EMA copies of a trainable role (``method.ema_roles``) and the reward models, here a tiny
-    random classifier per configured reward (class-consistency interface)."""
-    if name in getattr(method, "ema_roles", {}):
-        source, _decay = method.ema_roles[name]
-        return copy.deepcopy(roles[source]).eval().requires_grad_(False)
-    if name == "reward":
-        from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier
-        from hyperscale.models.rewards import ClassConsistencyReward, RewardSet
+def _tiny_rewards(specs) -> torch.nn.Module:
+    """A tiny random classifier per configured reward (class-consistency interface)."""
+    from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier
+    from hyperscale.models.rewards import ClassConsistencyReward, RewardSet
 
-        tiny = ClassifierConfig(channels=(4, 4, 4), hidden=8, num_classes=cfg.model.num_classes)
-        return RewardSet({s.name: ClassConsistencyReward(FashionClassifier(tiny)) for s in method.config.rewards})
-    raise KeyError(f"no test recipe for frozen role '{name}'")
+    tiny = ClassifierConfig(channels=(4, 4, 4), hidden=8, num_classes=10)
+    return RewardSet({s.name: ClassConsistencyReward(FashionClassifier(tiny)) for s in specs})
 
 
 def _setup(name: str, overrides: dict | None = None):
     torch.manual_seed(0)
     cfg = load_config(None, TINY)
     method = build_method(method_config_class(name)(**(overrides or {})))
-    teacher = build_denoiser(cfg.model, cfg.schedule).eval().requires_grad_(False) if method.needs_teacher else None
-    roles = {}
-    for role in method.trainable:
-        built = method.build_role(role, teacher) if hasattr(method, "build_role") else None
-        if built is not None:
-            roles[role] = built
-        else:
-            fresh = role not in method.init_from_teacher
-            roles[role] = build_denoiser(cfg.model, cfg.schedule) if fresh else copy.deepcopy(teacher)
-        roles[role].train()
+    fresh = lambda: build_denoiser(cfg.model, cfg.schedule)  # noqa: E731
+
+    def perturbed(_name, module):
         # Trainable copies must differ from the teacher as after some training: a fresh copy
         # makes teacher-vs-copy differences (and so some gradients) exactly zero.
         with torch.no_grad():
-            for p in roles[role].parameters():
+            for p in module.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-    frozen = {"teacher": teacher} if teacher is not None else {}
-    for role in getattr(method, "frozen_roles", ()):
-        frozen[role] = _frozen_role(role, method, roles, cfg)
+        return module
+
+    built = build_roles(method, teacher=fresh, fresh=fresh, rewards=_tiny_rewards, prepare=perturbed)
     g = torch.Generator().manual_seed(1)
     cond = torch.randint(0, cfg.model.num_classes, (B,), generator=g)
     x0 = torch.rand(B, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size, generator=g) * 2 - 1
-    batch = Batch(cond=cond, x0=x0 if method.needs_data else None)
-    return method, roles, frozen, batch
+    batch = Batch(cond=cond, x0=x0 if method.batch == "data" else None)
+    return method, built.trainable, built.frozen, batch
 
 
 def _grads(method, loss_name: str, roles: dict, frozen: dict, batch: Batch, active) -> dict:
@@ -115,7 +102,7 @@ def setup(request):
 
 def test_generator_loss_gradients_reach_the_generator_and_ignore_requires_grad(setup):
     method, roles, frozen, batch = setup
-    gen = method.trainable[0]
+    gen = method.generator
     everything = _grads(method, "generator_loss", roles, frozen, batch, None)
     trainer_mode = _grads(method, "generator_loss", roles, frozen, batch, roles[gen])
     assert _nonzero(everything[gen])

@@ -28,11 +28,14 @@ def test_protocol_and_prediction_conversions_are_consistent(model):
     assert isinstance(model, Denoiser)
     x, t, c = _inputs()
     with torch.no_grad():
-        eps, x0, v, score = (model(x, t, c, out=o) for o in Prediction)
+        eps, x0, v, flow, score = (model(x, t, c, out=o) for o in Prediction)
+        # continuous time (i + 1) / T is grid index i: the same call
+        assert torch.equal(model(x, model.schedule.time(t), c), eps)
     ab = model.schedule.abar(t).float().view(-1, 1, 1, 1)
     a, s = ab.sqrt(), (1 - ab).sqrt()
     torch.testing.assert_close(a * x0 + s * eps, x, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v, a * eps - s * x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flow, eps - x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(score, -eps / s)
 
 

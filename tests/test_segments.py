@@ -7,7 +7,7 @@ import torch
 
 from hyperscale.diffusion import segments as seg
 from hyperscale.diffusion.sampling import lcm_timesteps, timesteps
-from hyperscale.diffusion.schedule import NoiseSchedule
+from hyperscale.diffusion.schedule import DiscreteVP
 
 T = 1000
 KS = [1, 2, 3, 4, 7, 8, 50]
@@ -110,7 +110,7 @@ def test_random_targets_cover_the_whole_in_segment_range():
 
 
 def _schedule():
-    return NoiseSchedule.from_config("linear", T)
+    return DiscreteVP.from_config("linear", T)
 
 
 def test_move_is_exact_ddim_with_the_true_noise_and_identity_at_t_end_equal_t():

@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
+from hyperscale.diffusion.schedule import DiscreteVP, Prediction
 from hyperscale.methods.base import Batch
 from hyperscale.methods.dmd import Dmd, DmdConfig
 from hyperscale.methods.registry import build_method
-from hyperscale.methods.scores import draw_timesteps, karras_sigma, lognormal_sigma
+from hyperscale.diffusion.timedist import karras_sigma, lognormal_sigma, time_dist
 from hyperscale.methods.sim import Sim, SimConfig, distance_terms, sim_integrand
 from hyperscale.methods.toy import MLPDenoiser, gaussian_posterior_mean, ring_mixture
 from hyperscale.train.step import Role, StepCounters, two_player_step
@@ -222,7 +222,7 @@ def _generator_call(gen, z, cond):
 
 
 def test_generator_is_one_call_at_sigma_init():
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.manual_seed(0)
     gen = MLPDenoiser(sched, 2, 16)
     z, cond = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
@@ -238,7 +238,7 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
     teacher_clip_x0 the teacher's x0 enters clamped to [-1, 1] (a ring of radius 1.3 makes
     the clamp bite); with fake_clip_x0 the fake score's x0 too, in y and in the Stein term;
     with generator_clip_x0 the generator's own output (scaled off the box here), before noising."""
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
     teacher = ring_mixture(sched, k=4, radius=1.3 if clip else 1.0, std=0.1)
@@ -282,17 +282,17 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
 def test_karras_time_sampling_follows_sids_noise_levels():
     """"karras" draws sigma~ from SiD's rho = 7 levels (ALGORITHMS.md §1.6) snapped to the grid:
     its distribution matches the analytic one, and far more draws sit at low noise than with "grid"."""
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.testing.assert_close(karras_sigma(torch.tensor([0.0, 0.8, 1.0], dtype=F64)),
                                torch.tensor([0.002, 24.408, 80.0], dtype=F64), rtol=1e-4, atol=0)
     torch.manual_seed(0)
-    t = draw_timesteps(sched, 40_000, (0.0, 0.8), "cpu", "karras")
+    t = time_dist("karras", 0.0, 0.8).draw(sched, 40_000, "cpu")
     assert t.dtype == torch.long and t.min() == 0 and t.max() <= sched.timestep_for_sigma_ve(24.408)
     sig = sched.sigma_ve(t)
     for q in (0.25, 0.5, 0.75):  # P(sigma~ <= karras_sigma(0.8 q)) = q for u ~ U[0, 0.8]
         level = karras_sigma(torch.tensor(0.8 * q, dtype=F64))
         assert abs(float((sig <= level).double().mean()) - q) < 0.015, q  # 6 standard errors
-    grid = sched.sigma_ve(draw_timesteps(sched, 40_000, (0.0, 0.8), "cpu"))
+    grid = sched.sigma_ve(time_dist("grid", 0.0, 0.8).draw(sched, 40_000, "cpu"))
     assert float((sig < 0.1).double().mean()) > 5 * float((grid < 0.1).double().mean())
     # the nearest-level rule: every draw's sigma~ is the grid level closest to its Karras level
     levels = sched.sigma_ve(torch.arange(1000))
@@ -307,11 +307,11 @@ def test_karras_time_sampling_follows_sids_noise_levels():
 def test_lognormal_time_sampling_follows_edms_noise_levels(t_range):
     """"lognormal" draws sigma~ from EDM's ln sigma ~ N(-1.2, 1.2^2) (SiD's fake score, ALGORITHMS.md
     §1.5), t_range read as quantiles, snapped to the grid; levels past the grid's ends go to its ends."""
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.testing.assert_close(lognormal_sigma(torch.tensor([0.5, 0.8413447460685429], dtype=F64)),
                                torch.tensor([math.exp(-1.2), 1.0], dtype=F64))
     torch.manual_seed(0)
-    sig = sched.sigma_ve(draw_timesteps(sched, 40_000, t_range, "cpu", "lognormal"))
+    sig = sched.sigma_ve(time_dist("lognormal", *t_range).draw(sched, 40_000, "cpu"))
     lo, hi = t_range
     for q in (0.1, 0.5, 0.9):  # P(sigma~ <= lognormal_sigma(lo + q (hi - lo))) = q
         level = lognormal_sigma(torch.tensor(lo + q * (hi - lo), dtype=F64))
@@ -326,7 +326,7 @@ def test_critic_loss_is_dsm_on_detached_samples_at_the_configured_draw(sampling,
     """critic_loss = eps-MSE of the fake score at x_t = add_noise(G(z), eps, t), t drawn from
     fake_t_range as fake_t_sampling says (replayed draw for draw), no gradient to the generator;
     SIM's and DMD's (Hyper-SD stage 3) alike."""
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
     method = (Sim(SimConfig(fake_t_sampling=sampling, fake_t_range=(0.1, 0.9))) if name == "sim" else
@@ -373,7 +373,7 @@ def test_sim_converges_on_a_2d_gaussian_mixture_and_covers_every_mode(one_thread
     23-24% of samples (25% ideal); ~85% of samples within 4 std of a mode; 10-11 s on one
     loaded core. Gate: W2 <= 0.12 and <= 0.35 x initial, every mode >= 15%, >= 75% near a mode."""
     torch.manual_seed(0)
-    sched, steps, bs = NoiseSchedule.from_config(), 1500, 256
+    sched, steps, bs = DiscreteVP.from_config(), 1500, 256
     teacher = ring_mixture(sched, k=4, std=0.1)
     method = build_method(SimConfig(critic_steps=2))
     roles = {}

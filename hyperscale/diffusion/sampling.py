@@ -1,4 +1,4 @@
-"""Few-step samplers on a discrete VP schedule: DDIM, LCM and TCD, plus the 1-step generator call.
+"""Few-step samplers over any affine schedule: DDIM, LCM, TCD, Euler for flow, and the 1-step call.
 
 DDIM: Song, Meng, Ermon, "Denoising Diffusion Implicit Models" (arXiv 2010.02502).
 LCM: Luo et al., "Latent Consistency Models" (arXiv 2310.04378).
@@ -11,8 +11,9 @@ the same seeded ``torch.Generator`` and the draws coincide. The samplers only se
 ``Denoiser`` (``denoiser(x_t, t, cond, out=...)`` with ``.schedule``), so the network's
 own prediction type never matters here.
 
-Shapes: x, noise (B, ...); t a python int (one timestep for the whole batch);
-abar arguments are floats, scalars or (B,) tensors.
+Every step is one ``affine_jump`` of an (x0, eps) pair. Shapes: x, noise (B, ...); t a python
+int (a grid index) or float (continuous time), one for the whole batch; alpha/sigma arguments
+are floats, scalars or (B,) tensors.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hyperscale.diffusion.schedule import Prediction, bcast, convert
+from hyperscale.diffusion.schedule import Prediction, bcast, convert, is_index, to_eps_x0
 
 
 class Spacing(str, Enum):
@@ -103,61 +104,76 @@ def _f64(v: Tensor | float) -> Tensor:
     return v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64)
 
 
-def predict_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor | float) -> Tensor:
-    """x_0 from eps at x_t, shape of x_t."""
-    abar_t = _f64(abar_t)
-    # DDIM eq. 12, "predicted x_0": (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-    return (x_t - bcast((1 - abar_t).sqrt(), x_t) * eps) / bcast(abar_t.sqrt(), x_t)
+def predict_x0(x_t: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float) -> Tensor:
+    """x_0 from eps at x_t = alpha_t x_0 + sigma_t eps, shape of x_t."""
+    # DDIM eq. 12, "predicted x_0": (x_t - sigma_t eps) / alpha_t
+    return (x_t - bcast(_f64(sigma_t), x_t) * eps) / bcast(_f64(alpha_t), x_t)
 
 
-def ddim_sigma(abar_t: Tensor | float, abar_s: Tensor | float, eta: float = 1.0) -> Tensor:
-    """Noise scale of a stochastic DDIM step t -> s < t (eta = 1 is DDPM's posterior std)."""
-    abar_t, abar_s = _f64(abar_t), _f64(abar_s)
+def ddim_sigma(alpha_t: Tensor | float, sigma_t: Tensor | float, alpha_s: Tensor | float,
+               sigma_s: Tensor | float, eta: float = 1.0) -> Tensor:
+    """Noise scale of a stochastic DDIM step t -> s < t: eta times the std of the posterior
+    q(x_s | x_t, x_0) of the affine path (eta = 1 is DDPM's posterior std)."""
+    a_t, s_t, a_s, s_s = (_f64(v) for v in (alpha_t, sigma_t, alpha_s, sigma_s))
     if eta == 0:  # also keeps the deterministic inversion (s > t) free of sqrt(negative)
-        return torch.zeros_like(abar_s * abar_t)
-    # DDIM eq. 16: sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)
-    return eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+        return torch.zeros_like(a_s * a_t)
+    # DDIM eq. 16 for any affine path: eta (sigma_s / sigma_t) sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)
+    return eta * s_s / s_t * (s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2).clamp(min=0).sqrt()
 
 
-def ddim_update(x0: Tensor, eps: Tensor, abar_s: Tensor | float, sigma: Tensor | float = 0.0,
-                noise: Tensor | None = None) -> Tensor:
-    """x_s from the (x0, eps) pair; ``noise`` (shape of x0) is needed when sigma > 0."""
-    abar_s, sigma = _f64(abar_s), _f64(sigma)
-    # DDIM eq. 12: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
-    x_s = bcast(abar_s.sqrt(), x0) * x0 + bcast((1 - abar_s - sigma ** 2).clamp(min=0).sqrt(), x0) * eps
-    return x_s if noise is None else x_s + bcast(sigma, x0) * noise
+def affine_jump(x0: Tensor, eps: Tensor, alpha_s: Tensor | float, sigma_s: Tensor | float,
+                noise_std: Tensor | float = 0.0, noise: Tensor | None = None) -> Tensor:
+    """The point alpha_s x0 + sigma_s eps of the (x0, eps) pair's path at s: every sampler's step
+    (DDIM, LCM, TCD, Euler for flow), TSCD's targets and the rollouts. With ``noise_std`` > 0
+    part of the eps variance is fresh ``noise`` (shape of x0): DDIM eq. 12,
+    x_s = alpha_s x0 + sqrt(sigma_s^2 - std^2) eps + std z."""
+    a_s, s_s = _f64(alpha_s), _f64(sigma_s)
+    if noise is None:
+        return bcast(a_s, x0) * x0 + bcast(s_s, x0) * eps
+    std = _f64(noise_std)
+    keep = (s_s ** 2 - std ** 2).clamp(min=0).sqrt()
+    return bcast(a_s, x0) * x0 + bcast(keep, x0) * eps + bcast(std, x0) * noise
 
 
-def ddim_jump(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_s: Tensor | float) -> Tensor:
-    """Deterministic DDIM move from t to s (s < t denoises, s > t inverts), shape of x_t.
-
+def ddim_jump(x_t: Tensor, eps: Tensor, at: tuple, to: tuple) -> Tensor:
+    """Deterministic DDIM move of x_t with its eps from ``at`` = (alpha_t, sigma_t) to ``to`` =
+    (alpha_s, sigma_s) (s < t denoises, s > t inverts), shape of x_t.
     Exact when eps is the true noise: a_t x0 + s_t eps -> a_s x0 + s_s eps."""
-    return ddim_update(predict_x0(x_t, eps, abar_t), eps, abar_s)
+    return affine_jump(predict_x0(x_t, eps, *at), eps, *to)
 
 
-def clipped_pair(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, clip_x0: bool = False,
-                 use_clipped_model_output: bool = False) -> tuple[Tensor, Tensor]:
+def renoise(x_s: Tensor, at: tuple, to: tuple, noise: Tensor) -> Tensor:
+    """Forward diffusion of a point at ``at`` = (alpha_s, sigma_s) to the noisier ``to`` =
+    (alpha_t, sigma_t): x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) z
+    (the transition kernel of the affine path; TCD's re-noise, eq. 19, on a VP path)."""
+    (a_s, s_s), (a_t, s_t) = (tuple(_f64(v) for v in p) for p in (at, to))
+    r = a_t / a_s
+    return bcast(r, x_s) * x_s + bcast((s_t ** 2 - r ** 2 * s_s ** 2).clamp(min=0).sqrt(), x_s) * noise
+
+
+def clipped_pair(x_t: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float,
+                 clip_x0: bool = False, use_clipped_model_output: bool = False) -> tuple[Tensor, Tensor]:
     """(x0, eps) for a DDIM step, as DDIMScheduler.step: x0 from eps, clamped to [-1, 1] with
     ``clip_x0``; ``use_clipped_model_output`` re-derives eps from the clamped x0 (diffusers'
     flag of that name; guided-diffusion's DDIM always does), so the pair stays consistent."""
-    x0 = predict_x0(x_t, eps, abar_t)
+    x0 = predict_x0(x_t, eps, alpha_t, sigma_t)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         if use_clipped_model_output:
-            abar_t = _f64(abar_t)
-            eps = convert(x0, x_t, abar_t.sqrt(), (1 - abar_t).sqrt(), Prediction.x0, Prediction.eps)
+            eps = convert(x0, x_t, _f64(alpha_t), _f64(sigma_t), Prediction.x0, Prediction.eps)
     return x0, eps
 
 
-def ddim_step(x_t: Tensor, eps: Tensor, abar_t: Tensor | float, abar_s: Tensor | float,
-              eta: float = 0.0, noise: Tensor | None = None, clip_x0: bool = False,
-              use_clipped_model_output: bool = False) -> Tensor:
-    """Stochastic DDIM step t -> s < t; as DDIMScheduler.step (see ``clipped_pair``)."""
+def ddim_step(x_t: Tensor, eps: Tensor, at: tuple, to: tuple, eta: float = 0.0, noise: Tensor | None = None,
+              clip_x0: bool = False, use_clipped_model_output: bool = False) -> Tensor:
+    """Stochastic DDIM step from ``at`` = (alpha_t, sigma_t) to ``to`` = (alpha_s, sigma_s); as
+    DDIMScheduler.step (see ``clipped_pair``)."""
     if eta > 0 and noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise")
-    x0, eps = clipped_pair(x_t, eps, abar_t, clip_x0, use_clipped_model_output)
-    sigma = ddim_sigma(abar_t, abar_s, eta)
-    return ddim_update(x0, eps, abar_s, sigma, noise if eta > 0 else None)
+    x0, eps = clipped_pair(x_t, eps, *at, clip_x0, use_clipped_model_output)
+    if eta == 0:
+        return affine_jump(x0, eps, *to)
+    return affine_jump(x0, eps, *to, ddim_sigma(*at, *to, eta), noise)
 
 
 def lcm_boundary(t: int, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[float, float]:
@@ -182,9 +198,51 @@ def _randn(like: Tensor, generator: Generators) -> Tensor:
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def _eps(denoiser, x: Tensor, t: int, cond) -> Tensor:
-    tb = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-    return denoiser(x, tb, cond, out=Prediction.eps)
+def _times(t, x: Tensor) -> Tensor:
+    """A batch (B,) of one time: long for a grid index, float64 for continuous time."""
+    dtype = torch.long if is_index(t) else torch.float64
+    return torch.full((x.shape[0],), t if is_index(t) else float(t), dtype=dtype, device=x.device)
+
+
+def _eps(denoiser, x: Tensor, t, cond) -> Tensor:
+    return denoiser(x, _times(t, x), cond, out=Prediction.eps)
+
+
+def predict_pair(denoiser, x: Tensor, t, cond) -> tuple[Tensor, Tensor]:
+    """(x0, eps) of the denoiser at (x, t) from one call in its native parameterisation, so a
+    flow model at sigma = 1 (alpha = 0) never divides by alpha."""
+    native = denoiser.prediction_type
+    a, s = denoiser.schedule.alpha_sigma(t)
+    pred = denoiser(x, _times(t, x), cond, out=native)
+    eps, x0 = to_eps_x0(pred, x, bcast(a, x), bcast(s, x), native)
+    return (predict_x0(x, eps, a, s) if x0 is None else x0), eps
+
+
+def _alpha_sigma(sched, t, final_alpha_cumprod: float | None = None) -> tuple[Tensor, Tensor]:
+    """(alpha, sigma) at a grid index or time; index -1 is the clean end, or abar
+    ``final_alpha_cumprod`` there (DDIMScheduler(set_alpha_to_one=False))."""
+    if final_alpha_cumprod is not None and is_index(t) and int(t) < 0:
+        final = torch.tensor(float(final_alpha_cumprod), dtype=torch.float64)
+        return final.sqrt(), (1 - final).sqrt()
+    return sched.alpha_sigma(t)
+
+
+def ddim_walk(denoiser, x: Tensor, cond, moves: Sequence[tuple], eta: float = 0.0, clip_x0: bool = False,
+              generator: Generators = None, final_alpha_cumprod: float | None = None,
+              callback: Callback | None = None, use_clipped_model_output: bool = False) -> Tensor:
+    """DDIM steps (t -> s) for each pair of ``moves`` (grid indices or times; -1 is clean data),
+    from x (B, ...). No ``no_grad`` here: the samplers add it, the rollouts choose."""
+    sched = denoiser.schedule
+    for i, (t, s) in enumerate(moves):
+        at, to = _alpha_sigma(sched, t), _alpha_sigma(sched, s, final_alpha_cumprod)
+        x0, eps = clipped_pair(x, _eps(denoiser, x, t, cond), *at, clip_x0, use_clipped_model_output)
+        if eta > 0:
+            x = affine_jump(x0, eps, *to, ddim_sigma(*at, *to, eta), _randn(x, generator))
+        else:
+            x = affine_jump(x0, eps, *to)
+        if callback is not None:
+            callback(SamplerStep(i, t, x, x0))
+    return x
 
 
 @torch.no_grad()
@@ -198,22 +256,15 @@ def sample_ddim(denoiser, noise: Tensor, cond, num_steps: int, spacing: Spacing 
     ``final_alpha_cumprod``: abar used once a step lands below t = 0; None means 1.0
     (DDIMScheduler(set_alpha_to_one=True)); pass ``schedule.alphas_cumprod[0]`` for False.
     Noise for eta > 0 is drawn at every step, as diffusers does."""
-    sched = denoiser.schedule
-    T, final = sched.num_train_timesteps, 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
+    T = denoiser.schedule.num_train_timesteps
     ts, prev = timesteps(num_steps, T, spacing, steps_offset).tolist(), PrevRule(prev)
-    x = noise
-    for i, t in enumerate(ts):
-        if prev is PrevRule.stride:
-            s = t - T // num_steps
-        else:
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-        abar_t, abar_s = sched.abar(t), sched.abar(s, final)
-        x0, eps = clipped_pair(x, _eps(denoiser, x, t, cond), abar_t, clip_x0, use_clipped_model_output)
-        z = _randn(x, generator) if eta > 0 else None
-        x = ddim_update(x0, eps, abar_s, ddim_sigma(abar_t, abar_s, eta), z)
-        if callback is not None:
-            callback(SamplerStep(i, t, x, x0))
-    return x
+    if prev is PrevRule.stride:
+        moves = [(t, t - T // num_steps) for t in ts]
+    else:
+        moves = list(zip(ts, ts[1:] + [-1]))
+    return ddim_walk(denoiser, noise, cond, moves, eta, clip_x0, generator,
+                     1.0 if final_alpha_cumprod is None else final_alpha_cumprod, callback,
+                     use_clipped_model_output)
 
 
 @torch.no_grad()
@@ -231,11 +282,10 @@ def sample_lcm(denoiser, noise: Tensor, cond, num_steps: int, original_inference
     for i, t in enumerate(ts):
         eps = _eps(denoiser, x, t, cond)
         c_skip, c_out = lcm_boundary(t, timestep_scaling, sigma_data)
-        denoised = c_out * predict_x0(x, eps, sched.abar(t)) + c_skip * x
+        denoised = c_out * predict_x0(x, eps, *sched.alpha_sigma(t)) + c_skip * x
         if i + 1 < len(ts):
-            abar_prev = sched.abar(ts[i + 1])
-            # LCM Alg. 3 (multistep): x_{t'} = sqrt(abar_t') denoised + sqrt(1 - abar_t') z
-            x = ddim_update(denoised, _randn(x, generator), abar_prev)
+            # LCM Alg. 3 (multistep): x_{t'} = alpha_t' denoised + sigma_t' z
+            x = affine_jump(denoised, _randn(x, generator), *sched.alpha_sigma(ts[i + 1]))
         else:
             x = denoised
         if callback is not None:
@@ -262,14 +312,39 @@ def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
         t_prev = 0 if last else ts[i + 1]
         # floor in float32, exactly as TCDScheduler (long tensor times a python float)
         s = int(torch.floor((1 - eta) * torch.tensor(t_prev, dtype=torch.float32)))
-        abar_prev, abar_s = sched.abar(t_prev), sched.abar(s)
         eps = _eps(denoiser, x, t, cond)
-        x0 = predict_x0(x, eps, sched.abar(t))
-        x = ddim_update(x0, eps, abar_s)
-        if eta > 0 and not last:
-            # TCD eq. 19 (SSS): x_{t_prev} = sqrt(abar_prev / abar_s) x_s + sqrt(1 - abar_prev / abar_s) z
-            r = abar_prev / abar_s
-            x = bcast(r.sqrt(), x) * x + bcast((1 - r).sqrt(), x) * _randn(x, generator)
+        x0 = predict_x0(x, eps, *sched.alpha_sigma(t))
+        x = affine_jump(x0, eps, *sched.alpha_sigma(s))
+        if eta > 0 and not last:  # TCD eq. 19 (SSS): back up to t_prev with fresh noise
+            x = renoise(x, sched.alpha_sigma(s), sched.alpha_sigma(t_prev), _randn(x, generator))
+        if callback is not None:
+            callback(SamplerStep(i, t, x, x0))
+    return x
+
+
+def flow_times(num_steps: int, schedule) -> list[float]:
+    """Descending times of an n-step Euler sampler on a rectified-flow schedule, as
+    FlowMatchEulerDiscreteScheduler.set_timesteps(n) (static shift): unshifted times evenly
+    spaced from 1 to the shifted sigma of the first grid step (diffusers shifts that end twice)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sigma_min = float(schedule.alpha_sigma(0)[1])
+    return np.linspace(1.0, sigma_min, num_steps).tolist()
+
+
+@torch.no_grad()
+def sample_euler(denoiser, noise: Tensor, cond, num_steps: int, times: Sequence[float] | None = None,
+                 callback: Callback | None = None) -> Tensor:
+    """Euler on the probability-flow ODE of a (rectified-flow) schedule from x_1 = noise (B, ...)
+    to clean data, as FlowMatchEulerDiscreteScheduler: each step moves the model's (x0, eps)
+    pair to the next time, which for a flow path is x + (sigma_next - sigma) v."""
+    sched = denoiser.schedule
+    ts = list(times) if times is not None else flow_times(num_steps, sched)
+    x = noise
+    for i, t in enumerate(ts):
+        x0, eps = predict_pair(denoiser, x, t, cond)
+        nxt = ts[i + 1] if i + 1 < len(ts) else 0.0
+        x = affine_jump(x0, eps, *sched.alpha_sigma(float(nxt)))
         if callback is not None:
             callback(SamplerStep(i, t, x, x0))
     return x
@@ -284,10 +359,10 @@ def _grid(custom, num_steps: int, original_inference_steps: int | None, T: int) 
     return custom
 
 
-def one_step(denoiser, noise: Tensor, cond, t: int | Tensor, noise_input: NoiseInput | str = "unit") -> Tensor:
-    """x0 prediction (B, ...) from pure noise (B, ...) at a fixed timestep t; the forward pass of a
-    1-step generator, so gradients flow (no no_grad here)."""
-    tb = torch.as_tensor(t, device=noise.device).long().expand(noise.shape[0])
+def one_step(denoiser, noise: Tensor, cond, t, noise_input: NoiseInput | str = "unit") -> Tensor:
+    """x0 prediction (B, ...) from pure noise (B, ...) at a fixed time t (grid index or
+    continuous); the forward pass of a 1-step generator, so gradients flow (no no_grad here)."""
+    tb = _times(t.item() if isinstance(t, Tensor) else t, noise)
     x_t = noise
     if NoiseInput(noise_input) is NoiseInput.sigma:
         x_t = bcast(denoiser.schedule.alpha_sigma(tb)[1], noise) * noise

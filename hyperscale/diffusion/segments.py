@@ -1,7 +1,7 @@
 """Trajectory segments for TSCD (Hyper-SD, ALGORITHMS.md §2.2) and plain consistency distillation.
 
 Pure integer/tensor math on the DDPM grid {0, ..., T-1}; timestep -1 means clean data
-(``NoiseSchedule.abar(-1) == 1``). Nothing here calls a network: the caller evaluates the
+(alpha = 1, sigma = 0 on every schedule). Nothing here calls a network: the caller evaluates the
 teacher / student / target and uses these helpers for *where* each one is evaluated and
 *where* its prediction is moved to.
 
@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from hyperscale.diffusion.sampling import ddim_jump
-from hyperscale.diffusion.schedule import NoiseSchedule
+from hyperscale.diffusion.sampling import renoise as forward_kernel
+from hyperscale.diffusion.schedule import Schedule
 
 
 class EdgeRule(str, Enum):
@@ -149,25 +150,22 @@ def target_time(t_prev: Tensor, lower_edge: Tensor, rule: TargetRule | str = "ed
     return lower_edge + torch.clamp((u * span).floor().long(), max=(t_prev - lower_edge))
 
 
-def move(schedule: NoiseSchedule, x_t: Tensor, eps: Tensor, t: Tensor, t_end: Tensor) -> Tensor:
+def move(schedule: Schedule, x_t: Tensor, eps: Tensor, t: Tensor, t_end: Tensor) -> Tensor:
     """DDIM jump of the point x_t (B, ...) with its eps prediction from t to t_end <= t
     (f(x_t, t, t_end), the TCD/PCM consistency function); exactly x_t where t_end == t."""
-    dev = schedule.alphas_cumprod.device
-    abar_t = schedule.abar(t.to(dev)).to(x_t.device)
-    abar_e = schedule.abar(t_end.to(dev)).to(x_t.device)
-    out = ddim_jump(x_t, eps, abar_t, abar_e)
+    at = tuple(v.to(x_t.device) for v in schedule.alpha_sigma(t))
+    to = tuple(v.to(x_t.device) for v in schedule.alpha_sigma(t_end))
+    out = ddim_jump(x_t, eps, at, to)
     same = (t_end == t).to(x_t.device).reshape((-1,) + (1,) * (x_t.ndim - 1))
     return torch.where(same, x_t, out)
 
 
-def renoise(schedule: NoiseSchedule, x_s: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    """Forward diffusion of a point at timestep s to t >= s (B, ...):
-    x_t = sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) z (TCD's re-noise, eq. 19)."""
-    dev = schedule.alphas_cumprod.device
-    r = (schedule.abar(t.to(dev)) / schedule.abar(s.to(dev))).to(x_s.device).clamp(max=1.0)
-    shape = (-1,) + (1,) * (x_s.ndim - 1)
-    return (r.sqrt().to(x_s.dtype).reshape(shape) * x_s
-            + (1 - r).sqrt().to(x_s.dtype).reshape(shape) * noise)
+def renoise(schedule: Schedule, x_s: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Forward diffusion of a point at timestep s to t >= s (B, ...) through the path's
+    transition kernel (``sampling.renoise``; TCD's re-noise, eq. 19)."""
+    at = tuple(v.to(x_s.device) for v in schedule.alpha_sigma(s))
+    to = tuple(v.to(x_s.device) for v in schedule.alpha_sigma(t))
+    return forward_kernel(x_s, at, to, noise)
 
 
 # ---------------------------------------------------------------- stage schedule

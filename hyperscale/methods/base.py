@@ -1,13 +1,15 @@
 """What every method shares: the ``LossOut`` record and the method base class.
 
-A method is a small loss object, pure PyTorch (no Ray, no DeepSpeed, no I/O).
-Models arrive by role as keyword arguments. The trainer's generic two-player
-step calls ``critic_loss`` ``critic_steps`` times, then ``generator_loss`` once.
+A method is a small loss object, pure PyTorch (no Ray, no DeepSpeed, no I/O). It declares
+the models it needs as ``RoleSpec``s; the trainer builds them from that declaration
+(``methods.roles.build_roles``) and passes them by role name as keyword arguments. The
+trainer's generic two-player step calls ``critic_loss`` ``critic_steps`` times, then
+``generator_loss`` once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -30,25 +32,80 @@ class Batch:
         return Batch(self.cond.to(device), None if self.x0 is None else self.x0.to(device))
 
 
-class Method:
-    """Base class. Subclasses set the role names and implement the losses.
+RoleKind = Literal["generator", "critic", "frozen"]
+RoleInit = Literal["teacher", "copy_of_teacher", "fresh", "ema", "reward", "custom"]
 
-    ``trainable``: roles the trainer builds with an optimizer and EMA on the
-    first one (the generator). ``critic``: the role updated by ``critic_loss``
-    (None for single-player methods). ``init_from_teacher``: trainable roles that
-    start as copies of the frozen teacher. ``needs_data``: whether batches carry x0.
-    """
-    trainable: ClassVar[tuple[str, ...]] = ("generator",)
-    critic: ClassVar[str | None] = None
-    init_from_teacher: ClassVar[tuple[str, ...]] = ()
-    needs_teacher: ClassVar[bool] = False
-    needs_data: ClassVar[bool] = True
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One model a method needs, and how the trainer builds it (``methods.roles.build_roles``).
+
+    kind: ``generator`` (trained by ``generator_loss``, exported; exactly one), ``critic``
+    (trained by ``critic_loss``; at most one) or ``frozen`` (never trained).
+    init: ``teacher`` (the frozen teacher itself), ``copy_of_teacher``, ``fresh`` (the
+    architecture of the model config, random weights), ``ema`` (an EMA of the role ``source``
+    with ``decay``, updated after every generator update), ``reward`` (the reward models of
+    ``rewards``) or ``custom`` (``build(teacher)``)."""
+    name: str
+    kind: RoleKind
+    init: RoleInit
+    source: str | None = None
+    decay: float = 0.0
+    rewards: tuple = ()
+    build: Callable[[Any], Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if (self.init == "ema") != (self.source is not None):
+            raise ValueError(f"role '{self.name}': init 'ema' and a source go together")
+        if (self.init == "custom") != (self.build is not None):
+            raise ValueError(f"role '{self.name}': init 'custom' and a build function go together")
+        if self.kind != "frozen" and self.init in ("teacher", "ema", "reward"):
+            raise ValueError(f"role '{self.name}': a {self.kind} cannot be initialised as '{self.init}'")
+
+
+class Method:
+    """Base class. Subclasses declare their roles (``roles``) and batches (``batch``) and
+    implement the losses.
+
+    ``batch``: ``data`` (x0 with its conditions) or ``conditions`` (conditions only: data-free).
+    ``critic_steps``: critic updates per generator update. ``set_global_step``: told the number
+    of generator updates done before each step (stage schedules)."""
+    batch: ClassVar[Literal["data", "conditions"]] = "data"
 
     def __init__(self, config):
         self.config = config
 
+    def roles(self) -> list[RoleSpec]:
+        raise NotImplementedError
+
+    @property
+    def generator(self) -> str:
+        names = [r.name for r in self.roles() if r.kind == "generator"]
+        if len(names) != 1:
+            raise TypeError(f"{type(self).__name__} declares {len(names)} generator roles; exactly one is needed")
+        return names[0]
+
+    @property
+    def critic(self) -> str | None:
+        names = [r.name for r in self.roles() if r.kind == "critic"]
+        if len(names) > 1:
+            raise TypeError(f"{type(self).__name__} declares {len(names)} critic roles; at most one is allowed")
+        return names[0] if names else None
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """The trained roles, generator first."""
+        return (self.generator,) + ((self.critic,) if self.critic else ())
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(r.init in ("teacher", "copy_of_teacher", "custom") for r in self.roles())
+
     def critic_steps(self) -> int:
         return 0
+
+    def set_global_step(self, step: int) -> None:
+        """Stage schedules (TSCD's 8 -> 4 -> 2 -> 1 segments) read the step here."""
 
     def generator_loss(self, batch: Batch, **roles) -> LossOut:
         raise NotImplementedError

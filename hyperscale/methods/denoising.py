@@ -11,7 +11,7 @@ from pydantic import Field
 from hyperscale.config import MethodSection
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
-from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.registry import register
 
 
@@ -23,7 +23,10 @@ class DenoisingConfig(MethodSection):
 
 
 class Denoising(Method):
-    trainable = ("generator",)
+    batch = "data"
+
+    def roles(self) -> list[RoleSpec]:
+        return [RoleSpec("generator", "generator", "fresh")]
 
     def generator_loss(self, batch: Batch, *, generator, **_) -> LossOut:
         x0, cond = batch.x0, batch.cond

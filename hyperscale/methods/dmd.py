@@ -16,37 +16,27 @@ generator samples (the same DSM as SIM's fake score, ``scores.fake_score_dsm``),
 ``critic_steps`` times per generator update (DMD2: 5; DMD: 1).
 
 Regression (DMD's stabiliser, Hyper-SD's "MSE" [P]): MSE between G(z) and the teacher's ODE
-solution from the same z: pairs from the batch (``PairBatch``: noise + teacher x0), or computed
-online with ``regression_steps`` teacher DDIM steps. Optional reward hinge (``rewards``,
+solution from the same z, computed online with ``regression_steps`` teacher DDIM steps. Optional reward hinge (``rewards``,
 the frozen role ``reward``), as Hyper-SD folds feedback into this stage [P].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
-from torch import Tensor, nn
+from pydantic import Field
+from torch import Tensor
 
-from hyperscale.diffusion.sampling import NoiseInput, ddim_jump, one_step
+from hyperscale.diffusion.sampling import NoiseInput, ddim_walk, one_step
 from hyperscale.diffusion.schedule import Prediction
-from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.feedback import RewardSpec, reward_hinge
 from hyperscale.methods.registry import register
-from hyperscale.methods.scores import (StudentSection, TimeSampling, build_student, check_student,
-                                       draw_timesteps, fake_score_dsm, generator_noise)
+from hyperscale.diffusion.timedist import TimeSampling, time_dist
+from hyperscale.methods.scores import (StudentSection, TimeRange, build_student, check_student, fake_score_dsm,
+                                       generator_noise)
 from hyperscale.models.denoiser import CFGDenoiser
-
-
-@dataclass
-class PairBatch(Batch):
-    """A batch of teacher ODE pairs: ``noise`` z (B, C, H, W) and x0 = the teacher's sample from z."""
-    noise: Tensor | None = None
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(self.cond.to(device), None if self.x0 is None else self.x0.to(device),
-                         None if self.noise is None else self.noise.to(device))
 
 
 class DmdConfig(StudentSection):
@@ -61,11 +51,11 @@ class DmdConfig(StudentSection):
     normalize: divide by mean|x0 - D_real| per sample (DMD); false keeps the raw
         D_fake - D_real (the per-t KL gradient up to sigma_t^2 / alpha_t^2).
     fake_t_range / fake_weighting: the fake score's eps-MSE on the whole grid (DMD2).
-    fake_t_sampling: how that t is drawn, as SIM's (``scores.draw_timesteps``): "grid" (DMD2),
+    fake_t_sampling: how that t is drawn, as SIM's (diffusion/timedist.py): "grid" (DMD2),
         "karras" or "lognormal".
     critic_steps: fake-score updates per generator update (DMD2's two-time-scale rule: 5).
-    regression: "none", "batch" (PairBatch from the data stream) or "online" (teacher DDIM from
-        the same z, ``regression_steps`` trailing steps, with real_guidance_scale);
+    regression: "none" or "online" (teacher DDIM from the same z, ``regression_steps`` evenly
+        spaced steps, with real_guidance_scale);
         regression_weight: DMD's lambda_reg = 0.25.
     rewards / feedback_weight: optional reward hinge on G(z) (role ``reward``).
     """
@@ -73,27 +63,19 @@ class DmdConfig(StudentSection):
     generator_timestep: int | None = Field(None, ge=0)  # None: T - 1
     noise_input: NoiseInput = NoiseInput.unit
     real_guidance_scale: float = Field(1.0, ge=0)
-    t_range: tuple[float, float] = (0.02, 0.98)
+    t_range: TimeRange = (0.02, 0.98)
     normalize: bool = True
     dm_weight: float = Field(1.0, ge=0)
-    fake_t_range: tuple[float, float] = (0.0, 1.0)
+    fake_t_range: TimeRange = (0.0, 1.0)
     fake_weighting: Literal["uniform", "min_snr"] = "uniform"
     fake_t_sampling: TimeSampling = "grid"
     min_snr_gamma: float = Field(5.0, gt=0)
     critic_steps: int = Field(5, ge=1)
-    regression: Literal["none", "batch", "online"] = "none"
+    regression: Literal["none", "online"] = "none"
     regression_weight: float = Field(0.25, ge=0)
     regression_steps: int = Field(25, ge=1)
     rewards: list[RewardSpec] = Field(default_factory=list)
     feedback_weight: float = Field(1.0, ge=0)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "DmdConfig":
-        for key in ("t_range", "fake_t_range"):
-            lo, hi = getattr(self, key)
-            if not 0 <= lo <= hi <= 1:
-                raise ValueError(f"{key} must satisfy 0 <= lo <= hi <= 1, got {(lo, hi)}")
-        return self
 
 
 def dmd_direction(x0: Tensor, d_real: Tensor, d_fake: Tensor, normalize: bool = True) -> Tensor:
@@ -117,39 +99,29 @@ def teacher_ode(teacher, z: Tensor, cond, t_start: int, num_steps: int,
                 noise_input: NoiseInput | str = "unit") -> Tensor:
     """The teacher's deterministic DDIM solution (B, ...) from x_{t_start} = z (or sigma z) to clean
     data in ``num_steps`` evenly spaced steps (the last one jumps to abar = 1)."""
-    sched = teacher.schedule
     ts = torch.linspace(t_start, 0, num_steps + 1).round().long().tolist()[:-1]
     x = z
     if NoiseInput(noise_input) is NoiseInput.sigma:
-        x = z * sched.alpha_sigma(t_start)[1].to(z.dtype)
-    for i, t in enumerate(ts):
-        s = ts[i + 1] if i + 1 < len(ts) else -1
-        tb = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x = ddim_jump(x, teacher(x, tb, cond, out=Prediction.eps), sched.abar(t), sched.abar(s))
-    return x
+        x = z * teacher.schedule.alpha_sigma(t_start)[1].to(z.dtype)
+    return ddim_walk(teacher, x, cond, list(zip(ts, ts[1:] + [-1])))
 
 
 class Dmd(Method):
     """DMD generator loss and fake-score DSM; roles generator, fake_score (trainable), teacher
     [, reward] (frozen)."""
-    trainable = ("generator", "fake_score")
-    critic = "fake_score"
-    init_from_teacher = ("generator", "fake_score")
-    needs_teacher = True
-    needs_data = False
+    batch = "conditions"
 
-    def __init__(self, config: DmdConfig):
-        super().__init__(config)
-        self.needs_data = config.regression == "batch"  # PairBatch streams
-        self.frozen_roles: tuple[str, ...] = ("reward",) if config.rewards else ()
-        self.ema_roles: dict[str, tuple[str, float]] = {}
+    def roles(self) -> list[RoleSpec]:
+        """The generator as configured (full or LoRA); the fake score as a full teacher copy."""
+        cfg = self.config
+        out = [RoleSpec("generator", "generator", "custom", build=partial(build_student, cfg=cfg)),
+               RoleSpec("fake_score", "critic", "copy_of_teacher"), RoleSpec("teacher", "frozen", "teacher")]
+        if cfg.rewards:
+            out.append(RoleSpec("reward", "frozen", "reward", rewards=tuple(cfg.rewards)))
+        return out
 
     def critic_steps(self) -> int:
         return self.config.critic_steps
-
-    def build_role(self, name: str, teacher: nn.Module) -> nn.Module | None:
-        """The generator as configured (full or LoRA); the fake score as a full teacher copy."""
-        return build_student(teacher, self.config) if name == "generator" else None
 
     def _t_gen(self, generator) -> int:
         t = self.config.generator_timestep
@@ -176,7 +148,7 @@ class Dmd(Method):
         z = generator_noise(generator, cond)
         x0 = self.generate(generator, z, cond)
         sched = teacher.schedule
-        t = draw_timesteps(sched, x0.shape[0], cfg.t_range, x0.device)
+        t = time_dist("grid", *cfg.t_range).draw(sched, x0.shape[0], x0.device)
         with torch.no_grad():
             x_t = sched.add_noise(x0.detach(), torch.randn_like(x0), t)
             d_real = self._real(teacher)(x_t, t, cond, out=Prediction.x0)
@@ -187,16 +159,10 @@ class Dmd(Method):
         nonfinite = (~torch.isfinite(d_fake - d_real)).sum().to(torch.float32)
         metrics = {"loss/dm": dm.detach().mean(), "dmd/g_norm": g.flatten(1).norm(dim=1).mean(),
                    "dmd/x0_std": x0.detach().std(), "dmd/nonfinite": nonfinite}
-        if cfg.regression != "none":
-            if cfg.regression == "online":
-                target = teacher_ode(self._real(teacher), z, cond, self._t_gen(generator), cfg.regression_steps,
-                                     cfg.noise_input)
-                pred = x0
-            else:
-                if not isinstance(batch, PairBatch) or batch.noise is None or batch.x0 is None:
-                    raise ValueError("regression = 'batch' needs PairBatch(cond, x0=teacher sample, noise=z)")
-                target, pred = batch.x0, self.generate(generator, batch.noise, cond)
-            reg = (pred - target.detach()).pow(2).flatten(1).mean(1)
+        if cfg.regression == "online":
+            target = teacher_ode(self._real(teacher), z, cond, self._t_gen(generator), cfg.regression_steps,
+                                 cfg.noise_input)
+            reg = (x0 - target.detach()).pow(2).flatten(1).mean(1)
             loss = loss + cfg.regression_weight * reg
             metrics["loss/regression"] = reg.detach().mean()
         if cfg.rewards:
@@ -210,8 +176,9 @@ class Dmd(Method):
     def critic_loss(self, batch: Batch, *, generator, fake_score, **_) -> LossOut:
         with torch.no_grad():  # DSM on detached generator samples, as SIM's fake score
             x0 = self.generate(generator, generator_noise(generator, batch.cond), batch.cond)
-        return fake_score_dsm(fake_score, x0, batch.cond, self.config.fake_t_range, self.config.fake_weighting,
-                              self.config.min_snr_gamma, self.config.fake_t_sampling)
+        cfg = self.config
+        return fake_score_dsm(fake_score, x0, batch.cond, time_dist(cfg.fake_t_sampling, *cfg.fake_t_range),
+                              cfg.fake_weighting, cfg.min_snr_gamma)
 
 
 register("dmd", DmdConfig, Dmd)

@@ -16,6 +16,7 @@ The structural (SOLO instance-segmentation on COCO) feedback of the paper is not
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -24,9 +25,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from hyperscale.config import Section
-from hyperscale.diffusion.sampling import ddim_step, timesteps
+from hyperscale.diffusion.sampling import ddim_walk, timesteps
 from hyperscale.diffusion.schedule import Prediction
-from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.registry import register
 from hyperscale.methods.scores import StudentSection, build_student, check_student, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
@@ -105,12 +106,8 @@ def truncated_rollout(student, z: Tensor, cond, num_steps: int, grad_index: int,
     sched = student.schedule
     net = CFGDenoiser(student, guidance_scale) if guidance_scale != 1.0 else student
     ts = timesteps(num_steps, sched.num_train_timesteps, "trailing").tolist()
-    x = z
     with torch.no_grad():
-        for i in range(grad_index):
-            t, s = ts[i], ts[i + 1]
-            tb = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            x = ddim_step(x, net(x, tb, cond, out=Prediction.eps), sched.abar(t), sched.abar(s))
+        x = ddim_walk(net, z, cond, list(zip(ts[:grad_index], ts[1:grad_index + 1])))
     t = torch.full((x.shape[0],), ts[grad_index], dtype=torch.long, device=x.device)
     x = x.detach()
     return net(x, t, cond, out=Prediction.x0), x, t
@@ -118,18 +115,12 @@ def truncated_rollout(student, z: Tensor, cond, num_steps: int, grad_index: int,
 
 class Feedback(Method):
     """Reward feedback on the student; roles: generator (trainable), teacher, reward (frozen)."""
-    trainable = ("generator",)
-    init_from_teacher = ("generator",)
-    needs_teacher = True
-    needs_data = False
+    batch = "conditions"
 
-    def __init__(self, config: FeedbackConfig):
-        super().__init__(config)
-        self.frozen_roles: tuple[str, ...] = ("reward",)
-        self.ema_roles: dict[str, tuple[str, float]] = {}
-
-    def build_role(self, name: str, teacher: nn.Module) -> nn.Module | None:
-        return build_student(teacher, self.config) if name == "generator" else None
+    def roles(self) -> list[RoleSpec]:
+        return [RoleSpec("generator", "generator", "custom", build=partial(build_student, cfg=self.config)),
+                RoleSpec("teacher", "frozen", "teacher"),
+                RoleSpec("reward", "frozen", "reward", rewards=tuple(self.config.rewards))]
 
     def generator_loss(self, batch: Batch, *, generator, reward, teacher=None, **_) -> LossOut:
         cfg = self.config

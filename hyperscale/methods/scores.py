@@ -1,66 +1,38 @@
-"""Pieces shared by the score-distillation methods (SIM, DMD): time sampling, the online fake
+"""Pieces shared by the score-distillation methods (SIM, DMD): the online fake
 score's denoising score matching, 1-step generator sampling, and student construction."""
 from __future__ import annotations
 
 import copy
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from hyperscale.config import MethodSection
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
+from hyperscale.diffusion.schedule import Prediction
+from hyperscale.diffusion.timedist import TimeDist
 from hyperscale.methods.base import LossOut
 from hyperscale.models.generator import sample_shape
 
 
-# SiD's noise-level grid (ALGORITHMS.md §1.6): Karras et al.'s rho = 7 spacing from 0.002 to 80
-KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX, KARRAS_RHO = 0.002, 80.0, 7.0
-# SiD's / DI's fake-score noise levels (ALGORITHMS.md §1.5): EDM's log-normal, ln sigma ~ N(-1.2, 1.2^2)
-LOGNORMAL_P_MEAN, LOGNORMAL_P_STD = -1.2, 1.2
-TimeSampling = Literal["grid", "karras", "lognormal"]
+def _check_range(r: tuple[float, float]) -> tuple[float, float]:
+    if not 0 <= r[0] <= r[1] <= 1:
+        raise ValueError(f"must satisfy 0 <= lo <= hi <= 1, got {tuple(r)}")
+    return r
 
 
-def karras_sigma(u: Tensor) -> Tensor:
-    """The Karras rho = 7 noise level at fraction u in [0, 1] (0 -> sigma_min, 1 -> sigma_max)."""
-    lo, hi = KARRAS_SIGMA_MIN ** (1 / KARRAS_RHO), KARRAS_SIGMA_MAX ** (1 / KARRAS_RHO)
-    return (hi + (1 - u) * (lo - hi)) ** KARRAS_RHO
+# a (lo, hi) pair of fractions of the training grid, or quantiles (diffusion/timedist.py)
+TimeRange = Annotated[tuple[float, float], AfterValidator(_check_range)]
 
 
-def lognormal_sigma(u: Tensor) -> Tensor:
-    """The EDM log-normal noise level at quantile u in [0, 1] (0 -> 0, 1 -> inf)."""
-    return torch.exp(LOGNORMAL_P_MEAN + LOGNORMAL_P_STD * torch.special.ndtri(u))
-
-
-def draw_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float], device,
-                   sampling: TimeSampling = "grid") -> Tensor:
-    """n integer timesteps (n,) from the two fractions in ``t_range``. "grid": uniform on the DDPM
-    grid between the fractions of T - 1. "karras" (SiD): u uniform between the fractions, mapped
-    through the Karras rho = 7 noise levels (u = 0.8 -> sigma~ 24.4), then to the grid index with
-    the nearest VE noise level; this puts far more draws at low noise than "grid" (median
-    sigma~ about 1 against about 2 for [0, 0.8] on the linear schedule). "lognormal" (SiD's and
-    DI's fake-score draw, EDM's P_mean = -1.2, P_std = 1.2): u uniform between the fractions read
-    as quantiles of the log-normal, so (0, 1) is the whole distribution (median sigma~ 0.30),
-    mapped to the grid the same way (levels beyond the grid's ends go to its first or last step)."""
-    if sampling in ("karras", "lognormal"):
-        u = torch.empty(n, dtype=torch.float64).uniform_(*t_range)
-        sigma = karras_sigma(u) if sampling == "karras" else lognormal_sigma(u)
-        return schedule.timesteps_for_sigma_ve(sigma).to(device)
-    last = schedule.num_train_timesteps - 1
-    lo, hi = round(t_range[0] * last), round(t_range[1] * last)
-    return torch.randint(lo, hi + 1, (n,), device=device)
-
-
-def fake_score_dsm(fake_score, x0: Tensor, cond, t_range: tuple[float, float],
-                   weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0,
-                   sampling: TimeSampling = "grid") -> LossOut:
+def fake_score_dsm(fake_score, x0: Tensor, cond, times: TimeDist,
+                   weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0) -> LossOut:
     """Denoising score matching of the online fake score on (detached) generator samples x0
-    (B, ...) with the teacher's own loss: eps-MSE on the DDPM grid, t from ``t_range`` drawn as
-    ``sampling`` says (default uniform on the grid: ALGORITHMS.md §1.5 / §2.4, as DMD2 does),
-    optional Min-SNR weighting. Per-sample (B,)."""
+    (B, ...) with the teacher's own loss: eps-MSE, t drawn from ``times`` (DMD2: uniform on the
+    grid, ALGORITHMS.md §1.5 / §2.4), optional Min-SNR weighting. Per-sample (B,)."""
     sched = fake_score.schedule
-    t = draw_timesteps(sched, x0.shape[0], t_range, x0.device, sampling)
+    t = times.draw(sched, x0.shape[0], x0.device)
     eps = torch.randn_like(x0)
     eps_hat = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.eps)
     mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
@@ -134,5 +106,5 @@ def check_student(generator: nn.Module, cfg: StudentSection) -> None:
             m = m.module
         if not isinstance(m, LoraDenoiser):
             raise TypeError("method.student = 'lora' but the generator role carries no LoRA: build the roles "
-                            "with method.build_role(name, teacher)")
+                            "from method.roles() (hyperscale.methods.roles.build_roles)")
 

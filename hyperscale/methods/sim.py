@@ -20,15 +20,16 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from hyperscale.config import MethodSection
 from hyperscale.diffusion.sampling import one_step
 from hyperscale.diffusion.schedule import Prediction, bcast
-from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.registry import register
-from hyperscale.methods.scores import TimeSampling, draw_timesteps, fake_score_dsm, generator_noise
+from hyperscale.diffusion.timedist import TimeSampling, time_dist
+from hyperscale.methods.scores import TimeRange, fake_score_dsm, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
 
 Distance = Literal["l2", "pseudo_huber", "normalized"]
@@ -75,7 +76,7 @@ class SimConfig(MethodSection):
     generator_t_sampling: "grid" draws t uniformly on the DDPM grid; "karras" is SiD's own
         draw (§1.6): the range is a fraction of the Karras rho = 7 noise levels, each draw
         mapped to the grid step with the nearest sigma~, so low noise levels come up far
-        more often (see scores.draw_timesteps).
+        more often (diffusion/timedist.py).
     generator_weighting: "uniform" w(t) in denoiser units (the integrand above times
         sigma~^2 for pseudo-Huber/normalized; times sigma~^4 / 2 for L2, so L2 SIM equals SiD
         exactly): every t gets O(1) gradients. "sid" also divides per sample by
@@ -101,22 +102,14 @@ class SimConfig(MethodSection):
     teacher_clip_x0: bool = False
     fake_clip_x0: bool = False
     generator_clip_x0: bool = False
-    generator_t_range: tuple[float, float] = (0.02, 0.8)
+    generator_t_range: TimeRange = (0.02, 0.8)
     generator_t_sampling: TimeSampling = "grid"
     generator_weighting: Literal["uniform", "sid"] = "uniform"
-    fake_t_range: tuple[float, float] = (0.0, 1.0)
+    fake_t_range: TimeRange = (0.0, 1.0)
     fake_weighting: Literal["uniform", "min_snr"] = "uniform"
     fake_t_sampling: TimeSampling = "grid"
     min_snr_gamma: float = Field(5.0, gt=0)
     critic_steps: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "SimConfig":
-        for key in ("generator_t_range", "fake_t_range"):
-            lo, hi = getattr(self, key)
-            if not 0 <= lo <= hi <= 1:
-                raise ValueError(f"{key} must satisfy 0 <= lo <= hi <= 1, got {(lo, hi)}")
-        return self
 
 
 def distance_terms(y: Tensor, distance: Distance, c: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
@@ -161,11 +154,11 @@ def sid_integrand(d_phi: Tensor, d_psi: Tensor, x0: Tensor, alpha: float) -> Ten
 
 class Sim(Method):
     """SIM generator loss (§1.3) and fake-score DSM (§1.5); roles by name."""
-    trainable = ("generator", "fake_score")
-    critic = "fake_score"
-    init_from_teacher = ("generator", "fake_score")
-    needs_teacher = True
-    needs_data = False
+    batch = "conditions"
+
+    def roles(self) -> list[RoleSpec]:
+        return [RoleSpec("generator", "generator", "copy_of_teacher"),
+                RoleSpec("fake_score", "critic", "copy_of_teacher"), RoleSpec("teacher", "frozen", "teacher")]
 
     def critic_steps(self) -> int:
         return self.config.critic_steps
@@ -208,8 +201,8 @@ class Sim(Method):
         cond = batch.cond
         x0 = self._samples(generator, cond)
         sched = teacher.schedule
-        t = draw_timesteps(sched, x0.shape[0], self.config.generator_t_range, x0.device,
-                           self.config.generator_t_sampling)
+        t = time_dist(self.config.generator_t_sampling, *self.config.generator_t_range).draw(
+            sched, x0.shape[0], x0.device)
         x_t = sched.add_noise(x0, torch.randn_like(x0), t)
         if self.config.teacher_guidance_scale != 1.0:
             teacher = CFGDenoiser(teacher, self.config.teacher_guidance_scale)
@@ -229,8 +222,9 @@ class Sim(Method):
         cond = batch.cond
         with torch.no_grad():  # §1.5: DSM on detached generator samples
             x0 = self._samples(generator, cond)
-        return fake_score_dsm(fake_score, x0, cond, self.config.fake_t_range, self.config.fake_weighting,
-                              self.config.min_snr_gamma, self.config.fake_t_sampling)
+        cfg = self.config
+        return fake_score_dsm(fake_score, x0, cond, time_dist(cfg.fake_t_sampling, *cfg.fake_t_range),
+                              cfg.fake_weighting, cfg.min_snr_gamma)
 
 
 register("sim", SimConfig, Sim)

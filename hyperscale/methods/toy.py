@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
+from hyperscale.diffusion.schedule import DiscreteVP, Prediction
 from hyperscale.models.denoiser import BaseDenoiser
 
 
@@ -45,7 +45,7 @@ def gmm_posterior_mean(x: Tensor, sigma: Tensor | float, means: Tensor, stds: Te
 class _ToyDenoiser(BaseDenoiser):
     """x0-predicting denoiser on flat samples (B, D); ``raw`` sees the VE point x~ = x_t / alpha_t."""
 
-    def __init__(self, schedule: NoiseSchedule, dim: int):
+    def __init__(self, schedule: DiscreteVP, dim: int):
         super().__init__(schedule, Prediction.x0)
         self.sample_shape = (dim,)
 
@@ -53,7 +53,7 @@ class _ToyDenoiser(BaseDenoiser):
         return cond
 
     def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        ab = self.alphas_cumprod.to(x_t.dtype)[t]
+        ab = self.schedule.abar(t).to(x_t.dtype)
         return self.denoise(x_t / ab.sqrt()[:, None], ((1 - ab) / ab).sqrt())
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -63,7 +63,7 @@ class _ToyDenoiser(BaseDenoiser):
 class GaussianMixtureDenoiser(_ToyDenoiser):
     """Exact denoiser of an isotropic Gaussian mixture: means (K, D), stds (K,), weights (K,)."""
 
-    def __init__(self, schedule: NoiseSchedule, means: Tensor, stds: Tensor, weights: Tensor | None = None):
+    def __init__(self, schedule: DiscreteVP, means: Tensor, stds: Tensor, weights: Tensor | None = None):
         super().__init__(schedule, means.shape[1])
         k = means.shape[0]
         self.register_buffer("means", means.clone())
@@ -84,7 +84,7 @@ class MLPDenoiser(_ToyDenoiser):
     """A small trainable denoiser: D(x~; s) = c_skip x~ + c_out F(c_in x~, log(s) / 4)
     (EDM preconditioning, Karras et al. 2022, Table 1, with sigma_data)."""
 
-    def __init__(self, schedule: NoiseSchedule, dim: int = 2, hidden: int = 128, depth: int = 3,
+    def __init__(self, schedule: DiscreteVP, dim: int = 2, hidden: int = 128, depth: int = 3,
                  sigma_data: float = 1.0):
         super().__init__(schedule, dim)
         self.sigma_data = sigma_data
@@ -103,7 +103,7 @@ class MLPDenoiser(_ToyDenoiser):
         return c_skip * x + c_out * self.net(h)
 
 
-def ring_mixture(schedule: NoiseSchedule, k: int = 6, radius: float = 1.0, std: float = 0.08) -> GaussianMixtureDenoiser:
+def ring_mixture(schedule: DiscreteVP, k: int = 6, radius: float = 1.0, std: float = 0.08) -> GaussianMixtureDenoiser:
     """k equal-weight modes evenly spaced on a circle in 2-D (well separated when radius >> std)."""
     ang = torch.arange(k) * 2 * math.pi / k
     means = radius * torch.stack([ang.cos(), ang.sin()], dim=1)

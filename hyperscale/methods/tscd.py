@@ -26,18 +26,19 @@ a head on frozen teacher features, ``hyperscale.methods.adversarial``).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-from torch import Tensor, nn
+from torch import Tensor
 
 from hyperscale.config import Section
 from hyperscale.diffusion import segments as seg
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.adversarial import build_discriminator, discriminate, hinge_d, hinge_g
-from hyperscale.methods.base import Batch, LossOut, Method
+from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.registry import register
 from hyperscale.methods.scores import StudentSection, build_student, check_student
 from hyperscale.models.denoiser import CFGDenoiser
@@ -124,21 +125,24 @@ def consistency_distance(pred: Tensor, target: Tensor, loss_type: str, huber_c: 
 
 class Tscd(Method):
     """TSCD / CD loss object; the role set depends on the config (see the module docstring)."""
-    trainable = ("generator",)
-    init_from_teacher = ("generator",)
-    needs_teacher = True
-    needs_data = True
+    batch = "data"
 
     def __init__(self, config: TscdConfig):
         super().__init__(config)
-        self.trainable = ("generator", "discriminator") if config.adversarial else ("generator",)
-        self.critic = "discriminator" if config.adversarial else None
-        # frozen roles besides the teacher that the trainer must pass (``target``: an EMA of the
-        # generator with decay config.target_ema_decay, updated after every generator update)
-        self.frozen_roles: tuple[str, ...] = ("target",) if config.target_network == "ema" else ()
-        self.ema_roles: dict[str, tuple[str, float]] = (
-            {"target": ("generator", config.target_ema_decay)} if config.target_network == "ema" else {})
         self.stage = 0
+
+    def roles(self) -> list[RoleSpec]:
+        """generator (teacher copy, full or LoRA), teacher, [discriminator head: critic],
+        [target: EMA of the generator with decay target_ema_decay]."""
+        cfg = self.config
+        out = [RoleSpec("generator", "generator", "custom", build=partial(build_student, cfg=cfg)),
+               RoleSpec("teacher", "frozen", "teacher")]
+        if cfg.adversarial:
+            out.append(RoleSpec("discriminator", "critic", "custom",
+                                build=lambda teacher: build_discriminator(teacher, cfg.disc_hidden)))
+        if cfg.target_network == "ema":
+            out.append(RoleSpec("target", "frozen", "ema", source="generator", decay=cfg.target_ema_decay))
+        return out
 
     # ---------------------------------------------------------------- trainer hooks
     def set_global_step(self, step: int) -> int:
@@ -149,14 +153,6 @@ class Tscd(Method):
     @property
     def segments(self) -> int:
         return self.config.stages[self.stage].segments
-
-    def build_role(self, name: str, teacher: nn.Module) -> nn.Module | None:
-        """The generator (teacher copy, full or LoRA) and the discriminator head; None otherwise."""
-        if name == "generator":
-            return build_student(teacher, self.config)
-        if name == "discriminator":
-            return build_discriminator(teacher, self.config.disc_hidden).train()
-        return None
 
     def critic_steps(self) -> int:
         return self.config.critic_steps if self.config.adversarial else 0

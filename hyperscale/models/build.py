@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperscale.diffusion.schedule import NoiseSchedule
+from hyperscale.diffusion.schedule import DiscreteVP
 from hyperscale.io import atomic_dir
 from hyperscale.models.denoiser import BaseDenoiser
 from hyperscale.models.unet import ClassUNetDenoiser, unet_config
@@ -23,8 +23,8 @@ EXPORT_META = "hyperscale_model.json"
 EXPORT_WEIGHTS = "model.safetensors"
 
 
-def schedule_from_section(s) -> NoiseSchedule:
-    return NoiseSchedule.from_config(s.kind, s.num_train_timesteps, s.beta_start, s.beta_end)
+def schedule_from_section(s) -> DiscreteVP:
+    return DiscreteVP.from_config(s.kind, s.num_train_timesteps, s.beta_start, s.beta_end)
 
 
 def build_denoiser(model_section, schedule_section) -> BaseDenoiser:
@@ -84,7 +84,7 @@ def load_denoiser(source: str | os.PathLike, map_location: str = "cpu") -> BaseD
     meta = json.loads(meta_path.read_text())
     if meta.get("adapter") != "class_unet2d":
         raise ValueError(f"{path}: unsupported adapter {meta.get('adapter')!r}")
-    sched = NoiseSchedule(torch.tensor(meta["alphas_cumprod"], dtype=torch.float64))
+    sched = DiscreteVP(torch.tensor(meta["alphas_cumprod"], dtype=torch.float64))
     model = ClassUNetDenoiser(sched, meta["unet"], meta["prediction_type"])
     model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=map_location))
     return model.eval()

@@ -6,7 +6,8 @@ parameterisation (eps / x0 / v / score). Backbone specifics (diffusers
 + VAE for SD and the PixArt transformer behind the same seam) live in adapters.
 Classifier-free guidance is a wrapper, so losses never branch on it.
 
-Shapes: x_t (B, C, H, W); t (B,) integer timesteps on the schedule's grid;
+Shapes: x_t (B, C, H, W); t (B,) or a scalar: continuous time in [0, 1] (float) or an index
+on the schedule's training grid (integer; diffusion/schedule.py);
 cond is backbone specific: a (B,) long tensor of class labels here, where label
 ``num_classes`` is the "null" class used for CFG.
 """
@@ -17,12 +18,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction, cfg_combine, convert
+from hyperscale.diffusion.schedule import Prediction, Schedule, as_time, cfg_combine, convert
 
 
 @runtime_checkable
 class Denoiser(Protocol):
-    schedule: NoiseSchedule
+    schedule: Schedule
     prediction_type: Prediction
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
@@ -32,23 +33,30 @@ class Denoiser(Protocol):
 
 
 class BaseDenoiser(nn.Module):
-    """Holds the schedule and does the prediction-type conversion; subclasses implement ``raw``."""
+    """Holds the schedule and does the prediction-type conversion; subclasses implement ``raw``,
+    which sees the network's own timestep (``schedule.model_time``: the grid index of a VP
+    schedule, 1000 sigma for rectified flow)."""
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: Prediction | str = Prediction.eps):
+    def __init__(self, schedule: Schedule, prediction_type: Prediction | str = Prediction.eps):
         super().__init__()
         self.schedule = schedule
         self.prediction_type = Prediction(prediction_type)
-        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
 
     def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None,
                 out: Prediction | str = Prediction.eps) -> Tensor:
-        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-        pred = self.raw(x_t, t, cond)
-        ab = self.alphas_cumprod.to(x_t.dtype)[t]
-        return convert(pred, x_t, ab.sqrt(), (1 - ab).sqrt(), self.prediction_type, out)
+        t = batch_times(t, x_t)
+        pred = self.raw(x_t, self.schedule.model_time(t), cond)
+        alpha, sigma = self.schedule.alpha_sigma(t, dtype=x_t.dtype)
+        return convert(pred, x_t, alpha, sigma, self.prediction_type, out)
+
+
+def batch_times(t, x_t: Tensor) -> Tensor:
+    """Times (B,) on x_t's device: a grid index stays an integer, continuous time stays float."""
+    t = as_time(t).to(x_t.device)
+    return t.expand(x_t.shape[0]) if t.ndim == 0 else t
 
 
 class CFGDenoiser(nn.Module):
@@ -60,7 +68,7 @@ class CFGDenoiser(nn.Module):
         self.guidance_scale = float(guidance_scale)
 
     @property
-    def schedule(self) -> NoiseSchedule:
+    def schedule(self) -> Schedule:
         return self.inner.schedule
 
     @property
@@ -74,7 +82,7 @@ class CFGDenoiser(nn.Module):
                 out: Prediction | str = Prediction.eps) -> Tensor:
         if self.guidance_scale == 1.0 or cond is None:
             return self.inner(x_t, t, cond, out=out)
-        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        t = batch_times(t, x_t)
         # Guidance combines eps (a linear function of x0/v/score at fixed x_t, so any works).
         both = self.inner(torch.cat([x_t, x_t]), torch.cat([t, t]),
                           torch.cat([self.null_cond(cond), cond]), out=out)

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperscale.diffusion.schedule import NoiseSchedule, Prediction
+from hyperscale.diffusion.schedule import Prediction, Schedule
 from hyperscale.models.denoiser import BaseDenoiser
 
 
 class ClassUNetDenoiser(BaseDenoiser):
-    def __init__(self, schedule: NoiseSchedule, unet_config: dict[str, Any],
+    def __init__(self, schedule: Schedule, unet_config: dict[str, Any],
                  prediction_type: Prediction | str = Prediction.eps):
         super().__init__(schedule, prediction_type)
         from diffusers import UNet2DModel  # heavy import kept local

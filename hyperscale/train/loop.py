@@ -5,9 +5,8 @@ directly in the trial's process as a single worker (``hyperscale.tune``). The tw
 in the :class:`Session`: rank and world size, where a restarted run's checkpoint comes from,
 and where metrics and checkpoints are reported.
 
-The loop builds the roles the method asks for (one DeepSpeed engine or plain torch optimizer
-per trainable role; the frozen teacher, EMA copies the method names in ``ema_roles`` and the
-reward models), restores a checkpoint, tells the method its global step (stage schedules),
+The loop builds the roles the method declares (``Method.roles``; one DeepSpeed engine or plain
+torch optimizer per trainable role; the frozen teacher, EMA copies and reward models), restores a checkpoint, tells the method its global step (stage schedules),
 runs the generic two-player step, evaluates on a fixed sample set when given an evaluator
 (``train.eval_every``), and exports the generator (LoRA students as merged weights plus a
 diffusers/kohya LoRA).
@@ -31,12 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hyperscale.config import Config, to_yaml
+from hyperscale.config import Config, role_train, to_yaml
 from hyperscale.data.fashion_mnist import load_fashion_mnist
 from hyperscale.data.shards import shard_dataset
 from hyperscale.data.stream import InMemoryStream, LabelStream, ShardStream
 from hyperscale.methods.base import Batch
 from hyperscale.methods.registry import build_method
+from hyperscale.methods.roles import Roles, build_roles
 from hyperscale.io import location, staged_dir
 from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
 from hyperscale.models.ema import EMA
@@ -71,52 +71,38 @@ class Paths:
     run_id: str | None = None  # tells a restart of this run from a new run in the same directory
 
 
-def build_modules(cfg: Config, method, device: torch.device) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """Trainable modules by role (identical on every rank, on ``device``) and the frozen teacher
-    (eval mode, no grad, in the low-precision dtype when ``train.mixed_precision`` asks)."""
-    teacher = None
-    if method.needs_teacher:
+def build_modules(cfg: Config, method, device: torch.device) -> Roles:
+    """Every role the method declares (``methods.roles.build_roles``): trainable modules identical
+    on every rank, on ``device``; the frozen teacher in the low-precision dtype when
+    ``train.mixed_precision`` asks; EMA roles with their trackers; reward models."""
+    def load_teacher() -> nn.Module:
         if not cfg.model.pretrained_teacher_model:
             raise ValueError(f"method '{cfg.method.name}' needs model.pretrained_teacher_model")
-        teacher = load_denoiser(cfg.model.pretrained_teacher_model).eval().requires_grad_(False)
-    modules = {}
-    for name in method.trainable:
-        built = method.build_role(name, teacher) if hasattr(method, "build_role") else None
-        if built is None:
-            fresh = name not in method.init_from_teacher
-            built = build_denoiser(cfg.model, cfg.schedule) if fresh else copy.deepcopy(teacher)
-        modules[name] = built.to(device)
-        broadcast_from_rank0(modules[name])  # identical for certain, as DDP does
-    frozen = {}
-    if teacher is not None:
-        precision = engines.resolve_precision(cfg.train.mixed_precision, device)
-        frozen["teacher"] = engines.cast_parameters_(teacher.to(device), precision)
-    return modules, frozen
+        return load_denoiser(cfg.model.pretrained_teacher_model)
 
+    def prepare(_name: str, module: nn.Module) -> nn.Module:
+        module = module.to(device)
+        broadcast_from_rank0(module)  # identical for certain, as DDP does
+        return module
 
-def build_extra_frozen(method, modules: dict[str, nn.Module], device: torch.device) -> tuple[dict[str, nn.Module], dict[str, EMA]]:
-    """The frozen roles a method declares besides the teacher (``method.frozen_roles``): EMA
-    copies of a trainable role (``method.ema_roles``: name -> (source role, decay); kept as
-    :class:`EMA` objects the loop updates after every generator update) and ``reward`` (the
-    configured reward models). Returns the modules by role and the EMA trackers by role."""
-    frozen, trackers = {}, {}
-    for name in getattr(method, "frozen_roles", ()):
-        if name in getattr(method, "ema_roles", {}):
-            source, decay = method.ema_roles[name]
-            trackers[name] = EMA(modules[source], decay, warmup=False)
-            frozen[name] = trackers[name].model
-        elif name == "reward":
-            from hyperscale.models.rewards import build_rewards
+    def rewards(specs) -> nn.Module:
+        from hyperscale.models.rewards import build_rewards
 
-            frozen[name] = build_rewards(method.config.rewards).to(device)
-        else:
-            raise ValueError(f"method '{method.config.name}' asks for frozen role '{name}', "
-                             f"which the trainer cannot build")
-    return frozen, trackers
+        return build_rewards(list(specs))
+
+    roles = build_roles(method, teacher=load_teacher, fresh=lambda: build_denoiser(cfg.model, cfg.schedule),
+                        rewards=rewards, prepare=prepare)
+    precision = engines.resolve_precision(cfg.train.mixed_precision, device)
+    for name, spec in roles.specs.items():
+        if spec.init == "teacher":
+            roles.frozen[name] = engines.cast_parameters_(roles.frozen[name].to(device), precision)
+        elif spec.kind == "frozen":
+            roles.frozen[name] = roles.frozen[name].to(device)
+    return roles
 
 
 def build_stream(cfg: Config, method, rank: int, world: int) -> InMemoryStream | LabelStream | ShardStream:
-    if not method.needs_data:  # data-free: class labels only
+    if method.batch == "conditions":  # data-free: class labels only
         return LabelStream(cfg.data.batch_size, cfg.model.num_classes, rank, seed=cfg.run.seed)
     if cfg.data.train_shards_path_or_url:  # local or s3:// shards, split by rank (read from torch.distributed)
         return shard_dataset(cfg.data.train_shards_path_or_url, cfg.data.batch_size, seed=cfg.run.seed)
@@ -206,13 +192,13 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
         engines.init_distributed("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg.method)
-    modules, frozen = build_modules(cfg, method, device)
-    gen_name = method.trainable[0]
+    built = build_modules(cfg, method, device)
+    modules, frozen, trackers = built.trainable, built.frozen, built.trackers
+    gen_name = method.generator
     ema = EMA(modules[gen_name], t.ema_decay, t.ema_warmup)  # full fp32 weights, before any partitioning
-    extra, trackers = build_extra_frozen(method, modules, device)
-    frozen |= extra
     t0 = time.perf_counter()
-    roles = {n: engines.build_role(n, m, t, cfg.data.batch_size, world, device) for n, m in modules.items()}
+    roles = {n: engines.build_role(n, m, role_train(cfg, "generator" if n == gen_name else "critic"),
+                                   cfg.data.batch_size, world, device) for n, m in modules.items()}
     timing = {"time/engine_init_s": time.perf_counter() - t0}
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
     stream = build_stream(cfg, method, rank, world)
@@ -224,7 +210,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             state, timing["time/restore_s"] = ckpt.restore(path, roles)
     if state is not None:
         ema.load_state_dict(state["ema"])
-        for name, tracker in trackers.items():
+        for name, (tracker, _source) in trackers.items():
             tracker.load_state_dict(state["frozen_ema"][name])
         counters = StepCounters(**state["counters"])
         stream.load_state_dict(state["data"][min(rank, len(state["data"]) - 1)])
@@ -247,7 +233,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
         else:
             gathered = [local]
         state = {"roles": {n: r.state_dict() for n, r in roles.items()}, "ema": ema.state_dict(),
-                 "frozen_ema": {n: tr.state_dict() for n, tr in trackers.items()},
+                 "frozen_ema": {n: tr.state_dict() for n, (tr, _source) in trackers.items()},
                  "counters": counters.__dict__.copy(), "data": [g["data"] for g in gathered],
                  "rng": [g["rng"] for g in gathered]} if rank == 0 else None
         meta = {"step": step, "samples": counters.samples * world, "world_size": world, "run_id": paths.run_id}
@@ -279,13 +265,11 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
     t_start, step0, s0 = time.time(), counters.step, counters.samples
     # what a run resumed at (or past) max_steps reports: where it stands, no new losses
     metrics: dict = timing | {"step": counters.step, "samples": counters.samples * world}
-    set_step = getattr(method, "set_global_step", None)
     while counters.step < t.max_steps:
-        if set_step is not None:
-            set_step(counters.step)  # stage schedules (TSCD's 8 -> 4 -> 2 -> 1 segments)
+        method.set_global_step(counters.step)  # stage schedules (TSCD's 8 -> 4 -> 2 -> 1 segments)
         metrics = two_player_step(method, next_batch, roles, frozen, ema, counters)
-        for name, tracker in trackers.items():
-            with roles[method.ema_roles[name][0]].full_params() as full:
+        for tracker, source in trackers.values():
+            with roles[source].full_params() as full:
                 tracker.update(full)
         step = counters.step
         if os.environ.get(PID_DIR_ENV):
