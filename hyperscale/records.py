@@ -1,4 +1,4 @@
-"""Benchmark records in BENCHMARK.md's envelope (suite, commit, date, machine, command, settings,
+"""Benchmark records in the envelope of docs/benchmarks.md §1.4 (suite, commit, date, machine, command, settings,
 rows), written atomically; used by every suite (eval, train's memory/reliability, serving)."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def commit() -> str:
 
 def write_record(out_dir: str | os.PathLike, suite: str, settings: dict, rows: list[dict],
                  command: str | None = None) -> Path:
-    """``<out_dir>/<suite>.json`` in BENCHMARK.md's envelope, written atomically."""
+    """``<out_dir>/<suite>.json`` in the envelope of docs/benchmarks.md §1.4, written atomically."""
     record = {"suite": suite, "commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "command": command or " ".join([Path(sys.executable).name] + sys.argv),
               "settings": settings, "rows": rows}

@@ -1,4 +1,4 @@
-"""Benchmarks (BENCHMARK.md §1–2).
+"""Benchmarks (docs/benchmarks.md §2, §6).
 
     # quality: real-data floor, teacher DDIM rows, one 1-step row per student, one run
     python jobs/bench.py --suite quality --student sim-pseudo-huber=runs/sim/export/ema \\
@@ -11,10 +11,10 @@
         --student cd-baseline=runs/cd/export/ema@1,2,4,8:ddim
     # speed: 1-step students vs the teacher at 25 and 50 steps, same batch, same process
     python jobs/bench.py --suite speed --student sim-pseudo-huber=runs/sim/export/ema
-    # memory (§3): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
+    # memory (docs/benchmarks.md §8): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
     # workers, checkpoint save/resume times -> docs/bench/memory.json
     python jobs/bench.py --suite memory
-    # reliability (§5): worker SIGKILL, S3 outage, NaN loss -> docs/bench/reliability.json
+    # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss -> docs/bench/reliability.json
     python jobs/bench.py --suite reliability
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
     python jobs/bench.py --suite denoise --student teacher-ft=runs/teacher-ft/export/ema --out runs/denoise

@@ -1,4 +1,4 @@
-"""Serving benchmark (BENCHMARK.md §4): HTTP load at 1, 8, 32 clients with batching on and off,
+"""Serving benchmark (docs/benchmarks.md §7): HTTP load at 1, 8, 32 clients with batching on and off,
 and the same generator in-process at the same batch size; writes docs/bench/serve.json.
 
     python jobs/loadtest.py [--generator assets/sim-generator] [--clients 1,8,32]

@@ -1,4 +1,4 @@
-"""The quality benchmark runs end to end on tiny settings and writes BENCHMARK.md's record format."""
+"""The quality benchmark runs end to end on tiny settings and writes the record format of docs/benchmarks.md §1.4."""
 import json
 import subprocess
 import sys

@@ -404,7 +404,7 @@ def test_runtime_env_is_one_ray_accepts(name, env):
     RuntimeEnv(**env)  # Ray's own validation (types, paths, URIs)
     assert not {"pip", "uv", "conda"} & set(env), f"{name}: the image has the deps; no pip/uv/conda"
     env_vars = env.get("env_vars", {})
-    assert env_vars.get(ENV_KEY) == "0.1", f"{name}: env_vars needs {ENV_KEY}: \"0.1\" (STACK.md §3)"
+    assert env_vars.get(ENV_KEY) == "0.1", f"{name}: env_vars needs {ENV_KEY}: \"0.1\" (docs/stack.md §3)"
     assert env_vars.get("DS_ACCELERATOR") == "cuda", f"{name}: GPU jobs need DS_ACCELERATOR=cuda"
 
 

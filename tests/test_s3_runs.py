@@ -97,7 +97,7 @@ def _fake_checkpoint(tmp: Path, url: str, step: int, run_id: str, drop_rank1_sha
     (r1 / "engines/generator/state/zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 100)
     ckpt.write_rank(r0, 0, [], {"step": step}, {"step": step, "world_size": 2, "run_id": run_id}, "c: 1\n")
     ckpt.write_rank(r1, 1, [])
-    if drop_rank1_shard:  # Ray's merge once lost a shard (STACK.md §3)
+    if drop_rank1_shard:  # Ray's merge once lost a shard (docs/stack.md §3)
         (r1 / "engines/generator/state/zero_pp_rank_1_optim_states.pt").unlink()
     s3.upload_dir(r0, url)
     s3.upload_dir(r1, url)

@@ -51,7 +51,7 @@ def test_segment_index_matches_the_definition_at_every_timestep(k, rule):
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_floor_rule_is_the_briefs_formula(k):
-    """ALGORITHMS.md §2.2: t_b = floor(t / floor(T/k)) floor(T/k) (k divides T here)."""
+    """docs/algorithms.md §2.2: t_b = floor(t / floor(T/k)) floor(T/k) (k divides T here)."""
     t = torch.arange(T)
     width = T // k
     assert (seg.segment_lower_edge(t, k, T, "floor") == (t // width) * width).all()

@@ -1,4 +1,4 @@
-"""SIM gates (ALGORITHMS.md §1.3): the surrogate's autograd gradient equals the gradient of the
+"""SIM gates (docs/algorithms.md §1.3): the surrogate's autograd gradient equals the gradient of the
 true score divergence, and SIM training converges on a 2-D Gaussian mixture.
 
 Exactness setting: Gaussian data N(mu, Sigma), a linear generator x0 = m + A z, VE noise
@@ -59,7 +59,7 @@ def t(*v):
     return torch.tensor(v, dtype=F64)
 
 
-# ALGORITHMS.md §1.3 exactness test: N(0, 1) data, x0 = a + b z at a = 0.4, b = 1.6, sigma = 0.7
+# docs/algorithms.md §1.3 exactness test: N(0, 1) data, x0 = a + b z at a = 0.4, b = 1.6, sigma = 0.7
 CASE_1D = Case(t(0.0), t([1.0]), t(0.4, 1.6), 0.7, 120, 200)
 CASE_2D = Case(t(0.5, -0.3), t([1.0, 0.4], [0.4, 0.6]), t(0.1, 0.2, 1.3, 0.3, -0.2, 0.8), 0.7, 20, 80)
 CASE_3D = Case(t(0.5, -0.3, 0.2), t([1.0, 0.4, 0.1], [0.4, 0.6, -0.1], [0.1, -0.1, 0.8]),
@@ -133,7 +133,7 @@ def score_integrand(distance, c, divergence):
                                                    divergence=divergence)[0]
 
 
-REFERENCE = {  # ALGORITHMS.md §1.3 table: (distance, divergence) -> (d/da, d/db)
+REFERENCE = {  # docs/algorithms.md §1.3 table: (distance, divergence) -> (d/da, d/db)
     ("l2", "full"): (0.36034, 1.09738), ("l2", "sg"): (0.17604, 0.72031),
     ("pseudo_huber", "full"): (0.17752, 0.51713), ("pseudo_huber", "sg"): (0.08672, 0.33944),
 }
@@ -280,7 +280,7 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
 
 
 def test_karras_time_sampling_follows_sids_noise_levels():
-    """"karras" draws sigma~ from SiD's rho = 7 levels (ALGORITHMS.md §1.6) snapped to the grid:
+    """"karras" draws sigma~ from SiD's rho = 7 levels (docs/algorithms.md §1.6) snapped to the grid:
     its distribution matches the analytic one, and far more draws sit at low noise than with "grid"."""
     sched = DiscreteVP.from_config()
     torch.testing.assert_close(karras_sigma(torch.tensor([0.0, 0.8, 1.0], dtype=F64)),
@@ -305,7 +305,7 @@ def test_karras_time_sampling_follows_sids_noise_levels():
 
 @pytest.mark.parametrize("t_range", [(0.0, 1.0), (0.2, 0.9)])
 def test_lognormal_time_sampling_follows_edms_noise_levels(t_range):
-    """"lognormal" draws sigma~ from EDM's ln sigma ~ N(-1.2, 1.2^2) (SiD's fake score, ALGORITHMS.md
+    """"lognormal" draws sigma~ from EDM's ln sigma ~ N(-1.2, 1.2^2) (SiD's fake score, docs/algorithms.md
     §1.5), t_range read as quantiles, snapped to the grid; levels past the grid's ends go to its ends."""
     sched = DiscreteVP.from_config()
     torch.testing.assert_close(lognormal_sigma(torch.tensor([0.5, 0.8413447460685429], dtype=F64)),

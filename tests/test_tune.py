@@ -83,7 +83,7 @@ def test_search_values_are_checked_against_the_config_before_any_trial(tmp_path,
         check_space(sweep, base_tree(sweep, base))
 
 
-@pytest.mark.timeout(420)  # a Train-in-Tune style hang (STACK.md §4) fails here, not at the suite's limit
+@pytest.mark.timeout(420)  # a Train-in-Tune style hang (docs/stack.md §4) fails here, not at the suite's limit
 def test_tiny_asha_sweep_end_to_end_then_the_best_preset_runs(ray_cluster, tmp_path, teacher, monkeypatch, capsys):
     """4 real SIM trials, one at a time (so ASHA's decisions are deterministic: trials reach each
     rung in a fixed order), a 20-sample FID every 2 of 6 steps."""

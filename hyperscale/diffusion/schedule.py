@@ -2,7 +2,7 @@
 
 Every schedule is an affine path x_t = alpha(t) x_0 + sigma(t) eps for t in [0, 1]
 (t = 0 clean data, t = 1 pure noise); the VE view is x~ = x_t / alpha = x_0 + sigma~ eps
-with sigma~ = sigma / alpha (docs/algorithms.md, "Notation").
+with sigma~ = sigma / alpha (docs/algorithms.md §0.2).
 
 - ``DiscreteVP``: the DDPM/SD/PixArt schedule, defined on a grid of T training indices
   i in {0, ..., T-1} (alpha = sqrt(abar_i), sigma = sqrt(1 - abar_i)); a UNet trained on

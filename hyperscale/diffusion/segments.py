@@ -1,4 +1,4 @@
-"""Trajectory segments for TSCD (Hyper-SD, ALGORITHMS.md §2.2) and plain consistency distillation.
+"""Trajectory segments for TSCD (Hyper-SD, docs/algorithms.md §2.2) and plain consistency distillation.
 
 Pure integer/tensor math on the DDPM grid {0, ..., T-1}; timestep -1 means clean data
 (alpha = 1, sigma = 0 on every schedule). Nothing here calls a network: the caller evaluates the

@@ -1,9 +1,9 @@
-"""The quality suite of BENCHMARK.md §1: the step-vs-quality table on Fashion-MNIST.
+"""The quality suite of docs/benchmarks.md §2: the step-vs-quality table on Fashion-MNIST.
 
 Every generator row is produced on the same fixed noise, the same class-balanced
 labels and the same sample count, then scored by FID/KID on EfficientNet-Lite0
 features (relative numbers; see ``FID_NOTE``) and by the project's classifier.
-Records follow BENCHMARK.md's envelope (suite, commit, date, machine, command,
+Records follow the envelope of docs/benchmarks.md §1.4 (suite, commit, date, machine, command,
 settings, rows).
 """
 from __future__ import annotations

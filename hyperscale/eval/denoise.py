@@ -5,7 +5,7 @@ with fixed seeded eps (the same eps for every model and, per t, a seed of its ow
 denoiser, conditioned on the true class and unguided, predicts eps. A row holds the eps-MSE
 (what the teacher was trained on) and the x0-MSE of the implied clean image, both per pixel in
 model units ([-1, 1]). Comparing two teachers row by row says whether a change of recipe
-reached the noise levels it aimed at (docs/benchmarks.md §5: the fine-tuned teacher).
+reached the noise levels it aimed at (docs/benchmarks.md §3.4: the fine-tuned teacher).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""The serving suite of BENCHMARK.md §4: a bounded HTTP load generator and the in-process reference.
+"""The serving suite of docs/benchmarks.md §7: a bounded HTTP load generator and the in-process reference.
 
 Each level runs ``clients`` closed-loop clients (each sends its next request when the last
 one answered) until ``max_requests`` have been sent or ``max_seconds`` have passed,
 whichever is first; a request that fails or answers non-200 counts as an error. Rows follow
-BENCHMARK.md: clients, batching, requests_per_s, images_per_s, p50/p95/p99 latency, errors,
+docs/benchmarks.md §1.4: clients, batching, requests_per_s, images_per_s, p50/p95/p99 latency, errors,
 and one ``clients: 0`` row for the generator called in-process at the same batch size.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The sampling-speed suite of BENCHMARK.md §2: 1-step generators against the teacher.
+"""The sampling-speed suite of docs/benchmarks.md §6: 1-step generators against the teacher.
 
 Every row is timed in this one process, at one batch size, on the same inputs:
 the teacher's guided DDIM at 25 and 50 steps and each 1-step generator. A row's

@@ -1,5 +1,5 @@
 """The sweep's outputs from plain trial rows: the table sorted by the metric (JSON record in
-BENCHMARK.md's envelope, CSV, markdown), the metric against training steps for every trial
+the envelope of docs/benchmarks.md §1.4, CSV, markdown), the metric against training steps for every trial
 (PNG), and the compute early stopping saved.
 
 A trial row: ``trial`` (name), ``overrides`` ({dotted key: value}), ``history`` ([(step,

@@ -1,4 +1,4 @@
-"""A small discriminator on frozen teacher features (SDXL-Lightning / PCM style, ALGORITHMS.md §2.2).
+"""A small discriminator on frozen teacher features (SDXL-Lightning / PCM style, docs/algorithms.md §2.2).
 
 The frozen teacher UNet's encoder (every down block's output and the mid block's output) is
 run on a noised sample; one light head per level (3x3 conv, SiLU, 1x1 conv to one logit map,

@@ -1,5 +1,5 @@
 """One-step DMD: Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv 2311.18828; DMD2,
-arXiv 2405.14867), Hyper-SD's one-step enhancement (ALGORITHMS.md §2.4).
+arXiv 2405.14867), Hyper-SD's one-step enhancement (docs/algorithms.md §2.4).
 
 Generator x0 = G(z): one call of the (teacher-initialised) student at ``generator_timestep``
 on x_t = z (``unit``) or sigma_t z. Per sample, at t ~ U[0.02 T, 0.98 T] and

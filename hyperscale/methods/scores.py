@@ -30,7 +30,7 @@ def fake_score_dsm(fake_score, x0: Tensor, cond, times: TimeDist,
                    weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0) -> LossOut:
     """Denoising score matching of the online fake score on (detached) generator samples x0
     (B, ...) with the teacher's own loss: eps-MSE, t drawn from ``times`` (DMD2: uniform on the
-    grid, ALGORITHMS.md §1.5 / §2.4), optional Min-SNR weighting. Per-sample (B,)."""
+    grid, docs/algorithms.md §1.5 / §2.4), optional Min-SNR weighting. Per-sample (B,)."""
     sched = fake_score.schedule
     t = times.draw(sched, x0.shape[0], x0.device)
     eps = torch.randn_like(x0)

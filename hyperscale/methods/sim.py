@@ -2,7 +2,7 @@
 
 Luo, Huang, Geng, Kolter, Qi, "One-Step Diffusion Distillation through Score Implicit
 Matching", NeurIPS 2024 (arXiv 2410.16794); derivation and surrogates as in
-ALGORITHMS.md §1.3-1.6. A one-step generator x0 = D_theta(sigma~_init z; sigma~_init), a
+docs/algorithms.md §1.3-1.6. A one-step generator x0 = D_theta(sigma~_init z; sigma~_init), a
 frozen teacher D_phi and an online fake score D_psi (both copies of the teacher at the start).
 
 All formulas are in VE/denoiser form: x~ = x0 + sigma~ eps and score s = (D - x~) / sigma~^2.

@@ -1,7 +1,7 @@
 """Toy denoisers with exact scores, for tests and demos of distillation methods.
 
 Analytic posterior means E[x0 | x~] of Gaussian and Gaussian-mixture data under VE noise
-x~ = x0 + sigma~ eps (Tweedie; ALGORITHMS.md "Notation"), wrapped as ``Denoiser``s on a VP
+x~ = x0 + sigma~ eps (Tweedie; docs/algorithms.md §0.2), wrapped as ``Denoiser``s on a VP
 schedule, plus a small MLP denoiser (EDM preconditioning, Karras et al. 2022, Table 1) to
 play a trainable generator or fake score. Samples are flat vectors: shape (B, D); each
 denoiser carries ``sample_shape = (D,)``. Conditioning is ignored (one class).

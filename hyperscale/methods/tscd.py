@@ -1,5 +1,5 @@
 """TSCD: Trajectory Segmented Consistency Distillation (Hyper-SD, Ren et al. 2024, arXiv 2404.13686;
-ALGORITHMS.md §2.2), and plain consistency distillation (``cd``) as its one-segment case.
+docs/algorithms.md §2.2), and plain consistency distillation (``cd``) as its one-segment case.
 
 Per sample, on a data batch x0 (segment math in ``hyperscale.diffusion.segments``):
 

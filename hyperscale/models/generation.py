@@ -70,7 +70,7 @@ class GenerateRequest(BaseModel):
 
 @dataclass
 class Limits:
-    """Server-side bounds on one request (BENCHMARK.md §5: every excess is a 4xx naming the field)."""
+    """Server-side bounds on one request (docs/benchmarks.md §9: every excess is a 4xx naming the field)."""
 
     max_images_per_request: int = 16
     max_steps: int = 8

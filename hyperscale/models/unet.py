@@ -1,6 +1,6 @@
 """Adapter: diffusers ``UNet2DModel`` with class labels -> ``Denoiser``.
 
-The class-conditional pixel-space teacher of the CPU-scale domain (DESIGN.md).
+The class-conditional pixel-space teacher of the CPU-scale domain (docs/design.md §5).
 The class embedding table has ``num_classes + 1`` rows; the last row is the null
 label that classifier-free guidance uses.
 

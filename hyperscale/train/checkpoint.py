@@ -15,7 +15,7 @@ storage (local or S3), so no shared filesystem is needed. Layout of a merged che
 
 A checkpoint is complete when rank 0's meta.json names ``world_size`` and every rank's
 manifest is there with all its files at their sizes (Ray's merge once lost a shard,
-STACK.md §3); incomplete checkpoints are never resumed from.
+docs/stack.md §3); incomplete checkpoints are never resumed from.
 
 Storage may be a local directory or an ``s3://`` prefix: ``problems``, ``find_latest``,
 ``meta_step`` and ``resolve_resume`` take either (S3: one listing, then small GETs for

@@ -66,7 +66,7 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
 def init_distributed(backend: str) -> None:
     """Join the process group Ray Train made (a no-op for the group itself) so DeepSpeed's
     comm layer knows it. Skips the shared-memory op JIT build (20-80 s on CPU; it only
-    serves inference all-reduce; STACK.md §2)."""
+    serves inference all-reduce; docs/stack.md §2)."""
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
 

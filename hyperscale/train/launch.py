@@ -23,7 +23,7 @@ from pathlib import Path
 from hyperscale.config import Config, to_yaml
 from hyperscale.io import absolute_local, is_remote, join, write_text
 
-# Without this, every ray.train.report() blocks ~2 s (STACK.md §3).
+# Without this, every ray.train.report() blocks ~2 s (docs/stack.md §3).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 

@@ -40,7 +40,7 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         out = fn(rank, world, *args)
-        dist.barrier()  # before exit: DeepSpeed can abort at exit otherwise (STACK.md §2)
+        dist.barrier()  # before exit: DeepSpeed can abort at exit otherwise (docs/stack.md §2)
         queue.put((rank, True, pickle.dumps(out)))  # plain pickle: tensors by value, not shared fds
     except BaseException:  # report, then exit non-zero
         queue.put((rank, False, traceback.format_exc()))

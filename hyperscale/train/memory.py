@@ -1,5 +1,5 @@
 """Per-rank memory of every trainable role under ZeRO 0-3, and trainer throughput
-(BENCHMARK.md §3): ``python jobs/bench.py --suite memory``.
+(docs/benchmarks.md §8): ``python jobs/bench.py --suite memory``.
 
 Memory is measured from the tensors each rank really holds (storages counted once, so views
 into DeepSpeed's flat buffers are not double counted): parameters (under ZeRO-3 the rank's

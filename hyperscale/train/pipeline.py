@@ -1,5 +1,5 @@
 """Multi-phase distillation: Hyper-SD's TSCD 8 -> 4 -> 2 -> 1 -> human feedback -> score
-distillation into one unified LoRA (ALGORITHMS.md §2.2-2.5), as a list of ordinary distill runs.
+distillation into one unified LoRA (docs/algorithms.md §2.2-2.5), as a list of ordinary distill runs.
 
 A pipeline file is YAML with ``phases:`` (``jobs/distill.py`` detects it)::
 

@@ -1,4 +1,4 @@
-"""Reliability scenarios (BENCHMARK.md §5) as figures: ``python jobs/bench.py --suite reliability``.
+"""Reliability scenarios (docs/benchmarks.md §9) as figures: ``python jobs/bench.py --suite reliability``.
 
 Each scenario runs the real job (``jobs/pretrain_teacher.py``, the tiny teacher preset, 2 Ray
 workers) in a subprocess with its own embedded Ray, injects the fault, and returns a row

@@ -3,7 +3,7 @@ quality evaluation every ``eval.every`` steps so the scheduler can stop it early
 
 Why trials run the loop directly, as one worker, instead of a Ray Train ``TorchTrainer``
 inside each trial: on a small machine Train V2 inside Tune hangs — the first trial's worker
-placement group is never released and the next trial's waits forever (STACK.md §4, Ray
+placement group is never released and the next trial's waits forever (docs/stack.md §4, Ray
 issue #54305). A function trial that *is* the worker has one resource request
 (``trial.cpus`` / ``trial.gpus``), released when the function returns, so trials pack onto
 any cluster: on 2 CPUs two 1-CPU trials run side by side; on a GPU cluster each trial takes
