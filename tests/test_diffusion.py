@@ -233,6 +233,35 @@ def test_tcd_matches_diffusers(precision, eta):
         _assert_same(ours, ref, TOL[precision])
 
 
+def _floor_differs_from_round(timesteps: list[int], eta: float) -> int:
+    """How many steps of a TCD grid have floor((1 - eta) t_prev) != round(...) (float32, as diffusers)."""
+    v = (1 - eta) * torch.tensor(timesteps[1:], dtype=torch.float32)
+    return int((torch.floor(v) != torch.round(v)).sum())
+
+
+@pytest.mark.parametrize("precision", ["stock", "float64"])
+@pytest.mark.parametrize("eta,full_grid", [(0.15, True), (0.6, False), (0.7, True)])
+def test_tcd_matches_diffusers_where_floor_and_round_of_s_differ(precision, eta, full_grid):
+    """TCD's s = floor((1 - gamma) t_prev). On the default grid t_prev = 20n - 1, so gamma in
+    {0, 0.3, 1} (and 0.15) put floor and round on the same timestep; these cases do not: gamma 0.15
+    on the full 0..T-1 grid (set_timesteps(n, original_inference_steps=50)), gamma 0.6 and 0.7."""
+    noise, cond = _inputs()
+    differing = 0
+    for n in STEPS:
+        sched, model = _setup(TCDScheduler, precision, **SD)
+        if full_grid:
+            sched.set_timesteps(n, original_inference_steps=50)
+        else:
+            sched.set_timesteps(n)
+        differing += _floor_differs_from_round(sched.timesteps.tolist(), eta)
+        ref = _reference(sched, model, noise, cond, precision, seed=n, eta=eta)
+        ours = []
+        S.sample_tcd(model, noise, cond, n, eta=eta, original_inference_steps=None if full_grid else 50,
+                     generator=torch.Generator().manual_seed(n), callback=ours.append)
+        _assert_same(ours, [(t, x, None) for t, x, _ in ref], TOL[precision])
+    assert differing >= 3  # the case can tell floor from round
+
+
 def test_custom_timesteps_lcm_and_tcd():
     noise, cond = _inputs()
     custom = [999, 759, 499, 259]

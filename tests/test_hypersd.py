@@ -580,6 +580,56 @@ def test_lora_export_load_round_trip_and_merge(tmp_path, teacher):
     assert (tmp_path / "lora" / LORA_WEIGHTS).is_file()
 
 
+def test_lora_alpha_and_rank_set_the_scale_of_weights_outputs_and_files(tmp_path, teacher):
+    """rank 3, alpha 5: neither peft's default alpha (8) nor alpha = rank, so the scale alpha / r
+    = 5/3 shows in the merged weights (W + (alpha / r) B A, written out here per target module),
+    in a re-loaded LoRA's outputs, in both files' alpha, and through StudentSection/init_student."""
+    from safetensors.torch import load_file
+
+    from hyperscale.methods.scores import StudentSection, build_student
+    from hyperscale.models.lora import init_student
+
+    rank, alpha = 3, 5.0
+    x, t, c = torch.randn(2, 1, 28, 28), torch.tensor([10, 700]), torch.tensor([1, 2])
+    student = _trained_lora(teacher, rank=rank, alpha=alpha)
+    lora = student.lora_state_dict()
+    merged = merge_lora(student)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    assert len(modules) > 5
+    for path in modules:
+        a, b = lora[f"{path}.lora_A.weight"], lora[f"{path}.lora_B.weight"]
+        w0 = teacher.unet.get_submodule(path).weight
+        delta = (b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)).reshape(w0.shape)
+        assert delta.abs().max() > 1e-3, path
+        torch.testing.assert_close(merged.unet.get_submodule(path).weight, w0 + alpha / rank * delta,
+                                   rtol=1e-5, atol=1e-6, msg=path)
+    with torch.no_grad():
+        want = student(x, t, c)
+        assert (merged(x, t, c) - want).abs().max() < 1e-5
+    # files: the diffusers metadata and every kohya .alpha carry 5, and a re-load reproduces the outputs
+    save_lora(student, tmp_path / "lora", kohya=True)
+    _, kwargs = read_lora(tmp_path / "lora")
+    assert kwargs["r"] == rank and kwargs["lora_alpha"] == alpha
+    kohya = load_file(str(tmp_path / "lora" / KOHYA_WEIGHTS))
+    alphas = [float(v) for k, v in kohya.items() if k.endswith(".alpha")]
+    assert len(alphas) == len(modules) and set(alphas) == {alpha}
+    assert all(v.shape[0] == rank for k, v in kohya.items() if k.endswith(".lora_down.weight"))
+    with torch.no_grad():
+        assert torch.equal(load_lora(copy.deepcopy(teacher), tmp_path / "lora")(x, t, c), want)
+    # a student built from the config section carries the same scale
+    built = build_student(teacher, StudentSection(name="x", student="lora", lora_rank=rank, lora_alpha=alpha))
+    assert built.lora_config.r == rank and built.lora_config.lora_alpha == alpha
+    scales = [float(m.scaling["default"]) for m in built.modules() if hasattr(m, "scaling") and m.scaling]
+    assert len(scales) == len(modules) and all(v == pytest.approx(alpha / rank) for v in scales)
+    # continuing that export: same rank and alpha load (same outputs); alpha left at None (= rank) does not
+    save_student(student, tmp_path / "export")
+    again = init_student(copy.deepcopy(teacher), tmp_path / "export", True, rank, alpha)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, c), want)
+    with pytest.raises(ValueError, match="lora_alpha is 5.0 there, 3.0 here"):
+        init_student(copy.deepcopy(teacher), tmp_path / "export", True, rank, None)
+
+
 def test_save_student_writes_merged_weights_and_the_lora(tmp_path, teacher):
     x, t, c = torch.randn(2, 1, 28, 28), torch.tensor([10, 700]), torch.tensor([1, 2])
     student = _trained_lora(teacher)

@@ -147,6 +147,29 @@ def test_renoise_gives_the_forward_marginal():
     assert torch.allclose(same, x0 * 3.0)
 
 
+def test_renoise_with_real_noise_is_the_closed_form_at_every_timestep_pair():
+    """TCD's re-noise (eq. 19) with non-zero noise and s < t: x_t = sqrt(r) x_s + sqrt(1 - r) z,
+    r = abar_t / abar_s, written out here per sample in float64 (the noise coefficient is
+    sqrt(1 - r), not 1 - r: the pairs below have r from about 0.002 to 0.9999)."""
+    sched = _schedule()
+    s = torch.tensor([-1, -1, 100, 249, 600, 19])
+    t = torch.tensor([0, 700, 400, 499, 999, 39])
+    g = torch.Generator().manual_seed(3)
+    x_s = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    out = seg.renoise(sched, x_s, s, t, z)
+    for i in range(6):
+        abar_s = 1.0 if s[i] < 0 else float(sched.alphas_cumprod[s[i]])
+        r = float(sched.alphas_cumprod[t[i]]) / abar_s
+        assert 0 < r < 1 and abs((1 - r) ** 0.5 - (1 - r)) > 5e-4  # the two coefficients differ here
+        want = r ** 0.5 * x_s[i] + (1 - r) ** 0.5 * z[i]
+        assert torch.allclose(out[i], want, rtol=0, atol=1e-12), i
+    # the noise part alone: x_s = 0 leaves sqrt(1 - r) z, whose variance is 1 - r
+    noise_only = seg.renoise(sched, torch.zeros_like(x_s), s, t, torch.ones_like(x_s))
+    r = sched.abar(t) / sched.abar(s)
+    assert torch.allclose(noise_only[:, 0, 0], (1 - r).sqrt(), rtol=0, atol=1e-12)
+
+
 def test_stage_at():
     steps = [3, 2, 4]
     got = [seg.stage_at(s, steps) for s in range(12)]

@@ -10,6 +10,7 @@ of the true divergence is exact to quadrature precision (no Monte Carlo noise), 
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from hyperscale.methods.dmd import Dmd, DmdConfig
 from hyperscale.methods.registry import build_method
 from hyperscale.diffusion.timedist import karras_sigma, lognormal_sigma, time_dist
 from hyperscale.methods.sim import Sim, SimConfig, distance_terms, sim_integrand
-from hyperscale.methods.toy import MLPDenoiser, gaussian_posterior_mean, ring_mixture
+from hyperscale.methods.toy import MLPDenoiser, _ToyDenoiser, gaussian_posterior_mean, ring_mixture
 from hyperscale.train.step import Role, StepCounters, two_player_step
 
 F64 = torch.float64
@@ -277,6 +278,81 @@ def test_generator_loss_is_the_exact_integrand_with_nothing_detached(sampling, c
     for a, b in zip(g1, torch.autograd.grad(loss.mean(), list(gen.parameters()))):
         torch.testing.assert_close(a, b)
     assert set(out.metrics) >= {"sim/y_norm", "sim/dist"}
+
+
+class _TwoClassRing(_ToyDenoiser):
+    """An exact class-conditional teacher for CFG: label 0 is a 4-mode ring of radius 1.3, the null
+    label (1) a wider 3-mode ring of radius 0.6, so guided and unguided x0 differ everywhere."""
+
+    def __init__(self, sched):
+        super().__init__(sched, 2)
+        self.cond_ring = ring_mixture(sched, k=4, radius=1.3, std=0.1)
+        self.null_ring = ring_mixture(sched, k=3, radius=0.6, std=0.3)
+
+    def null_cond(self, cond):
+        return torch.ones_like(cond)
+
+    def raw(self, x_t, t, cond):
+        pick = (cond == 0)[:, None]
+        return torch.where(pick, self.cond_ring.raw(x_t, t, cond), self.null_ring.raw(x_t, t, cond))
+
+
+SIM_GPU = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sim-gpu.yaml"
+
+
+@pytest.mark.parametrize("settings", [
+    {"generator_weighting": "sid"},
+    {"teacher_guidance_scale": 1.3},
+    {"generator_weighting": "sid", "teacher_guidance_scale": 2.0, "generator_t_sampling": "karras"},
+    "sim-gpu.yaml"], ids=["sid-weighting", "guidance-1.3", "sid+guidance-2", "sim-gpu-preset"])
+def test_generator_loss_applies_sid_weighting_and_teacher_guidance_exactly(settings):
+    """generator_weighting "sid" divides each sample's loss by mean|x0 - D_phi| (stop-grad, clamped
+    at 1e-5); teacher_guidance_scale w != 1 makes D_phi = D_u + w (D_c - D_u) on the teacher alone
+    (the fake score stays unguided). Replayed draw for draw as above, loss and generator gradients;
+    the last case is jobs/configs/sim-gpu.yaml's method section as is (sid, w = 1.3, karras,
+    generator clamp, t in [0, 0.8])."""
+    from hyperscale.config import load_config
+
+    cfg = load_config(SIM_GPU).method if settings == "sim-gpu.yaml" else SimConfig(**settings)
+    if settings == "sim-gpu.yaml":
+        assert cfg.generator_weighting == "sid" and cfg.teacher_guidance_scale == 1.3
+    w = cfg.teacher_guidance_scale
+    sched = NoiseSchedule.from_config()
+    torch.manual_seed(0)
+    gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
+    fake.requires_grad_(False)
+    teacher = _TwoClassRing(sched)
+    method = Sim(cfg)
+    cond = torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(1)
+    out = method.generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
+    g1 = torch.autograd.grad(out.loss.mean(), list(gen.parameters()))
+
+    torch.manual_seed(1)  # replay: z, then t, then eps
+    x0 = _generator_call(gen, torch.randn(8, 2), cond)
+    if cfg.generator_clip_x0:
+        x0 = x0.clamp(-1, 1)
+    lo, hi = cfg.generator_t_range
+    if cfg.generator_t_sampling == "grid":
+        tt = torch.randint(round(lo * 999), round(hi * 999) + 1, (8,))
+    else:
+        tt = sched.timesteps_for_sigma_ve(karras_sigma(torch.empty(8, dtype=F64).uniform_(lo, hi)))
+    x_t = sched.add_noise(x0, torch.randn_like(x0), tt)
+    d_cond = teacher(x_t, tt, cond, out="sample")
+    d_phi = d_cond
+    if w != 1.0:
+        d_null = teacher(x_t, tt, torch.ones_like(cond), out="sample")
+        d_phi = d_null + w * (d_cond - d_null)
+        assert (d_phi - d_cond).abs().max() > 0.05  # guidance changes the target here
+    d_psi = fake(x_t, tt, cond, out="sample")
+    loss = Sim(cfg.model_copy(update={"generator_weighting": "uniform"})).per_sample(d_phi, d_psi, x0)[0]
+    if cfg.generator_weighting == "sid":
+        norm = (x0 - d_phi).detach().abs().mean(1).clamp_min(1e-5)
+        assert (norm - 1).abs().min() > 0.05  # the normaliser changes every sample's loss
+        loss = loss / norm
+    torch.testing.assert_close(out.loss, loss)
+    for a, b in zip(g1, torch.autograd.grad(loss.mean(), list(gen.parameters()))):
+        torch.testing.assert_close(a, b)
 
 
 def test_karras_time_sampling_follows_sids_noise_levels():

@@ -1,5 +1,7 @@
 """The trainer end to end through Ray Train (2 CPU workers, gloo): checkpoint, exact resume, export,
-with DeepSpeed ZeRO-2 (the default) and ZeRO-3 engines and with the plain-torch path."""
+with DeepSpeed ZeRO-2 (the default) and ZeRO-3 engines and with the plain-torch path; and the
+generator's EMA (two_player_step, and the in-process loop's export) against the decayed average
+written out by hand."""
 import json
 from pathlib import Path
 
@@ -83,3 +85,92 @@ def test_a_run_directory_with_checkpoints_needs_resume_latest(tmp_path, resume):
     extra = [f"train.resume_from_checkpoint={resume}"] if resume else []
     with pytest.raises(ValueError, match=r"already holds an earlier run's checkpoints.*resume_from_checkpoint=latest"):
         _run(tmp_path, *extra)
+
+
+def _expected_ema(snapshots: list[dict], decay: float, warmup: bool) -> dict:
+    """The EMA of a sequence of weights written out: e_0 = w_0, then after update n (0-based)
+    e = d_n e + (1 - d_n) w_{n+1}, d_n = min(decay, (1 + n) / (10 + n)) with warm-up, else decay."""
+    ema = {k: v.double().clone() for k, v in snapshots[0].items()}
+    for n, w in enumerate(snapshots[1:]):
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        ema = {k: d * ema[k] + (1 - d) * w[k].double() for k in ema}
+    return ema
+
+
+@pytest.mark.parametrize("warmup,decay", [(True, 0.8), (False, 0.6)])
+def test_two_player_step_updates_the_ema_to_the_decayed_average_of_the_generator(warmup, decay):
+    """After k steps the EMA weights are the decayed average of the generator's weights after each
+    step (and its start), with and without warm-up; the critic's weights never enter it."""
+    from hyperscale.diffusion.schedule import NoiseSchedule
+    from hyperscale.methods.base import Batch
+    from hyperscale.methods.sim import Sim, SimConfig
+    from hyperscale.methods.toy import MLPDenoiser, ring_mixture
+    from hyperscale.models.ema import EMA
+    from hyperscale.train.step import Role, StepCounters, two_player_step
+
+    sched = NoiseSchedule.from_config()
+    torch.manual_seed(0)
+    teacher = ring_mixture(sched, k=4, std=0.1)
+    roles = {}
+    for name in ("generator", "fake_score"):
+        net = MLPDenoiser(sched, dim=2, hidden=16)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        roles[name] = Role(name, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), max_grad_norm=1e3)
+    gen = roles["generator"].module
+
+    def weights():
+        return {k: v.detach().clone() for k, v in gen.named_parameters()}
+
+    snapshots = [weights()]
+    ema = EMA(gen, decay, warmup=warmup)
+    counters, cond = StepCounters(), torch.zeros(16, dtype=torch.long)
+    for _ in range(5):
+        two_player_step(Sim(SimConfig()), lambda: Batch(cond), roles, {"teacher": teacher}, ema, counters)
+        snapshots.append(weights())
+    want = _expected_ema(snapshots, decay, warmup)
+    got = dict(ema.model.named_parameters())
+    assert counters.step == 5 and ema.updates == 5
+    for k, w in want.items():
+        torch.testing.assert_close(got[k].double(), w, rtol=1e-6, atol=1e-7, msg=k)
+    # not trivially equal to either end: the generator moved, and the average lags behind it
+    moved = max((snapshots[-1][k] - snapshots[0][k]).abs().max().item() for k in want)
+    lag = max((got[k] - snapshots[-1][k]).abs().max().item() for k in want)
+    assert moved > 1e-2 and lag > 1e-3
+
+
+def test_the_training_loop_exports_the_ema_of_the_generator_after_every_step(tmp_path, monkeypatch):
+    """The loop itself (one worker in process, plain torch, no Ray): export/ema holds the decayed
+    average (with warm-up) of the generator's weights after each of its steps, export/raw the last
+    of them. The weights are read after every step by wrapping the loop's two_player_step."""
+    from hyperscale.train import loop
+    from hyperscale.train.launch import run_in_process
+
+    snapshots, original = [], loop.two_player_step
+
+    def recording(method, batches, roles, frozen, ema, counters):
+        gen = roles[method.trainable[0]].module
+        if not snapshots:
+            snapshots.append({k: v.detach().clone() for k, v in gen.named_parameters()})
+        out = original(method, batches, roles, frozen, ema, counters)
+        snapshots.append({k: v.detach().clone() for k, v in gen.named_parameters()})
+        return out
+
+    monkeypatch.setattr(loop, "two_player_step", recording)
+    threads = torch.get_num_threads()
+    try:
+        cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "train.num_workers=1", "train.engine=torch",
+                                 "train.max_steps=4", "train.checkpoint_every=4", "train.log_every=1",
+                                 "train.ema_decay=0.5", "train.ema_warmup=true", "data.batch_size=4",
+                                 "train.lr=0.003"])
+        assert run_in_process(cfg)["step"] == 4
+    finally:
+        torch.set_num_threads(threads)
+    assert len(snapshots) == 5
+    ema = load_file(str(tmp_path / "export/ema/model.safetensors"))
+    raw = load_file(str(tmp_path / "export/raw/model.safetensors"))
+    want = _expected_ema(snapshots, 0.5, True)  # d = 0.1, 0.18, 0.25, 0.31: the warm-up's values
+    assert set(want) <= set(ema)
+    for k, w in want.items():
+        torch.testing.assert_close(ema[k].double(), w, rtol=1e-5, atol=1e-7, msg=k)
+        assert torch.equal(raw[k], snapshots[-1][k])
+    assert max((ema[k] - raw[k]).abs().max().item() for k in want) > 1e-4  # the average is not the last iterate
