@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperscale.cli import no_ray_flag, parse  # noqa: E402
+from hyperscale.train.console import interruptible, resume_command  # noqa: E402
 from hyperscale.train.launch import run_in_process, run_training  # noqa: E402
 from hyperscale.train.pipeline import config_argument, is_pipeline_file, main as run_pipeline_cli  # noqa: E402
 
@@ -27,11 +28,14 @@ if __name__ == "__main__":
     if path is not None and is_pipeline_file(path):
         if "--no-ray" in sys.argv[1:]:
             raise SystemExit(f"error: --no-ray runs one config, not a pipeline ({path})")
-        summary = run_pipeline_cli(__doc__, sys.argv[1:])
+        with interruptible("run the same command again to continue: finished phases are skipped, "
+                           "the unfinished one resumes from its latest checkpoint"):
+            summary = run_pipeline_cli(__doc__, sys.argv[1:])
         if summary is not None:
             print(f"[hyperscale] done: {len(summary['phases'])} phases, unified export in "
                   f"{summary['output_dir']}/unified")
         raise SystemExit(0)
     cfg, args = parse(__doc__, "sim.yaml", extra=no_ray_flag)
-    metrics = (run_in_process if args.no_ray else run_training)(cfg)
+    with interruptible(f"continue from the latest checkpoint with: {resume_command()}"):
+        metrics = (run_in_process if args.no_ray else run_training)(cfg)
     print(f"[hyperscale] done: step {metrics.get('step')}, outputs in {cfg.run.output_dir}")

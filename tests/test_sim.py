@@ -317,7 +317,7 @@ def test_generator_loss_applies_sid_weighting_and_teacher_guidance_exactly(setti
     if settings == "sim-gpu.yaml":
         assert cfg.generator_weighting == "sid" and cfg.teacher_guidance_scale == 1.3
     w = cfg.teacher_guidance_scale
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.manual_seed(0)
     gen, fake = MLPDenoiser(sched, 2, 16), MLPDenoiser(sched, 2, 16)
     fake.requires_grad_(False)

@@ -101,14 +101,14 @@ def _expected_ema(snapshots: list[dict], decay: float, warmup: bool) -> dict:
 def test_two_player_step_updates_the_ema_to_the_decayed_average_of_the_generator(warmup, decay):
     """After k steps the EMA weights are the decayed average of the generator's weights after each
     step (and its start), with and without warm-up; the critic's weights never enter it."""
-    from hyperscale.diffusion.schedule import NoiseSchedule
+    from hyperscale.diffusion.schedule import DiscreteVP
     from hyperscale.methods.base import Batch
     from hyperscale.methods.sim import Sim, SimConfig
     from hyperscale.methods.toy import MLPDenoiser, ring_mixture
     from hyperscale.models.ema import EMA
     from hyperscale.train.step import Role, StepCounters, two_player_step
 
-    sched = NoiseSchedule.from_config()
+    sched = DiscreteVP.from_config()
     torch.manual_seed(0)
     teacher = ring_mixture(sched, k=4, std=0.1)
     roles = {}

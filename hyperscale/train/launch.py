@@ -24,26 +24,36 @@ from hyperscale.config import Config, to_yaml
 from hyperscale.io import absolute_local, is_remote, join, write_text
 
 # Without this, every ray.train.report() blocks ~2 s (docs/stack.md §3).
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 otherwise makes each print in a worker both a log
+# record and a print, so every line came twice (hyperscale/train/console.py).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, output_dir: str | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray unless this process already did. Its console stays
+    the job's: the workers' and actors' output is not copied to it (``log_to_driver=False``), and
+    Ray's logs go to ``<output_dir>/logs`` (``hyperscale.train.console``; one line says where)."""
     import ray
+
+    from hyperscale.train.console import fds_to, log_dir, start_ray_logging
 
     if ray.is_initialized():
         return
     missing = {k: v for k, v in RAY_ENV.items() if k not in os.environ}
     os.environ.update(missing)
     env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
-    if os.environ.get("RAY_ADDRESS"):
-        # A cluster (e.g. under `ray job submit`): the job's runtime_env may already set these, and
-        # Ray refuses to merge a key given twice, so pass only what the job's env lacks.
-        ray.init(runtime_env={"env_vars": missing} if missing else None)
-    else:
-        tmp = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short path: unix socket limit
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=tmp,
-                 runtime_env=env, log_to_driver=True)
+    logs = log_dir(output_dir) if output_dir else None
+    with fds_to(logs / "driver.log" if logs else None):  # ray.init's own notes and warnings
+        if os.environ.get("RAY_ADDRESS"):
+            # A cluster (e.g. under `ray job submit`): the job's runtime_env may already set these, and
+            # Ray refuses to merge a key given twice, so pass only what the job's env lacks.
+            ray.init(runtime_env={"env_vars": missing} if missing else None, log_to_driver=False)
+        else:
+            tmp = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short path: unix socket limit
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=tmp,
+                     runtime_env=env, log_to_driver=False)
+    start_ray_logging(output_dir)
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -130,14 +140,17 @@ def _storage(out: str) -> dict:
     return {"storage_path": out[len("s3://"):], "storage_filesystem": arrow_filesystem(out)}
 
 
-def train_worker(env: dict[str, str], loop_config: dict) -> None:
-    """What every Ray Train worker runs (as ``partial(train_worker, env)``): the driver's S3
-    settings ``env``, then ``worker.train_loop``. ``env`` travels inside the pickled function,
-    not in ``train_loop_config``, which Ray Train records in its state API."""
+def train_worker(env: dict[str, str], loop_config: dict, console=None) -> None:
+    """What every Ray Train worker runs (as ``partial(train_worker, env, console=queue)``): the
+    driver's S3 settings ``env``, then ``worker.train_loop``, rank 0 sending its progress to the
+    driver's console (``console.DriverConsole``'s queue). ``env`` travels inside the pickled
+    function, not in ``train_loop_config``, which Ray Train records in its state API."""
     os.environ.update(env)
+    from hyperscale.train.console import worker_console
     from hyperscale.train.worker import train_loop
 
-    train_loop(loop_config)
+    with worker_console(console):
+        train_loop(loop_config)
 
 
 def run_training(cfg: Config) -> dict:
@@ -149,11 +162,14 @@ def run_training(cfg: Config) -> dict:
 
     from hyperscale.data.s3 import settings_env
 
+    from hyperscale.train.console import DriverConsole
+
     cfg, out = prepare_run(cfg)
     t = cfg.train
-    ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)))
+    ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)), out)
+    console = DriverConsole(cfg.run.name)
     trainer = TorchTrainer(
-        functools.partial(train_worker, settings_env()),
+        functools.partial(train_worker, settings_env(), console=console.queue),
         # run_id: tells a worker-group restart (same id, checkpoints of this call in storage)
         # from a new run in the same output directory.
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_root": join(out, "checkpoints"),
@@ -165,7 +181,15 @@ def run_training(cfg: Config) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
-    result = trainer.fit()
+    print(f"[hyperscale] {cfg.run.name}: {t.max_steps} steps on {t.num_workers} Ray Train worker(s), "
+          f"outputs in {out}", flush=True)
+    try:
+        with console:
+            result = trainer.fit()
+    except SystemExit as e:
+        # Ray Train's own SIGINT handler aborts the run and leaves fit() by SystemExit (code 1,
+        # no message); say what happened instead (the job scripts print how to continue).
+        raise KeyboardInterrupt(f"training interrupted: {cfg.run.name}") from e
     return write_metrics(out, dict(result.metrics or {}))
 
 
@@ -176,6 +200,7 @@ def run_in_process(cfg: Config) -> dict:
     install, or a debugger. DeepSpeed still works here (a world-size-1 process group)."""
     import torch
 
+    from hyperscale.train.console import local_console
     from hyperscale.train.local import LocalSession
     from hyperscale.train.loop import Paths, run
 
@@ -190,4 +215,6 @@ def run_in_process(cfg: Config) -> dict:
     cfg, out = prepare_run(cfg)
     root = Path(out) / "checkpoints"
     device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
-    return write_metrics(out, run(cfg, LocalSession(root, t.keep_checkpoints), Paths(root, Path(out) / "export"), device))
+    with local_console(cfg.run.name, Path(out) / "logs"):
+        metrics = run(cfg, LocalSession(root, t.keep_checkpoints), Paths(root, Path(out) / "export"), device)
+    return write_metrics(out, metrics)

@@ -284,9 +284,9 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             if is_eval:
                 metrics |= quality(step)
             if rank == 0:
-                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("loss/", "eval/")))
-                print(f"[hyperscale] step {step}/{t.max_steps} {shown} "
-                      f"{sps:.1f} samples/s ETA {eta / 60:.1f} min", flush=True)
+                from hyperscale.progress import training_step  # draws here, or sends to Ray's driver
+
+                training_step(step, t.max_steps, metrics, sps, eta)
         if is_ckpt:
             timing["time/checkpoint_save_s"] = save_checkpoint(step, metrics)
         elif step % t.log_every == 0 or is_eval:
