@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperscale.eval.bench import QualitySettings, StudentSpec, parse_students, run_quality  # noqa: E402
-from hyperscale.eval.denoise import DenoiseSettings, run_denoise  # noqa: E402
-from hyperscale.eval.speed import SpeedSettings, run_speed  # noqa: E402
+from hyperscale.bench.quality import QualitySettings, StudentSpec, parse_students, run_quality  # noqa: E402
+from hyperscale.bench.denoise import DenoiseSettings, run_denoise  # noqa: E402
+from hyperscale.bench.speed import SpeedSettings, run_speed  # noqa: E402
 
 if __name__ == "__main__":
     d, sd, dd = QualitySettings(), SpeedSettings(), DenoiseSettings()
@@ -72,8 +72,8 @@ if __name__ == "__main__":
     if a.suite in ("memory", "reliability"):
         import tempfile
 
-        from hyperscale.train.memory import MemorySettings, run_memory_suite
-        from hyperscale.train.reliability import run_reliability_suite
+        from hyperscale.bench.memory import MemorySettings, run_memory_suite
+        from hyperscale.bench.reliability import run_reliability_suite
 
         work = Path(a.work or tempfile.mkdtemp(prefix=f"hs-{a.suite}-"))
         path = (run_memory_suite(a.out, MemorySettings(teacher=a.teacher), command=command, work=work)

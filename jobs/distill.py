@@ -11,7 +11,7 @@ Fashion-MNIST teacher) through Ray Train.
 Started plainly it runs an embedded local Ray; under ``ray job submit`` it joins the
 cluster. Outputs in ``run.output_dir``: export/ (1-step generator, safetensors + JSON),
 samples.png, metrics.json, config.yaml, checkpoints/; a pipeline writes one such directory
-per phase and unified/ (see hyperscale/train/pipeline.py).
+per phase and unified/ (see hyperscale/pipeline/run.py).
 """
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hyperscale.cli import no_ray_flag, parse  # noqa: E402
 from hyperscale.train.console import interruptible, resume_command  # noqa: E402
 from hyperscale.train.launch import run_in_process, run_training  # noqa: E402
-from hyperscale.train.pipeline import config_argument, is_pipeline_file, main as run_pipeline_cli  # noqa: E402
+from hyperscale.pipeline.run import config_argument, is_pipeline_file, main as run_pipeline_cli  # noqa: E402
 
 if __name__ == "__main__":
     path = config_argument(sys.argv[1:])

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperscale.records import write_record  # noqa: E402
-from hyperscale.eval.serving import ServerProcess, in_process, run_level  # noqa: E402
+from hyperscale.storage.records import write_record  # noqa: E402
+from hyperscale.bench.serving import ServerProcess, in_process, run_level  # noqa: E402
 
 
 def free_port() -> int:

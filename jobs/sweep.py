@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperscale.config import ConfigError  # noqa: E402
-from hyperscale.io import REPO  # noqa: E402
+from hyperscale.storage.local import REPO  # noqa: E402
 from hyperscale.eval.quick import QuickEval  # noqa: E402
-from hyperscale.eval.sweep_report import write_sweep_report  # noqa: E402
+from hyperscale.tune.report import write_sweep_report  # noqa: E402
 from hyperscale.tune.space import load_sweep, trial_config  # noqa: E402
 from hyperscale.tune.sweep import collect_rows, interrupted, run_sweep, write_best_preset  # noqa: E402
 

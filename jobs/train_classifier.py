@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from hyperscale.eval.classifier import DEFAULT_DIR, TrainConfig, save_classifier, train_classifier  # noqa: E402
+from hyperscale.data.fashion_mnist import load_fashion_mnist  # noqa: E402
+from hyperscale.models.classifier import DEFAULT_DIR, TrainConfig, save_classifier, train_classifier  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +24,8 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
     args = ap.parse_args()
-    result = train_classifier(args.epochs, train_config=TrainConfig(seed=args.seed))
+    splits = [load_fashion_mnist(split).tensors() for split in ("train", "test")]
+    result = train_classifier(*splits, args.epochs, train_config=TrainConfig(seed=args.seed))
     card = {"test_accuracy": result.test_accuracy, "test_images": 10000,
             "train_seconds": round(result.train_seconds, 1), "train": asdict(result.train_config),
             "history": result.history, "command": " ".join(["python"] + sys.argv),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from moto.server import ThreadedMotoServer
 
-from hyperscale.data import s3
+from hyperscale.storage import s3
 from hyperscale.data.fashion_mnist import ImageSet
 from hyperscale.data.shards import shard_pattern, write_shards
 

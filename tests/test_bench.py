@@ -10,10 +10,10 @@ from PIL import Image
 from hyperscale.config import load_config
 import pytest
 
-from hyperscale.eval.bench import (QualitySettings, StudentSpec, carried_rows, parse_students, run_quality,
+from hyperscale.bench.quality import (QualitySettings, StudentSpec, carried_rows, parse_students, run_quality,
                                   student_sampler)
-from hyperscale.eval.denoise import DenoiseSettings, denoising_error, run_denoise
-from hyperscale.eval.speed import SpeedSettings, run_speed
+from hyperscale.bench.denoise import DenoiseSettings, denoising_error, run_denoise
+from hyperscale.bench.speed import SpeedSettings, run_speed
 from hyperscale.methods.sim import Sim, SimConfig
 from hyperscale.models.build import build_denoiser, save_denoiser
 

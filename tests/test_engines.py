@@ -18,7 +18,7 @@ from hyperscale.models.build import build_denoiser, save_denoiser
 from hyperscale.models.ema import EMA
 from hyperscale.train import engines
 from hyperscale.train.local import run_local
-from hyperscale.train.memory import memory_footprint
+from hyperscale.bench.memory import memory_footprint
 from hyperscale.train.step import StepCounters, two_player_step
 
 TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]", "method.name=sim",

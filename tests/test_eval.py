@@ -12,7 +12,7 @@ import torch
 
 from hyperscale.data.fashion_mnist import load_fashion_mnist
 from hyperscale.eval import features as features_mod
-from hyperscale.eval.classifier import (DEFAULT_DIR, ClassifierConfig, FashionClassifier, class_accuracy,
+from hyperscale.models.classifier import (DEFAULT_DIR, ClassifierConfig, FashionClassifier, class_accuracy,
                                         classifier_card, load_classifier, save_classifier)
 from hyperscale.eval.features import FEATURE_DIM, IMAGE_SIZE, FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid

@@ -20,7 +20,7 @@ from hyperscale.methods.base import Batch, RoleSpec
 from hyperscale.methods.dmd import Dmd, DmdConfig, dmd_direction, dmd_loss, teacher_ode
 from hyperscale.methods.scores import generator_noise
 from hyperscale.methods.feedback import Feedback, FeedbackConfig, RewardSpec, reward_hinge, truncated_rollout
-from hyperscale.methods.registry import build_method, method_names
+from hyperscale.methods import build_method, method_names
 from hyperscale.methods.toy import gaussian_posterior_mean
 from hyperscale.methods.tscd import CdConfig, Tscd, TscdConfig
 from hyperscale.models.build import build_denoiser, load_denoiser
@@ -414,7 +414,7 @@ def test_truncated_rollout_follows_the_sampler_then_takes_one_step_with_grad(tea
 
 
 def test_feedback_loss_is_the_hinge_of_the_class_reward(cfg, teacher):
-    from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier
+    from hyperscale.models.classifier import ClassifierConfig, FashionClassifier
     from hyperscale.models.rewards import ClassConsistencyReward, RewardSet
 
     torch.manual_seed(0)
@@ -430,7 +430,7 @@ def test_feedback_loss_is_the_hinge_of_the_class_reward(cfg, teacher):
 
 
 def test_class_consistency_reward(cfg):
-    from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier
+    from hyperscale.models.classifier import ClassifierConfig, FashionClassifier
     from hyperscale.models.rewards import ClassConsistencyReward
 
     torch.manual_seed(0)
@@ -451,7 +451,7 @@ def test_class_consistency_reward(cfg):
 
 
 def test_build_rewards_from_a_classifier_directory(tmp_path):
-    from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier, save_classifier
+    from hyperscale.models.classifier import ClassifierConfig, FashionClassifier, save_classifier
     from hyperscale.models.rewards import build_rewards
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 
 from hyperscale.config import load_config
 from hyperscale.methods.base import Batch
-from hyperscale.methods.registry import build_method, method_config_class, method_names
+from hyperscale.methods import build_method, method_config_class, method_names
 from hyperscale.methods.roles import build_roles
 from hyperscale.models.build import build_denoiser
 from hyperscale.train.step import Role, StepCounters, two_player_step
@@ -19,7 +19,7 @@ B = 2
 
 def _tiny_rewards(specs) -> torch.nn.Module:
     """A tiny random classifier per configured reward (class-consistency interface)."""
-    from hyperscale.eval.classifier import ClassifierConfig, FashionClassifier
+    from hyperscale.models.classifier import ClassifierConfig, FashionClassifier
     from hyperscale.models.rewards import ClassConsistencyReward, RewardSet
 
     tiny = ClassifierConfig(channels=(4, 4, 4), hidden=8, num_classes=10)

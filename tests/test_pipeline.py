@@ -1,4 +1,4 @@
-"""Multi-phase pipelines (hyperscale/train/pipeline.py) and students started from an earlier export
+"""Multi-phase pipelines (hyperscale/pipeline/run.py) and students started from an earlier export
 (method.init_student): the tiny Hyper-SD pipeline through Ray end to end, skip and resume, and the
 checks that keep a chain of phases consistent."""
 import copy
@@ -18,7 +18,7 @@ from hyperscale.methods.tscd import TscdConfig
 from hyperscale.models.build import build_denoiser, load_denoiser, save_denoiser
 from hyperscale.models.lora import LoraDenoiser, load_lora, save_student
 from hyperscale.train.checkpoint import find_latest
-from hyperscale.train.pipeline import (PIPELINE_RECORD, PipelineError, is_pipeline_file, load_pipeline,
+from hyperscale.pipeline.run import (PIPELINE_RECORD, PipelineError, is_pipeline_file, load_pipeline,
                                        phase_configs, run_pipeline)
 
 ROOT = Path(__file__).resolve().parent.parent

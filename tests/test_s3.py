@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 from urllib3.exceptions import ProtocolError
 
 from conftest import write_corrupt_shard
-from hyperscale.data import s3
+from hyperscale.storage import s3
 from hyperscale.data.fashion_mnist import to_uint8
 from hyperscale.data.shards import shard_dataset
 from s3_server import BUCKET  # its fixtures (moto, shards) come through conftest.py

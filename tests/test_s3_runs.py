@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperscale.data import s3
+from hyperscale.storage import s3
 from s3_server import BUCKET  # its fixtures (moto, shards) come through conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,7 @@ def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path, monkeypa
 
 def test_exports_are_published_to_s3_metadata_last(moto, tmp_path, monkeypatch):
     from hyperscale.config import load_config
-    from hyperscale.io import staged_dir
+    from hyperscale.storage.local import staged_dir
     from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
     from hyperscale.models.lora import LORA_WEIGHTS, apply_lora, merge_lora, save_student
 

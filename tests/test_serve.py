@@ -185,7 +185,7 @@ def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path)
     import sys
     from pathlib import Path
 
-    from hyperscale.eval.serving import run_level
+    from hyperscale.bench.serving import run_level
 
     row = run_level(server, clients=4, body={"class": 1, "num_images": 2}, max_requests=10, max_seconds=60,
                     token=TOKEN)

@@ -20,7 +20,7 @@ from torch import Tensor
 from hyperscale.diffusion.schedule import DiscreteVP, Prediction
 from hyperscale.methods.base import Batch
 from hyperscale.methods.dmd import Dmd, DmdConfig
-from hyperscale.methods.registry import build_method
+from hyperscale.methods import build_method
 from hyperscale.diffusion.timedist import karras_sigma, lognormal_sigma, time_dist
 from hyperscale.methods.sim import Sim, SimConfig, distance_terms, sim_integrand
 from hyperscale.methods.toy import MLPDenoiser, _ToyDenoiser, gaussian_posterior_mean, ring_mixture

@@ -14,7 +14,7 @@ Streaming (``shard_dataset``) gives an exactly resumable ``ShardStream``
 (``hyperscale.data.stream``): per shard, the stages open (URL -> bytes), tar members,
 group by key; then window shuffle, decode, batch. Shard URLs are local paths, ``file://``
 or ``s3://`` URLs, or brace patterns of them (``s3://b/x/train-{000000..000003}.tar``);
-every URL becomes bytes in ``open_shard`` (S3 through ``hyperscale.data.s3``). Corrupt
+every URL becomes bytes in ``open_shard`` (S3 through ``hyperscale.storage.s3``). Corrupt
 or undecodable samples (and unreadable shard tails) are skipped and counted by a
 ``SkipCounter``, never fatal; only a stream that produces nothing but errors for
 ``max_consecutive_skips`` items in a row stops with an error, and an unreachable store
@@ -42,10 +42,10 @@ from PIL import Image
 from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from hyperscale.data import s3
+from hyperscale.storage import s3
 from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, to_model_range
 from hyperscale.data.stream import ShardStream
-from hyperscale.io import atomic_file
+from hyperscale.storage.local import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _local_path(url: str) -> str | None:
 def open_shard(url: str) -> BinaryIO:
     """Open one shard URL as a binary stream: the single place URLs become bytes.
 
-    Local paths, ``file://`` and ``s3://`` (streamed by ``hyperscale.data.s3``, with
+    Local paths, ``file://`` and ``s3://`` (streamed by ``hyperscale.storage.s3``, with
     retries and mid-object resume) are supported.
     """
     if s3.is_s3_url(url):

@@ -1,6 +1,6 @@
 """Evaluation: EfficientNet-Lite0 features, FID/KID, a Fashion-MNIST classifier for class
 accuracy, image grids and plots. Imports neither ray nor deepspeed."""
-from hyperscale.eval.classifier import (FashionClassifier, class_accuracy, load_classifier,
+from hyperscale.models.classifier import (FashionClassifier, class_accuracy, load_classifier,
                                         save_classifier, train_classifier)
 from hyperscale.eval.features import IMAGE_SIZE, FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid

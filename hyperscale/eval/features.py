@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hyperscale.data.fashion_mnist import load_fashion_mnist, to_model_range
 from hyperscale.eval.metrics import ReferenceStats, gaussian_stats
-from hyperscale.io import atomic_file
+from hyperscale.storage.local import atomic_file
 
 IMAGE_SIZE = 64
 FEATURE_DIM = 1280

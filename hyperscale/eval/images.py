@@ -11,7 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from hyperscale.eval.metrics import FID_NOTE
-from hyperscale.io import atomic_file
+from hyperscale.storage.local import atomic_file
 
 
 def make_grid(images: Tensor, nrow: int = 10, padding: int = 2) -> np.ndarray:

@@ -139,7 +139,7 @@ def evaluate_samples(images: "Tensor", labels: "Tensor", ref_stats: ReferenceSta
     reference set), KID against its cached feature subsample, and the accuracy of
     ``classifier`` on the samples against ``labels``.
     """
-    from hyperscale.eval.classifier import class_accuracy
+    from hyperscale.models.classifier import class_accuracy
 
     feats = extractor(images)
     return {"fid": fid_from_features(feats, ref_stats),

@@ -2,7 +2,7 @@
 fixed sample set, for sweeps that stop poor trials early (``hyperscale.tune``).
 
 The same feature network, reference statistics (the Fashion-MNIST test set) and classifier
-as the quality benchmark (``hyperscale.eval.bench``), on fewer samples (default 500, class
+as the quality benchmark (``hyperscale.bench.quality``), on fewer samples (default 500, class
 balanced, fixed noise). FID on few samples is biased upwards (Chong & Forsyth 2020): values
 compare trials of one sweep, not the benchmark's 2,000-sample table.
 """
@@ -49,7 +49,7 @@ class QuickEval:
         """Load the feature network, the reference statistics (computed once, then cached on
         disk) and the classifier. Call once in the driver so trials find the cache warm."""
         if self._state is None:
-            from hyperscale.eval.classifier import load_classifier
+            from hyperscale.models.classifier import load_classifier
             from hyperscale.eval.features import FeatureExtractor, reference_stats
 
             extractor = FeatureExtractor(image_size=self.image_size)

@@ -8,11 +8,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from hyperscale.config import MethodSection
+from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
-from hyperscale.methods.registry import register
 
 
 class DenoisingConfig(MethodSection):
@@ -47,6 +46,3 @@ class Denoising(Method):
     def sample(self, generator, z, cond):
         """DDIM, 25 trailing steps, no guidance: a quick look, not the benchmark."""
         return sample_ddim(generator, z, cond, 25, spacing="trailing", clip_x0=True)
-
-
-register("denoising", DenoisingConfig, Denoising)

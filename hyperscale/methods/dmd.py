@@ -32,7 +32,6 @@ from hyperscale.diffusion.sampling import NoiseInput, ddim_walk, one_step
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.feedback import RewardSpec, reward_hinge
-from hyperscale.methods.registry import register
 from hyperscale.diffusion.timedist import TimeSampling, time_dist
 from hyperscale.methods.scores import (StudentSection, TimeRange, build_student, check_student, fake_score_dsm,
                                        generator_noise)
@@ -179,6 +178,3 @@ class Dmd(Method):
         cfg = self.config
         return fake_score_dsm(fake_score, x0, batch.cond, time_dist(cfg.fake_t_sampling, *cfg.fake_t_range),
                               cfg.fake_weighting, cfg.min_snr_gamma)
-
-
-register("dmd", DmdConfig, Dmd)

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from hyperscale.config import Section
+from hyperscale.config.schema import Section
 from hyperscale.diffusion.sampling import ddim_walk, timesteps
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
-from hyperscale.methods.registry import register
 from hyperscale.methods.scores import StudentSection, build_student, check_student, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
 
@@ -151,6 +150,3 @@ class Feedback(Method):
     def export_meta(self, generator) -> dict:
         return {"sampler": {"name": "ddim", "spacing": "trailing", "num_steps": self.config.rollout_steps,
                             "guidance_scale": self.config.guidance_scale}}
-
-
-register("feedback", FeedbackConfig, Feedback)

@@ -9,7 +9,7 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
-from hyperscale.config import MethodSection
+from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.diffusion.timedist import TimeDist
 from hyperscale.methods.base import LossOut
@@ -81,7 +81,7 @@ def build_student(teacher: nn.Module, cfg: StudentSection) -> nn.Module:
     ``cfg.init_student`` when given (the file reading lives in ``hyperscale.models.lora``)."""
     student = copy.deepcopy(teacher)
     if cfg.init_student:
-        from hyperscale.io import absolute_local
+        from hyperscale.storage.local import absolute_local
         from hyperscale.models.lora import init_student
 
         try:
@@ -107,4 +107,3 @@ def check_student(generator: nn.Module, cfg: StudentSection) -> None:
         if not isinstance(m, LoraDenoiser):
             raise TypeError("method.student = 'lora' but the generator role carries no LoRA: build the roles "
                             "from method.roles() (hyperscale.methods.roles.build_roles)")
-

@@ -23,11 +23,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from hyperscale.config import MethodSection
+from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.sampling import one_step
 from hyperscale.diffusion.schedule import Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
-from hyperscale.methods.registry import register
 from hyperscale.diffusion.timedist import TimeSampling, time_dist
 from hyperscale.methods.scores import TimeRange, fake_score_dsm, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
@@ -225,6 +224,3 @@ class Sim(Method):
         cfg = self.config
         return fake_score_dsm(fake_score, x0, cond, time_dist(cfg.fake_t_sampling, *cfg.fake_t_range),
                               cfg.fake_weighting, cfg.min_snr_gamma)
-
-
-register("sim", SimConfig, Sim)

@@ -33,13 +33,12 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from hyperscale.config import Section
+from hyperscale.config.schema import Section
 from hyperscale.diffusion import segments as seg
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.adversarial import build_discriminator, discriminate, hinge_d, hinge_g
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
-from hyperscale.methods.registry import register
 from hyperscale.methods.scores import StudentSection, build_student, check_student
 from hyperscale.models.denoiser import CFGDenoiser
 
@@ -251,7 +250,3 @@ class Tscd(Method):
         if k == 1:  # one trailing DDIM step from T - 1 is one x0 call on z: a 1-step generator
             meta["generator"] = {"timestep": T - 1, "noise_input": "unit"}
         return meta
-
-
-register("tscd", TscdConfig, Tscd)
-register("cd", CdConfig, Tscd)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hyperscale.diffusion.schedule import DiscreteVP
-from hyperscale.io import atomic_dir
+from hyperscale.storage.local import atomic_dir
 from hyperscale.models.denoiser import BaseDenoiser
 from hyperscale.models.unet import ClassUNetDenoiser, unet_config
 
@@ -62,7 +62,7 @@ def resolve_source(source: str) -> Path:
     ~/.cache/hyperscale), atomically, and re-downloaded only when its objects change.
     """
     if source.startswith("s3://"):
-        from hyperscale.data.s3 import cached_download
+        from hyperscale.storage.s3 import cached_download
 
         return cached_download(source)
     path = Path(source).expanduser()

@@ -170,7 +170,7 @@ def save_lora(model: LoraDenoiser, directory: str | os.PathLike, kohya: bool = F
     """Write ``pytorch_lora_weights.safetensors`` (diffusers layout) [+ the kohya file] atomically."""
     from safetensors.torch import save_file
 
-    from hyperscale.io import atomic_file
+    from hyperscale.storage.local import atomic_file
 
     if not isinstance(model, LoraDenoiser):
         raise TypeError(f"{type(model).__name__} carries no LoRA")

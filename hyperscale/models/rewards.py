@@ -6,7 +6,7 @@ cond the class labels (B,) or prompts (a list of B strings). Gradients flow to x
 parameters are frozen (and stay in eval mode: ``train()`` is a no-op on them).
 
 - ``ClassConsistencyReward``: log p(cond | x0) under a classifier (the project's Fashion-MNIST
-  CNN, ``hyperscale.eval.classifier``), the CPU-domain stand-in for ImageReward's
+  CNN, ``hyperscale.models.classifier``), the CPU-domain stand-in for ImageReward's
   "does the image match its prompt".
 - ``AestheticReward``: the LAION improved aesthetic predictor, an MLP on L2-normalised CLIP
   ViT-L/14 image embeddings (head layout ``layers.{0,2,4,6,7}``, 768 -> 1024 -> 128 -> 64 -> 16 -> 1,
@@ -275,7 +275,7 @@ def build_reward(spec, class_names: Sequence[str] | None = None) -> RewardModel:
     assets/classifier), aesthetic, image_reward."""
     kind, source = spec.kind, getattr(spec, "source", None)
     if kind == "class_consistency":
-        from hyperscale.eval.classifier import DEFAULT_DIR, load_classifier
+        from hyperscale.models.classifier import DEFAULT_DIR, load_classifier
 
         return ClassConsistencyReward(load_classifier(source or DEFAULT_DIR))
     if source is None:

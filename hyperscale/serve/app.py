@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from hyperscale.io import absolute_local
+from hyperscale.storage.local import absolute_local
 from hyperscale.models.generation import GenerateRequest, ImageGenerator, Job, RequestError, to_base64
 from hyperscale.serve.page import PAGE
 from hyperscale.serve.settings import SERVE_THROUGHPUT_ENV, ServeSettings, parse_settings

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
-from hyperscale.io import is_remote, join, location
+from hyperscale.storage.local import is_remote, join, location
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def _problems(size: Callable[[str], int | None], read: Callable[[str], str]) -> 
 
 def _s3_files(url: str, sizes: dict[str, int] | None = None) -> tuple[Callable, Callable]:
     """(size, read) over the checkpoint at the s3:// prefix ``url`` (``sizes``: its listing)."""
-    from hyperscale.data import s3
+    from hyperscale.storage import s3
 
     if sizes is None:
         prefix = url.rstrip("/") + "/"
@@ -148,7 +148,7 @@ def restore(directory: Path, roles: dict[str, Role]) -> tuple[dict, float]:
 
 def _read_meta(directory: Where) -> dict:
     if is_remote(directory):
-        from hyperscale.data.s3 import read_text
+        from hyperscale.storage.s3 import read_text
 
         return json.loads(read_text(join(directory, META)))
     return json.loads((Path(directory) / META).read_text())
@@ -180,7 +180,7 @@ def find_latest(root: Where, run_id: str | None = None) -> Where | None:
 def _find_latest_s3(root: str, run_id: str | None) -> str | None:
     """``find_latest`` on S3: one listing; meta.json of each candidate, then the manifests of
     the newest candidates until one is complete."""
-    from hyperscale.data import s3
+    from hyperscale.storage import s3
 
     prefix = root.rstrip("/") + "/"
     objects = {o.url: o.size for o in s3.list_objects(prefix)}
@@ -207,7 +207,7 @@ def resolve_resume(value: str | None, run_root: Where) -> Where | None:
     if value == "latest":
         return find_latest(run_root)  # nothing yet: a fresh start
     if is_remote(value):
-        from hyperscale.data.s3 import missing_objects
+        from hyperscale.storage.s3 import missing_objects
 
         url = value.rstrip("/")
         if missing_objects([join(url, STATE)]):
@@ -233,7 +233,7 @@ def local_copy(checkpoint: Where | None, rank: int | None = None) -> Iterator[Pa
     if checkpoint is None or not is_remote(checkpoint):
         yield None if checkpoint is None else Path(checkpoint)
         return
-    from hyperscale.data import s3
+    from hyperscale.storage import s3
 
     url = location(checkpoint).rstrip("/")
     objects = s3.list_objects(url + "/")

@@ -5,7 +5,7 @@
 
 ``run.output_dir`` is a local directory or an ``s3://bucket/prefix``. On S3, Ray Train's
 storage is that prefix (a pyarrow S3 filesystem on the endpoint and credentials of
-``hyperscale.data.s3``), the driver PUTs config.yaml (first: a store that cannot be
+``hyperscale.storage.s3``), the driver PUTs config.yaml (first: a store that cannot be
 written fails here, before Ray starts) and metrics.json, and the workers upload the export
 and read checkpoints back with boto3. The driver's S3 settings given as environment
 variables travel to the workers inside the train function, so workers of a Ray cluster
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from hyperscale.config import Config, to_yaml
-from hyperscale.io import absolute_local, is_remote, join, write_text
+from hyperscale.storage.local import absolute_local, is_remote, join, write_text
 
 # Without this, every ray.train.report() blocks ~2 s (docs/stack.md §3).
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 otherwise makes each print in a worker both a log
@@ -66,7 +66,7 @@ def resolve_paths(cfg: Config) -> Config:
         cfg.method.init_student = absolute_local(cfg.method.init_student)
     out = cfg.run.output_dir
     if "://" in out:
-        from hyperscale.data.s3 import parse_s3_url
+        from hyperscale.storage.s3 import parse_s3_url
 
         try:
             parse_s3_url(out)
@@ -135,7 +135,7 @@ def _storage(out: str) -> dict:
     the controller's and workers' environments lack)."""
     if not is_remote(out):
         return {"storage_path": out}
-    from hyperscale.data.s3 import arrow_filesystem
+    from hyperscale.storage.s3 import arrow_filesystem
 
     return {"storage_path": out[len("s3://"):], "storage_filesystem": arrow_filesystem(out)}
 
@@ -160,7 +160,7 @@ def run_training(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hyperscale.data.s3 import settings_env
+    from hyperscale.storage.s3 import settings_env
 
     from hyperscale.train.console import DriverConsole
 

@@ -35,9 +35,9 @@ from hyperscale.data.fashion_mnist import load_fashion_mnist
 from hyperscale.data.shards import shard_dataset
 from hyperscale.data.stream import InMemoryStream, LabelStream, ShardStream
 from hyperscale.methods.base import Batch
-from hyperscale.methods.registry import build_method
+from hyperscale.methods import build_method
 from hyperscale.methods.roles import Roles, build_roles
-from hyperscale.io import location, staged_dir
+from hyperscale.storage.local import location, staged_dir
 from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
 from hyperscale.models.ema import EMA
 from hyperscale.models.lora import save_student

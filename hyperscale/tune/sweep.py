@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from hyperscale.io import atomic_file
+from hyperscale.storage.local import atomic_file
 
 from hyperscale.train.launch import ensure_ray, resolve_paths
 from hyperscale.tune.space import SweepConfig, base_tree, check_space, grid_size, param_space, trial_config
@@ -81,7 +81,7 @@ def run_sweep(sweep: SweepConfig, base: Path, evaluator, resume: bool = False, l
 
 
 def collect_rows(results, metric: str, max_steps: int) -> list[dict]:
-    """Plain trial rows (``hyperscale.eval.sweep_report``) from a Tune ResultGrid."""
+    """Plain trial rows (``hyperscale.tune.report``) from a Tune ResultGrid."""
     rows = []
     for result in results:
         df = result.metrics_dataframe
@@ -100,7 +100,7 @@ def write_best_preset(tree: dict, params: dict, path: Path, sweep_name: str) -> 
     """The best trial's configuration as a ready-to-run distill preset (the base preset's
     settings, its number of workers included, with the trial's values)."""
     from hyperscale.config import to_yaml
-    from hyperscale.io import atomic_file
+    from hyperscale.storage.local import atomic_file
 
     cfg = trial_config(tree, params)
     cfg.run = cfg.run.model_copy(update={"name": f"{sweep_name}-best", "output_dir": f"runs/{sweep_name}-best"})

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from hyperscale.data.fashion_mnist import load_fashion_mnist
-from hyperscale.io import atomic_file
+from hyperscale.storage.local import atomic_file
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "classifier"
 WEIGHTS = "model.safetensors"
@@ -125,17 +124,16 @@ def class_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size:
     return float((pred == torch.as_tensor(labels).long()).float().mean())
 
 
-def train_classifier(epochs: int = 2, config: ClassifierConfig | None = None,
-                     train_config: TrainConfig | None = None, root: str | os.PathLike | None = None,
+def train_classifier(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], epochs: int = 2,
+                     config: ClassifierConfig | None = None, train_config: TrainConfig | None = None,
                      log_every: int = 100) -> TrainResult:
-    """Train on the Fashion-MNIST training split (AdamW, one-cycle LR, light augmentation)
-    with a fixed seed; evaluate on the 10k test images."""
+    """Train on (images, labels) ``train`` (Fashion-MNIST's training split; AdamW, one-cycle LR,
+    light augmentation) with a fixed seed; evaluate on ``test`` (its 10k test images)."""
     tc = train_config or TrainConfig()
     tc = TrainConfig(**{**asdict(tc), "epochs": epochs})
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
-    x_train, y_train = load_fashion_mnist("train", root).tensors()
-    x_test, y_test = load_fashion_mnist("test", root).tensors()
+    (x_train, y_train), (x_test, y_test) = train, test
     model = FashionClassifier(config)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = len(x_train) // tc.batch_size

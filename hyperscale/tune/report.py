@@ -14,8 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from hyperscale.records import write_record
-from hyperscale.io import atomic_file
+from hyperscale.storage.records import write_record
+from hyperscale.storage.local import atomic_file
 
 
 def finish_rows(rows: list[dict], mode: str) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hyperscale.records import write_record
+from hyperscale.storage.records import write_record
 
 
 @dataclass
@@ -52,7 +52,7 @@ def run_denoise(teacher_dir: str, others: dict[str, str], out_dir: str, s: Denoi
     """One row per (denoiser, t): the teacher (name "teacher") and each ``others`` name -> export.
     A row names its weights by sha256 (as the quality suite does), not by a machine's path."""
     from hyperscale.data.fashion_mnist import load_fashion_mnist
-    from hyperscale.eval.bench import weights_digest
+    from hyperscale.bench.quality import weights_digest
     from hyperscale.models.build import load_denoiser
 
     if "teacher" in others:

@@ -1,17 +1,14 @@
-"""One typed, validated config tree: YAML presets + dotted ``key=value`` overrides.
+"""The config tree's sections: every component owns its section and receives only that.
 
-Each component owns its section and receives only that section. Unknown keys and
-wrong types are errors that name the key and what is allowed. The resolved tree
-is written next to every run's outputs and into every checkpoint.
+Method sections live with their methods (``hyperscale.methods``); this module knows none of
+them (``MethodSection`` is their base). Loading, overrides and the assembled tree:
+``hyperscale.config.load``.
 """
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from hyperscale.diffusion.schedule import Prediction
 
@@ -150,16 +147,9 @@ class Config(Section):
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     optim: OptimSection = OptimSection()
+    # The loader (config/load.py) resolves the method's own section from the methods table;
     # SerializeAsAny: dumps keep the concrete method's fields, not just the base's ``name``.
-    method: SerializeAsAny[MethodSection] = Field(default_factory=lambda: _method_section({"name": "denoising"}))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _resolve_method(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("method"), dict):
-            data = dict(data)
-            data["method"] = _method_section(data["method"])
-        return data
+    method: SerializeAsAny[MethodSection]
 
 
 def role_train(cfg: Config, kind: Literal["generator", "critic"]) -> TrainSection:
@@ -167,101 +157,3 @@ def role_train(cfg: Config, kind: Literal["generator", "critic"]) -> TrainSectio
     chain = [cfg.optim.generator] + ([cfg.optim.critic] if kind == "critic" else [])
     update = {k: v for o in chain for k, v in o.model_dump(exclude_none=True).items()}
     return cfg.train.model_copy(update=update)
-
-
-def _method_section(raw: dict) -> MethodSection:
-    from hyperscale.methods.registry import method_config_class  # methods register their sections
-
-    return method_config_class(raw.get("name", "denoising")).model_validate(raw)
-
-
-# ---------------------------------------------------------------- loading
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-    key, _, raw = item.partition("=")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    return key.strip().split("."), value
-
-
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    tree = copy.deepcopy(tree)
-    for item in overrides:
-        path, value = parse_override(item)
-        set_path(tree, path, value, f"override '{item}'")
-    return tree
-
-
-def set_path(tree: dict, path: list[str], value: Any, what: str) -> dict:
-    """``tree`` with the key at ``path`` set to ``value``; sections on the way are created."""
-    node = tree
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{what}: '{part}' is not a section")
-    node[path[-1]] = value
-    return tree
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return []
-        model = field.annotation
-    return sorted(model.model_fields)
-
-
-def format_errors(err: ValidationError, root: type[BaseModel] = Config, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        key = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys here: {', '.join(_allowed_keys(root, e['loc']))}"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
-                     else f"  {key}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
-
-
-def _validate(tree: dict) -> Config:
-    """Validate the method section on its own first, so its errors name ``method.<key>``."""
-    tree = dict(tree)
-    raw = tree.get("method") or {"name": "denoising"}
-    if isinstance(raw, dict):
-        from hyperscale.methods.registry import method_config_class
-
-        cls = method_config_class(raw.get("name", "denoising"))
-        try:
-            tree["method"] = cls.model_validate(raw)
-        except ValidationError as err:
-            raise ConfigError(format_errors(err, root=cls, prefix="method.")) from None
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_errors(err)) from None
-
-
-def read_mapping(path: str | Path, what: str = "config") -> dict:
-    """A YAML file whose top level is a mapping (empty file: {}), or a ConfigError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return tree
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    tree = read_mapping(path) if path is not None else {}
-    return _validate(apply_overrides(tree, overrides or []))
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def from_dict(tree: dict) -> Config:
-    return _validate(tree)

@@ -97,7 +97,7 @@ def write_text(target: str | os.PathLike, text: str) -> None:
     """A small text file at a local path (parents made) or an ``s3://`` URL (one PUT)."""
     target = location(target)
     if is_remote(target):
-        from hyperscale.data.s3 import put_text
+        from hyperscale.storage.s3 import put_text
 
         put_text(target, text)
         return
@@ -109,14 +109,14 @@ def write_text(target: str | os.PathLike, text: str) -> None:
 def staged_dir(target: str | os.PathLike, last: tuple[str, ...] = ()) -> Iterator[Path]:
     """A local directory whose contents end up under ``target``: ``target`` itself when it is
     local; for an ``s3://`` prefix a temp directory, published there when the block succeeds
-    (``hyperscale.data.s3.publish_dir``: in a directory holding a file named in ``last``,
+    (``hyperscale.storage.s3.publish_dir``: in a directory holding a file named in ``last``,
     that file goes up after the rest, and objects the upload did not write are removed)."""
     target = location(target)
     if not is_remote(target):
         Path(target).mkdir(parents=True, exist_ok=True)
         yield Path(target)
         return
-    from hyperscale.data.s3 import publish_dir
+    from hyperscale.storage.s3 import publish_dir
 
     with tempfile.TemporaryDirectory(prefix="hs-stage-") as tmp:
         yield Path(tmp)

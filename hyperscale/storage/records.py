@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from hyperscale.io import atomic_file
+from hyperscale.storage.local import atomic_file
 
 
 def machine() -> str:

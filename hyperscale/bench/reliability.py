@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hyperscale.io import REPO
+from hyperscale.storage.local import REPO
 from hyperscale.methods.base import LossOut
 
 PRESET = REPO / "jobs" / "configs" / "teacher-tiny.yaml"
@@ -223,7 +223,7 @@ def _nan_probe(rank: int, world: int, stage: int) -> dict:
     from hyperscale.config import load_config
     from hyperscale.data.stream import LabelStream
     from hyperscale.methods.base import Batch
-    from hyperscale.methods.registry import build_method
+    from hyperscale.methods import build_method
     from hyperscale.models.build import build_denoiser
     from hyperscale.train import engines
     from hyperscale.train.step import StepCounters, two_player_step
@@ -267,7 +267,7 @@ def nan_loss(stage: int = 2) -> dict:
 
 def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None = None) -> Path:
     """docs/bench/reliability.json: one row per scenario (private ``_`` fields dropped)."""
-    from hyperscale.records import write_record
+    from hyperscale.storage.records import write_record
 
     rows = []
     for name, fn in (("worker_sigkill", lambda: worker_sigkill(Path(work) / "kill")),

@@ -96,7 +96,7 @@ def probe(rank: int, world: int, stage: int, s: MemorySettings) -> list[dict]:
     from hyperscale.config import load_config
     from hyperscale.data.stream import LabelStream
     from hyperscale.methods.base import Batch
-    from hyperscale.methods.registry import build_method
+    from hyperscale.methods import build_method
     from hyperscale.train import engines
     from hyperscale.train.step import StepCounters, role_models, update
     from hyperscale.train.loop import build_modules
@@ -144,7 +144,7 @@ def throughput(s: MemorySettings, work: Path) -> list[dict]:
     """samples/s of teacher.yaml (the shipped teacher's architecture) through Ray Train with 1 and
     2 workers, checkpoint save time, size and resume time (ZeRO-2, run_training end to end)."""
     from hyperscale.config import load_config
-    from hyperscale.io import REPO
+    from hyperscale.storage.local import REPO
     from hyperscale.train.checkpoint import find_latest
     from hyperscale.train.launch import run_training
 
@@ -178,8 +178,8 @@ def run_memory_suite(out_dir: str | Path, s: MemorySettings, command: str | None
     """docs/bench/memory.json: per-rank memory rows (with theory) and throughput rows."""
     import tempfile
 
-    from hyperscale.records import write_record
-    from hyperscale.io import REPO, absolute_local, atomic_file
+    from hyperscale.storage.records import write_record
+    from hyperscale.storage.local import REPO, absolute_local, atomic_file
     from hyperscale.train.local import run_local
 
     recorded = asdict(s)  # no machine paths in the record: the teacher relative to the repo when inside it

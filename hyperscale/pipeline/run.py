@@ -47,7 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hyperscale.config import Config, ConfigError, format_errors, load_config, parse_override, read_mapping, to_yaml
-from hyperscale.io import REPO, absolute_local, atomic_dir, atomic_file
+from hyperscale.storage.local import REPO, absolute_local, atomic_dir, atomic_file
 from hyperscale.models.build import EXPORT_META, EXPORT_WEIGHTS
 from hyperscale.models.lora import LORA_WEIGHTS, export_has_lora
 

@@ -21,12 +21,12 @@ from torch import Tensor
 
 from hyperscale.data.fashion_mnist import load_fashion_mnist
 from hyperscale.diffusion.sampling import sample_ddim, sample_tcd
-from hyperscale.eval.classifier import classifier_card, load_classifier
+from hyperscale.models.classifier import classifier_card, load_classifier
 from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import FID_NOTE, evaluate_samples
 from hyperscale.models.denoiser import CFGDenoiser
-from hyperscale.records import write_record
+from hyperscale.storage.records import write_record
 
 SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise (B,C,H,W), labels (B,)) -> images in [-1, 1]
 

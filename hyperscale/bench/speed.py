@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from hyperscale.eval.bench import SampleFn, teacher_ddim, QualitySettings
-from hyperscale.records import write_record
+from hyperscale.bench.quality import SampleFn, teacher_ddim, QualitySettings
+from hyperscale.storage.records import write_record
 
 
 @dataclass
