@@ -70,7 +70,8 @@ def test_plain_output_prints_the_first_and_last_update_and_at_most_one_line_per_
     assert all("\r" not in line for line in lines)
 
 
-def test_a_terminal_gets_one_redrawn_bar_and_messages_above_it():
+def test_a_terminal_gets_one_redrawn_bar_and_messages_above_it(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
     out, clock = io.StringIO(), Clock()
     p = Progress(4, "job", "steps", stream=out, tty=True, clock=clock)
     for i in range(4):
@@ -84,6 +85,15 @@ def test_a_terminal_gets_one_redrawn_bar_and_messages_above_it():
     assert "\r\x1b[K[hyperscale] resumed at step 2\n" in text
     assert "[####################]  4/4 steps (100%)  done" in text.splitlines()[-1]
     assert re.search(r"\[#####\.+\]  1/4 steps \(25%\)  ETA 3s", text)
+
+
+def test_a_narrow_terminal_keeps_the_count_and_eta_and_cuts_the_values(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "70")
+    out = io.StringIO()
+    p = Progress(10, "job", "steps", stream=out, tty=True, clock=Clock())
+    p.set(5, {"samples/s": 10.0, "loss/generator": 1.0, "loss/fake_score": 2.0}, eta=65)
+    drawn = out.getvalue().rsplit("\r\x1b[K", 1)[1]
+    assert len(drawn) == 69 and "5/10 steps (50%)  ETA 1m05s" in drawn
 
 
 def test_the_callers_eta_counts_down_between_updates():

@@ -172,7 +172,8 @@ def reference_stats(extractor: FeatureExtractor | None = None, split: str = "tes
         except (OSError, KeyError, ValueError):
             pass  # unreadable or foreign file: recompute below
     t0 = time.perf_counter()
-    feats = extractor.features32(to_model_range(images), desc=f"reference features, {split}" if verbose else None)
+    x = to_model_range(images)
+    feats = extractor.features32(x, desc=f"reference features, {split}") if verbose else extractor.features32(x)
     mu, sigma = gaussian_stats(feats)
     rng = np.random.default_rng(KID_REFERENCE_SEED)
     keep = np.sort(rng.choice(len(feats), min(kid_reference_size, len(feats)), replace=False))

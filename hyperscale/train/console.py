@@ -150,17 +150,19 @@ class RayLogs:
 _ray_logs: RayLogs | None = None
 
 
-def start_ray_logging(output_dir: str | None) -> RayLogs | None:
+def start_ray_logging(output_dir: str | None, local: bool = True) -> RayLogs | None:
     """After ``ray.init`` in this driver: Python loggers into ``<run>/logs/driver.log``, Ray's
-    session logs linked into ``<run>/logs/ray`` (copied at exit), and one line on the console
-    that says where."""
+    session logs linked into ``<run>/logs/ray`` (copied at exit) when this driver started that
+    Ray (``local``; a cluster's session logs hold every job's and stay on its nodes), and one
+    line on the console that says where."""
     global _ray_logs
     import atexit
 
     run_logs = log_dir(output_dir) if output_dir else None
     route_python_logs(run_logs / "driver.log" if run_logs else None)
     logs = RayLogs(run_logs)
-    logs.start()
+    if local:
+        logs.start()
     if _ray_logs is None:
         atexit.register(lambda: _ray_logs is not None and _ray_logs.finish())
     _ray_logs = logs
