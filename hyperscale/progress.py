@@ -165,11 +165,7 @@ class Progress:
         if self.tty:
             if not force and not finished and self._last_drawn is not None and now - self._last_drawn < 0.1:
                 return
-            width = shutil.get_terminal_size((100, 20)).columns
-            text = self.line(bar_width=20)
-            if len(text) > width - 1:
-                text = self.line(bar_width=0)[:width - 1]
-            self.stream.write("\r\x1b[K" + text)
+            self.stream.write("\r\x1b[K" + self._fitted())
             self._shown = True
             self._last_drawn = now
         else:
@@ -182,6 +178,12 @@ class Progress:
             self._last_printed_done = self.done
         self.stream.flush()
 
+    def _fitted(self) -> str:
+        """The terminal's line: with the bar, cut to the width (the values at the end go first;
+        the count and the ETA come early); no bar on a very narrow terminal."""
+        width = shutil.get_terminal_size((100, 20)).columns
+        return self.line(bar_width=20 if width >= 80 else 0)[:max(10, width - 1)]
+
     def message(self, text: str) -> None:
         """A line of its own, above the bar on a terminal."""
         with self._lock:
@@ -189,7 +191,7 @@ class Progress:
                 self.stream.write("\r\x1b[K")
             self.stream.write(text.rstrip("\n") + "\n")
             if self.tty and self._shown and not self._closed:
-                self.stream.write(self.line(bar_width=20))
+                self.stream.write(self._fitted())
             self.stream.flush()
 
     def close(self) -> None:
@@ -200,7 +202,7 @@ class Progress:
             self._closed = True
             if self.tty:
                 if self._shown:
-                    self.stream.write("\r\x1b[K" + self.line(bar_width=20) + "\n")
+                    self.stream.write("\r\x1b[K" + self._fitted() + "\n")
             elif self._last_plain is not None and self._last_printed_done != self.done:
                 self.stream.write(self.line() + "\n")
             self.stream.flush()

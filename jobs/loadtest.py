@@ -50,7 +50,8 @@ if __name__ == "__main__":
 
     def measure(url: str, batching):
         for c in levels:
-            row = {"batching": batching, **run_level(url, c, body, a.max_requests, a.max_seconds, a.token)}
+            row = {"batching": batching, **run_level(url, c, body, a.max_requests, a.max_seconds, a.token,
+                                                     desc=f"batching={batching} clients={c}")}
             rows.append(row)
             print(f"[loadtest] batching={batching!s:5} clients={c:3}  {row['requests_per_s']:7.1f} req/s  "
                   f"{row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  "
@@ -74,7 +75,10 @@ if __name__ == "__main__":
         measure(a.url.rstrip("/"), None)
     else:
         logs = Path(tempfile.mkdtemp(prefix="hs-loadtest-"))
+        print(f"[loadtest] logs: {logs} (each jobs/serve.py server's console: Ray Serve's log lines)", flush=True)
         for batching in (True, False):
+            print(f"[loadtest] starting jobs/serve.py (batching={batching}); it answers when its model is loaded",
+                  flush=True)
             server = ServerProcess(free_port(), [f"generator={a.generator}", f"batching={str(batching).lower()}",
                                                  f"max_batch_size={a.max_batch_size}", "max_ongoing_requests=128"],
                                    logs / f"serve-batching-{batching}.log")

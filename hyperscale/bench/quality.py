@@ -26,6 +26,7 @@ from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import FID_NOTE, evaluate_samples
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.progress import Progress
 from hyperscale.storage.records import write_record
 
 SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise (B,C,H,W), labels (B,)) -> images in [-1, 1]
@@ -59,13 +60,15 @@ def fixed_inputs(s: QualitySettings, shape=(1, 28, 28)) -> tuple[Tensor, Tensor]
     return noise, labels
 
 
-def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int) -> tuple[Tensor, float]:
-    """All samples in batches; returns (images, samples/s over the whole set)."""
+def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int, desc: str = "sampling") -> tuple[Tensor, float]:
+    """All samples in batches, with a progress display (``desc``); returns (images, samples/s
+    over the whole set)."""
     out = []
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), Progress(len(labels), desc, "samples", prefix="[bench]") as p:
         for i in range(0, len(labels), batch_size):
             out.append(fn(noise[i:i + batch_size], labels[i:i + batch_size]).clamp(-1, 1))
+            p.update(len(out[-1]), {"samples/s": p.done / max(p.elapsed(), 1e-9)})
     return torch.cat(out), len(labels) / (time.perf_counter() - t0)
 
 
@@ -87,6 +90,7 @@ class QualityRun:
         self.noise, self.labels = fixed_inputs(s)
         self.rows: list[dict] = []
         self.teacher_sha256: str | None = None
+        self.planned, self.added = None, 0  # sampled rows: how many run_quality will add, how many so far
 
     def _score(self, generator: str, steps: int, images: Tensor, sps: float | None, extra: dict | None = None) -> dict:
         m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier)
@@ -116,7 +120,9 @@ class QualityRun:
         return self._score("real-data", 0, imgs, None)
 
     def add(self, generator: str, steps: int, fn: SampleFn, extra: dict | None = None) -> dict:
-        images, sps = generate(fn, self.noise, self.labels, self.s.batch_size)
+        self.added += 1
+        images, sps = generate(fn, self.noise, self.labels, self.s.batch_size,
+                               desc=f"row {self.added}/{self.planned or '?'} {generator} {steps} steps")
         return self._score(generator, steps, images, sps, extra)
 
     def write(self, command: str) -> Path:
@@ -268,6 +274,7 @@ def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str
     run.teacher_sha256 = digest
     have = {(r["generator"], r["steps"]) for r in carried}
     run.rows.extend(carried)
+    run.planned = sum(("teacher-ddim", n) not in have for n in s.teacher_steps) + len(student_rows)
     if ("real-data", 0) not in have:
         run.add_real_data()
     for steps in s.teacher_steps:

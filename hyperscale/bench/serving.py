@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hyperscale.models.generation import GenerateRequest, ImageGenerator, Limits
+from hyperscale.progress import Progress
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -62,8 +63,9 @@ class Client:
 
 
 def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_seconds: float,
-              token: str | None = None) -> dict:
-    """One load level against ``POST {base_url}/v1/generate``; bounded in count and time."""
+              token: str | None = None, desc: str | None = None) -> dict:
+    """One load level against ``POST {base_url}/v1/generate``; bounded in count and time.
+    ``desc``: show its progress (requests answered, rate, errors, ETA) under that name."""
     lock = threading.Lock()
     sent, latencies, errors = [0], [], [0]
     deadline = time.perf_counter() + max_seconds
@@ -98,8 +100,21 @@ def run_level(base_url: str, clients: int, body: dict, max_requests: int, max_se
     t0 = time.perf_counter()
     for t in threads:
         t.start()
+    shown = Progress(max_requests, desc, "requests", prefix="[loadtest]") if desc else None
+    while shown and any(t.is_alive() for t in threads) and time.perf_counter() < deadline + 120:
+        time.sleep(0.5)
+        with lock:
+            done, failed = len(latencies) + errors[0], errors[0]
+        now = time.perf_counter()
+        by_rate = (max_requests - done) * (now - t0) / done if done else None
+        eta = max(0.0, deadline - now) if by_rate is None else min(by_rate, max(0.0, deadline - now))
+        shown.set(done, {"req/s": done / (now - t0), "errors": failed}, eta=eta)
     for t in threads:
         t.join(max_seconds + 120)
+    if shown:  # the level is over (its request or its time bound)
+        shown.set(len(latencies) + errors[0], {"req/s": (len(latencies) + errors[0]) / (time.perf_counter() - t0),
+                                               "errors": errors[0]}, eta=0.0, force=True)
+        shown.close()
     wall = time.perf_counter() - t0
     ok = len(latencies)
     return {"clients": clients, "requests": sent[0], "requests_per_s": ok / wall,

@@ -106,13 +106,20 @@ class FeatureExtractor:
         return (x - self._mean) / self._std
 
     @torch.no_grad()
-    def features32(self, images: Tensor) -> np.ndarray:
-        """As ``__call__`` but float32 (the network's own precision)."""
+    def features32(self, images: Tensor, desc: str | None = None) -> np.ndarray:
+        """As ``__call__`` but float32 (the network's own precision); ``desc``: show progress."""
+        from hyperscale.progress import Progress
+
         out = np.empty((len(images), FEATURE_DIM), dtype=np.float32)
+        shown = Progress(len(images), desc, "images") if desc else None
         for i in range(0, len(images), self.batch_size):
             x = self.preprocess(images[i:i + self.batch_size])
             f = self.net.extract_features(x).mean(dim=(2, 3))
             out[i:i + len(f)] = f.float().cpu().numpy()
+            if shown:
+                shown.update(len(f))
+        if shown:
+            shown.close()
         return out
 
     def __call__(self, images: Tensor) -> np.ndarray:
@@ -165,7 +172,8 @@ def reference_stats(extractor: FeatureExtractor | None = None, split: str = "tes
         except (OSError, KeyError, ValueError):
             pass  # unreadable or foreign file: recompute below
     t0 = time.perf_counter()
-    feats = extractor.features32(to_model_range(images))
+    x = to_model_range(images)
+    feats = extractor.features32(x, desc=f"reference features, {split}") if verbose else extractor.features32(x)
     mu, sigma = gaussian_stats(feats)
     rng = np.random.default_rng(KID_REFERENCE_SEED)
     keep = np.sort(rng.choice(len(feats), min(kid_reference_size, len(feats)), replace=False))

@@ -127,10 +127,15 @@ class RayLogs:
         self.link.symlink_to(self.session_logs, target_is_directory=True)
 
     def finish(self) -> None:
-        """Copy the session logs over the link (at exit: Ray's temp dir is not kept forever)."""
+        """Stop Ray (its processes' last lines land in the files), then copy the session logs over
+        the link (at exit: Ray's temp dir is not kept forever)."""
         link, src = self.link, self.session_logs
         if link is None or src is None or not link.is_symlink():
             return
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()
         tmp = link.with_name(".ray-copy")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,17 +150,19 @@ class RayLogs:
 _ray_logs: RayLogs | None = None
 
 
-def start_ray_logging(output_dir: str | None) -> RayLogs | None:
+def start_ray_logging(output_dir: str | None, local: bool = True) -> RayLogs | None:
     """After ``ray.init`` in this driver: Python loggers into ``<run>/logs/driver.log``, Ray's
-    session logs linked into ``<run>/logs/ray`` (copied at exit), and one line on the console
-    that says where."""
+    session logs linked into ``<run>/logs/ray`` (copied at exit) when this driver started that
+    Ray (``local``; a cluster's session logs hold every job's and stay on its nodes), and one
+    line on the console that says where."""
     global _ray_logs
     import atexit
 
     run_logs = log_dir(output_dir) if output_dir else None
     route_python_logs(run_logs / "driver.log" if run_logs else None)
     logs = RayLogs(run_logs)
-    logs.start()
+    if local:
+        logs.start()
     if _ray_logs is None:
         atexit.register(lambda: _ray_logs is not None and _ray_logs.finish())
     _ray_logs = logs
@@ -177,16 +184,39 @@ def finish_ray_logging() -> None:
 
 
 @contextlib.contextmanager
-def interruptible(resume_hint: str | None = None) -> Iterator[None]:
+def interruptible(resume_hint=None) -> Iterator[None]:
     """Around a job's main work: Ctrl+C (SIGINT) ends it with one readable line and exit code
-    130 instead of a traceback; ``resume_hint`` says how to continue."""
+    130 instead of a traceback; ``resume_hint`` (a string, or a function asked then) says how to
+    continue."""
     try:
         yield
     except KeyboardInterrupt:
         sys.stdout.flush()
-        tail = f"; {resume_hint}" if resume_hint else ""
+        hint = resume_hint
+        if callable(hint):
+            try:
+                hint = hint()
+            except Exception:
+                hint = None
+        tail = f"; {hint}" if hint else ""
         print(f"\n{PREFIX} interrupted (Ctrl+C){tail}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+
+def training_resume_hint(cfg, argv: list[str] | None = None):
+    """For ``interruptible``: where the interrupted run's latest checkpoint stands, and the
+    command that continues from it (``latest``: a fresh start while there is none)."""
+    def hint() -> str:
+        from hyperscale.storage.local import join
+        from hyperscale.train.checkpoint import find_latest, meta_step
+        from hyperscale.train.launch import resolve_paths
+
+        latest = find_latest(join(resolve_paths(cfg).run.output_dir, "checkpoints"))
+        if latest is None:
+            return (f"no checkpoint yet (one every {cfg.train.checkpoint_every} steps); "
+                    f"start again with: {resume_command(argv)}")
+        return f"continue from its checkpoint at step {meta_step(latest)} with: {resume_command(argv)}"
+    return hint
 
 
 def resume_command(argv: list[str] | None = None, key: str = "train.resume_from_checkpoint=latest") -> str:

@@ -53,7 +53,7 @@ def ensure_ray(num_cpus: int | None = None, output_dir: str | None = None) -> No
             tmp = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short path: unix socket limit
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=tmp,
                      runtime_env=env, log_to_driver=False)
-    start_ray_logging(output_dir)
+    start_ray_logging(output_dir, local=not os.environ.get("RAY_ADDRESS"))
 
 
 def resolve_paths(cfg: Config) -> Config:

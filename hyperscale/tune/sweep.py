@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from hyperscale.progress import Progress
 from hyperscale.storage.local import atomic_file
 
 from hyperscale.train.launch import ensure_ray, resolve_paths
@@ -47,18 +48,20 @@ def run_sweep(sweep: SweepConfig, base: Path, evaluator, resume: bool = False, l
         raise FileExistsError(f"{exp_dir} holds an earlier sweep: pass --resume to continue it, or choose "
                               f"another output_dir/name")
     cpus = sweep.trial.cpus * sweep.max_concurrent_trials
-    ensure_ray(int(max(os.cpu_count() or 1, cpus)))
+    ensure_ray(int(max(os.cpu_count() or 1, cpus)), str(exp_dir))  # Ray's logs: <experiment>/logs
     ended = EndedTrials(exp_dir / "ended_trials.json")
+    n = sweep.num_samples * grid_size(sweep)
+    console = SweepConsole(sweep.name, n, max_steps, sweep.metric, sweep.mode)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base_tree=resolved, evaluator=evaluator, metric=sweep.metric,
                              cpus=sweep.trial.cpus, gpus=sweep.trial.gpus),
         {"CPU": sweep.trial.cpus, "GPU": sweep.trial.gpus})
     if resume and tune.Tuner.can_restore(str(exp_dir)):
         log(f"[sweep] resuming {exp_dir}")
+        # runs the callbacks pickled with its state: their SweepConsole draws again (see __setstate__)
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
         points = [{"params": p} for p in sweep.points_to_evaluate]
-        n = sweep.num_samples * grid_size(sweep)
         log(f"[sweep] {sweep.name}: {n} trials ({sweep.scheduler.name}), {sweep.max_concurrent_trials} at a time, "
             f"{max_steps} steps max, {sweep.metric} ({sweep.mode}) every {sweep.eval.every} steps")
         tuner = tune.Tuner(
@@ -70,12 +73,16 @@ def run_sweep(sweep: SweepConfig, base: Path, evaluator, resume: bool = False, l
                 # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials for a search generator
                 search_alg=BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.seed,
                                                  max_concurrent=sweep.max_concurrent_trials)),
+            # verbose=0: no status tables; SweepConsole is the one display
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=str(out), verbose=1,
+                name=sweep.name, storage_path=str(out), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0), callbacks=[ended]),
+                failure_config=tune.FailureConfig(max_failures=0), callbacks=[ended, console]),
         )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        SweepConsole.close_all()
     # read back from the file: a restored Tuner runs the callback instance pickled with its state
     return results, exp_dir, tree, EndedTrials(ended.path).ended
 
@@ -131,6 +138,67 @@ class EndedTrials(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._add(trial)
+
+
+class SweepConsole(Callback):
+    """The sweep's one progress display (on the driver, where Tune runs its callbacks): work in
+    trial steps, a trial that ended (finished, stopped early or failed) counting in full, so the
+    ETA shrinks as ASHA stops trials; trials ended / running and the best metric so far."""
+
+    live: list["SweepConsole"] = []
+
+    def __init__(self, name: str, trials: int, max_steps: int, metric: str, mode: str):
+        self.name, self.trials, self.max_steps, self.metric, self.mode = name, trials, max_steps, metric, mode
+        self.best: float | None = None
+        self._open()
+
+    def _open(self) -> None:
+        self.display = Progress(self.trials * self.max_steps, self.name, "trial-steps", min_interval=15.0)
+        SweepConsole.live.append(self)
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state
+        return {k: v for k, v in self.__dict__.items() if k != "display"}
+
+    def __setstate__(self, state: dict) -> None:  # a restored sweep (--resume): this run's display
+        self.__dict__.update(state)
+        self._open()
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls.live:
+            cls.live.pop().close()
+
+    def _show(self, trials, force: bool = False) -> None:
+        if self.display is None:
+            return
+        finished = {"TERMINATED", "ERROR"}
+        done = sum(self.max_steps if t.status in finished else int((t.last_result or {}).get("step", 0))
+                   for t in trials)
+        for t in trials:
+            value = (t.last_result or {}).get(self.metric)
+            if value is not None and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
+                self.best = float(value)
+        fields = {"trials ended": f"{sum(t.status in finished for t in trials)}/{self.trials}",
+                  "running": sum(t.status == "RUNNING" for t in trials),
+                  f"best {self.metric}": self.best}
+        self.display.set(done, fields, force=force)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trials, force=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.display is not None:
+            self.display.tick()
+
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.close()
 
 
 def interrupted(results, ended: set[str]) -> bool:
