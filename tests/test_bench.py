@@ -24,7 +24,7 @@ def tiny_teacher_and_student(tmp_path):
     cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
     teacher = build_denoiser(cfg.model, cfg.schedule)
     save_denoiser(teacher, tmp_path / "teacher")
-    save_denoiser(teacher, tmp_path / "student", Sim(SimConfig()).export_meta(teacher))
+    save_denoiser(teacher, tmp_path / "student", Sim(SimConfig()).sampler(teacher).to_extra())
     return str(tmp_path / "teacher"), str(tmp_path / "student")
 
 

@@ -23,7 +23,7 @@ def tiny_exports(root):
     torch.manual_seed(0)
     cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
     den = build_denoiser(cfg.model, cfg.schedule)
-    save_denoiser(den, root / "one-step", Sim(SimConfig()).export_meta(den))
+    save_denoiser(den, root / "one-step", Sim(SimConfig()).sampler(den).to_extra())
     save_denoiser(den, root / "multi-step")
     lora = apply_lora(copy.deepcopy(den), rank=2, target_modules=["conv1", "conv2"])
     with torch.no_grad():
@@ -158,3 +158,24 @@ def test_unified_export_samples_its_own_one_step_call_at_one_step(exports, tmp_p
     torch.testing.assert_close(x2, sample_tcd(den, z, torch.tensor([2]), 2, eta=0.0).clamp(-1, 1))
     save_denoiser(den, tmp_path / "dmd-only", {"generator": call})
     assert ImageGenerator.load(tmp_path / "dmd-only").describe()["kind"] == "one-step"
+
+
+def test_sampler_spec_reads_and_writes_the_shipped_export_keys():
+    """SamplerSpec round-trips the ``extra`` keys exports carry (the shipped SIM generator's included),
+    and its one rule for multi-step exports: TCD at 1 step uses the export's own call."""
+    import json
+    from pathlib import Path
+
+    from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "assets/sim-generator/hyperscale_model.json")
+                         .read_text())["extra"]
+    spec = SamplerSpec.from_extra(shipped)
+    assert spec.is_one_step_generator and spec.one_step == OneStepCall(440, "sigma")
+    assert spec.to_extra() == shipped
+    tscd = SamplerSpec(one_step=OneStepCall(999), few_step=FewStep("ddim", 1), notes={"tscd": {"segments": 1}})
+    assert SamplerSpec.from_extra(tscd.to_extra()) == tscd
+    unified = tscd.unified()
+    assert not unified.is_one_step_generator and unified.to_extra()["multi_step"] is True
+    assert unified.one_step_at(1, "tcd") == OneStepCall(999) and unified.one_step_at(1, "ddim") is None
+    assert unified.one_step_at(2, "tcd") is None and tscd.one_step_at(1, "tcd") is None

@@ -202,7 +202,7 @@ def test_online_target_is_a_stop_gradient_copy(cfg, teacher):
         ema.generator_loss(batch, generator=gen, teacher=teacher)
 
 
-def test_stage_schedule_sampling_and_export_meta(cfg, teacher):
+def test_stage_schedule_sampling_and_sampler_spec(cfg, teacher):
     method = build_method(TscdConfig())
     assert _spec(method, "target") == RoleSpec("target", "frozen", "ema", source="generator", decay=0.95)
     ks = []
@@ -210,14 +210,14 @@ def test_stage_schedule_sampling_and_export_meta(cfg, teacher):
         assert method.set_global_step(step) == method.stage
         ks.append(method.segments)
     assert ks == [8, 8, 4, 2, 1, 1]
-    assert method.export_meta(teacher)["generator"] == {"timestep": 999, "noise_input": "unit"}
+    assert method.sampler(teacher).to_extra()["generator"] == {"timestep": 999, "noise_input": "unit"}
     method.set_global_step(1000)
     calls = []
     counting = _Counting(teacher, calls)
     z = torch.randn(2, 1, 28, 28)
     method.sample(counting, z, torch.tensor([0, 1]))
-    assert calls == [999, 749, 499, 249] and method.export_meta(teacher)["sampler"]["num_steps"] == 4
-    assert "generator" not in method.export_meta(teacher)
+    assert calls == [999, 749, 499, 249] and method.sampler(teacher).few_step.num_steps == 4
+    assert method.sampler(teacher).one_step is None and "generator" not in method.sampler(teacher).to_extra()
     assert [r.name for r in build_method(TscdConfig(target_network="online")).roles()] == ["generator", "teacher"]
 
 

@@ -19,7 +19,7 @@ ALLOWED = {
     "models": {"diffusion", "storage", "data"},
     "methods": {"config.schema", "diffusion", "models", "storage"},
     "eval": {"diffusion", "models", "data", "storage", "progress"},
-    "config": {"config.schema", "methods"},
+    "config": {"config.schema", "methods", "models"},
     "cli": {"config"},
     "train": {"config", "config.schema", "diffusion", "models", "methods", "data", "eval", "storage", "progress"},
     "pipeline": {"config", "config.schema", "models", "storage", "train"},

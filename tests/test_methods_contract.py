@@ -11,6 +11,7 @@ from hyperscale.methods.base import Batch
 from hyperscale.methods import build_method, method_config_class, method_names
 from hyperscale.methods.roles import build_roles
 from hyperscale.models.build import build_denoiser
+from hyperscale.models.families import family_of
 from hyperscale.train.step import Role, StepCounters, two_player_step
 
 TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,true]"]
@@ -26,9 +27,11 @@ def _tiny_rewards(specs) -> torch.nn.Module:
     return RewardSet({s.name: ClassConsistencyReward(FashionClassifier(tiny)) for s in specs})
 
 
-def _setup(name: str, overrides: dict | None = None):
+def _setup(name: str, overrides: dict | None = None, model: list[str] = TINY):
+    """A method, its roles built by the trainer's own builder on a tiny random teacher of the
+    family ``model`` configures, and one batch of that family's shape and conditions."""
     torch.manual_seed(0)
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, model)
     method = build_method(method_config_class(name)(**(overrides or {})))
     fresh = lambda: build_denoiser(cfg.model, cfg.schedule)  # noqa: E731
 
@@ -41,9 +44,11 @@ def _setup(name: str, overrides: dict | None = None):
         return module
 
     built = build_roles(method, teacher=fresh, fresh=fresh, rewards=_tiny_rewards, prepare=perturbed)
+    gen = built.trainable[method.generator]
+    family = family_of(gen)
     g = torch.Generator().manual_seed(1)
-    cond = torch.randint(0, cfg.model.num_classes, (B,), generator=g)
-    x0 = torch.rand(B, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size, generator=g) * 2 - 1
+    cond = family.encode_condition(torch.randint(0, len(family.class_names(gen)), (B,), generator=g))
+    x0 = torch.rand((B,) + family.sample_shape(gen), generator=g) * 2 - 1
     batch = Batch(cond=cond, x0=x0 if method.batch == "data" else None)
     return method, built.trainable, built.frozen, batch
 

@@ -234,8 +234,7 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
     """(generator, steps, sample fn, extra row fields) per student row; every export is loaded here,
     before the slow part, so a bad path fails at once."""
     from hyperscale.models.build import load_denoiser
-    from hyperscale.models.generator import (OneStepGenerator, export_extra, load_generator, one_step_call,
-                                             samples_with_call)
+    from hyperscale.models.generator import OneStepGenerator, export_sampler, load_generator
 
     rows = []
     for name, source in students.items():
@@ -245,11 +244,12 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
             continue
         denoiser = load_denoiser(spec.path).eval()
         sampler = spec.describe(s.student_eta)
-        call = one_step_call(export_extra(spec.path))
+        exported = export_sampler(spec.path)
         for n in spec.steps:
-            if samples_with_call(call, n, spec.sampler):  # the unified export's own 1-step call (DMD's)
-                rows.append((name, 1, OneStepGenerator(denoiser, call["timestep"], call["noise_input"]).eval(),
-                             {"sampler": {"name": "one-step", **call}}))
+            call = exported.one_step_at(n, spec.sampler)
+            if call is not None:  # the unified export's own 1-step call (DMD's)
+                rows.append((name, 1, OneStepGenerator(denoiser, call.timestep, call.noise_input).eval(),
+                             {"sampler": {"name": "one-step", **call.to_json()}}))
             else:
                 rows.append((name, n, student_sampler(denoiser, n, sampler, s.seed), {"sampler": sampler}))
     keys = [(r[0], r[1]) for r in rows]

@@ -5,7 +5,7 @@ workers) in a subprocess with its own embedded Ray, injects the fault, and retur
 ``scenario, survived, steps_lost, samples_repeated, samples_skipped, notes``:
 
 - ``worker_sigkill``: SIGKILL one Ray Train worker (found by the PID it writes under
-  ``HYPERSCALE_TEST_PID_DIR``) once it is past the first checkpoint; ``train.max_failures=1``. The
+  ``HYPERSCALE_TEST_PID_DIR``, hyperscale/train/worker.py) once it is past the first checkpoint; ``train.max_failures=1``. The
   run must restore from Ray's latest checkpoint, finish, and end bit-identical to an
   uninterrupted run (same exported weights, same data cursors): then the only samples trained
   twice are those of the steps lost since the checkpoint, and none is skipped.

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from hyperscale.config.schema import Config, ConfigError
 from hyperscale.methods import method_config_class
+from hyperscale.models.families import FAMILIES
 
 
 # ---------------------------------------------------------------- loading
@@ -80,9 +81,13 @@ def _validate(tree: dict) -> Config:
         except ValidationError as err:
             raise ConfigError(format_errors(err, root=cls, prefix="method.")) from None
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_errors(err)) from None
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"invalid config:\n  model.family: unknown family '{cfg.model.family}'; "
+                          f"allowed: {', '.join(sorted(FAMILIES))}")
+    return cfg
 
 
 def read_mapping(path: str | Path, what: str = "config") -> dict:

@@ -36,9 +36,10 @@ class ScheduleSection(Section):
 
 
 class ModelSection(Section):
-    """The denoiser backbone. ``pretrained_teacher_model`` loads an exported model
-    (local directory, hub id or ``s3://``); otherwise the architecture below is built."""
-    kind: Literal["unet2d"] = "unet2d"
+    """The denoiser. ``family``: the model family (hyperscale/models/families; checked against
+    that table when the config loads). ``pretrained_teacher_model`` loads an exported model (local
+    directory, hub id or ``s3://``); otherwise the family builds the architecture below."""
+    family: str = "class_unet"
     pretrained_teacher_model: Optional[str] = None
     prediction_type: Prediction = Prediction.eps
     sample_size: int = 28
@@ -48,6 +49,18 @@ class ModelSection(Section):
     attention_levels: list[bool] = [False, False, True]
     layers_per_block: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind(cls, data: Any) -> Any:
+        """``kind: unet2d`` (configs written before families had names) is ``family: class_unet``."""
+        if isinstance(data, dict) and "kind" in data:
+            data = dict(data)
+            kind = data.pop("kind")
+            if kind != "unet2d":
+                raise ValueError(f"model.kind={kind!r} is not known; use model.family")
+            data.setdefault("family", "class_unet")
+        return data
 
     @model_validator(mode="after")
     def _levels(self) -> "ModelSection":

@@ -1,9 +1,9 @@
 """A small discriminator on frozen teacher features (SDXL-Lightning / PCM style, docs/algorithms.md §2.2).
 
-The frozen teacher UNet's encoder (every down block's output and the mid block's output) is
-run on a noised sample; one light head per level (3x3 conv, SiLU, 1x1 conv to one logit map,
-spatial mean) turns each level into a logit, and the logits are summed: a multi-head patch
-discriminator. The teacher stays frozen (the trainer freezes its parameters); gradients reach
+The frozen teacher's feature taps (its family's ``features``: for a UNet every down block's
+output and the mid block's output) are read on a noised sample; one light head per level
+(3x3 conv, SiLU, 1x1 conv to one logit map, spatial mean) turns each level into a logit, and
+the logits are summed: a multi-head patch discriminator. The teacher stays frozen (the trainer freezes its parameters); gradients reach
 the generator through the features' input. Losses are the hinge GAN pair.
 """
 from __future__ import annotations
@@ -12,48 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class _Stop(Exception):
-    pass
-
-
-def _unet(denoiser: nn.Module) -> nn.Module:
-    while not hasattr(denoiser, "unet") and hasattr(denoiser, "inner"):
-        denoiser = denoiser.inner
-    return denoiser.unet
+from hyperscale.models.families import family_of
 
 
 def feature_channels(teacher: nn.Module) -> list[int]:
-    """Channels of each feature level ``teacher_features`` returns: down blocks, then the mid block."""
-    ch = list(_unet(teacher).config.block_out_channels)
-    return ch + [ch[-1]]
+    """Channels of each feature level ``teacher_features`` returns (the family's taps)."""
+    return family_of(teacher).feature_channels(teacher)
 
 
 def teacher_features(teacher: nn.Module, x_t: Tensor, t: Tensor, cond) -> list[Tensor]:
-    """Encoder features of the teacher's UNet at (x_t, t, cond): one (B, C_l, H_l, W_l) map per
-    down block, then the mid block's; the decoder is never run (a hook stops the forward)."""
-    unet = _unet(teacher)
-    feats: list[Tensor] = []
-
-    def grab(_m, _inp, out):
-        feats.append(out[0] if isinstance(out, tuple) else out)
-
-    def stop(_m, _inp, out):
-        feats.append(out[0] if isinstance(out, tuple) else out)
-        raise _Stop
-
-    handles = [b.register_forward_hook(grab) for b in unet.down_blocks]
-    handles.append(unet.mid_block.register_forward_hook(stop))
-    try:
-        teacher(x_t, t, cond)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    if len(feats) != len(unet.down_blocks) + 1:
-        raise RuntimeError("teacher UNet did not run its encoder")
-    return feats
+    """The teacher's feature maps at (x_t, t, cond), one (B, C_l, H_l, W_l) per level: the family
+    says which (a UNet's down blocks and mid block; the decoder is never run)."""
+    return family_of(teacher).features(teacher, x_t, t, cond)
 
 
 class FeatureDiscriminator(nn.Module):

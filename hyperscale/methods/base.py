@@ -14,6 +14,9 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from hyperscale.models.cond import Cond
+from hyperscale.models.export import SamplerSpec
+
 
 @dataclass
 class LossOut:
@@ -24,8 +27,9 @@ class LossOut:
 
 @dataclass
 class Batch:
-    """x0: (B, C, H, W) data in [-1, 1] (absent for data-free methods); cond: (B,) labels."""
-    cond: Tensor
+    """x0: (B, ...) data as the denoiser generates it (absent for data-free methods); cond: a
+    ``Cond`` (models/cond.py), or a (B,) tensor of class labels as its shorthand."""
+    cond: Cond | Tensor
     x0: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -114,9 +118,9 @@ class Method:
         """Images (B, C, H, W) from noise z with the trained generator (for grids and evaluation)."""
         raise NotImplementedError
 
-    def export_meta(self, generator) -> dict:
-        """Extra metadata stored with the exported generator (e.g. how a 1-step generator samples)."""
-        return {}
+    def sampler(self, generator) -> SamplerSpec:
+        """How the exported generator samples (written with the export; models/export.py)."""
+        return SamplerSpec()
 
     def critic_loss(self, batch: Batch, **roles) -> LossOut:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from pydantic import Field
 from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
+from hyperscale.models.cond import cond_len, cond_where
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 
 
@@ -33,8 +34,8 @@ class Denoising(Method):
         t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = sched.add_noise(x0, eps, t)
-        drop = torch.rand(cond.shape, device=cond.device) < self.config.label_dropout
-        cond = torch.where(drop, generator.null_cond(cond), cond)
+        drop = torch.rand((cond_len(cond),), device=cond.device) < self.config.label_dropout
+        cond = cond_where(drop, generator.null_cond(cond), cond)
         eps_hat = generator(x_t, t, cond, out=Prediction.eps)
         per = (eps_hat - eps).pow(2).flatten(1).mean(1)
         if self.config.weighting == "min_snr":

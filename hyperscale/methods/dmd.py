@@ -36,6 +36,7 @@ from hyperscale.diffusion.timedist import TimeSampling, time_dist
 from hyperscale.methods.scores import (StudentSection, TimeRange, build_student, check_student, fake_score_dsm,
                                        generator_noise)
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.export import OneStepCall, SamplerSpec
 
 
 class DmdConfig(StudentSection):
@@ -133,8 +134,8 @@ class Dmd(Method):
     def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
         return self.generate(generator, z, cond)
 
-    def export_meta(self, generator) -> dict:
-        return {"generator": {"timestep": self._t_gen(generator), "noise_input": self.config.noise_input.value}}
+    def sampler(self, generator) -> SamplerSpec:
+        return SamplerSpec(one_step=OneStepCall(self._t_gen(generator), self.config.noise_input))
 
     def _real(self, teacher):
         w = self.config.real_guidance_scale

@@ -30,6 +30,7 @@ from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.scores import StudentSection, build_student, check_student, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.export import FewStep, SamplerSpec
 
 
 class RewardSpec(Section):
@@ -147,6 +148,5 @@ class Feedback(Method):
 
         return sample_ddim(generator, z, cond, self.config.rollout_steps, spacing="trailing")
 
-    def export_meta(self, generator) -> dict:
-        return {"sampler": {"name": "ddim", "spacing": "trailing", "num_steps": self.config.rollout_steps,
-                            "guidance_scale": self.config.guidance_scale}}
+    def sampler(self, generator) -> SamplerSpec:
+        return SamplerSpec(few_step=FewStep("ddim", self.config.rollout_steps, "trailing", self.config.guidance_scale))

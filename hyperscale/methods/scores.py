@@ -13,6 +13,8 @@ from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.diffusion.timedist import TimeDist
 from hyperscale.methods.base import LossOut
+from hyperscale.models.cond import cond_len
+from hyperscale.models.denoiser import unwrap
 from hyperscale.models.generator import sample_shape
 
 
@@ -44,11 +46,11 @@ def fake_score_dsm(fake_score, x0: Tensor, cond, times: TimeDist,
     return LossOut(per, {"loss/fake_dsm": mse.detach().mean()})
 
 
-def generator_noise(generator, cond: Tensor) -> Tensor:
+def generator_noise(generator, cond) -> Tensor:
     """Standard normal z (B, C, H, W) for a generator's data shape, in its parameter dtype."""
     p = next(iter(generator.parameters()), None)
     dtype = p.dtype if p is not None else torch.get_default_dtype()
-    return torch.randn((cond.shape[0],) + sample_shape(generator), device=cond.device, dtype=dtype)
+    return torch.randn((cond_len(cond),) + sample_shape(generator), device=cond.device, dtype=dtype)
 
 
 class StudentSection(MethodSection):
@@ -101,9 +103,6 @@ def check_student(generator: nn.Module, cfg: StudentSection) -> None:
     if cfg.student == "lora":
         from hyperscale.models.lora import LoraDenoiser
 
-        m = generator  # look through engine / data-parallel wrappers (``.module``)
-        while not isinstance(m, LoraDenoiser) and isinstance(getattr(m, "module", None), nn.Module):
-            m = m.module
-        if not isinstance(m, LoraDenoiser):
+        if unwrap(generator, lambda m: isinstance(m, LoraDenoiser)) is None:
             raise TypeError("method.student = 'lora' but the generator role carries no LoRA: build the roles "
                             "from method.roles() (hyperscale.methods.roles.build_roles)")

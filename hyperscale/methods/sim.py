@@ -24,12 +24,13 @@ from pydantic import Field
 from torch import Tensor
 
 from hyperscale.config.schema import MethodSection
-from hyperscale.diffusion.sampling import one_step
+from hyperscale.diffusion.sampling import NoiseInput, one_step
 from hyperscale.diffusion.schedule import Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.diffusion.timedist import TimeSampling, time_dist
 from hyperscale.methods.scores import TimeRange, fake_score_dsm, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.export import OneStepCall, SamplerSpec
 
 Distance = Literal["l2", "pseudo_huber", "normalized"]
 Divergence = Literal["sg", "full"]
@@ -171,10 +172,10 @@ class Sim(Method):
     def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
         return self.generate(generator, z, cond)
 
-    def export_meta(self, generator) -> dict:
+    def sampler(self, generator) -> SamplerSpec:
         """How the exported weights sample: one call at the grid step nearest sigma~_init, x_t = sigma_t z."""
         t = generator.schedule.timestep_for_sigma_ve(self.config.init_sigma)
-        return {"generator": {"timestep": int(t), "noise_input": "sigma"}}
+        return SamplerSpec(one_step=OneStepCall(int(t), NoiseInput.sigma))
 
     def _samples(self, generator, cond: Tensor) -> Tensor:
         return self.generate(generator, generator_noise(generator, cond), cond)

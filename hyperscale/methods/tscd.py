@@ -35,12 +35,13 @@ from torch import Tensor
 
 from hyperscale.config.schema import Section
 from hyperscale.diffusion import segments as seg
-from hyperscale.diffusion.sampling import sample_ddim
+from hyperscale.diffusion.sampling import NoiseInput, sample_ddim
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.methods.adversarial import build_discriminator, discriminate, hinge_d, hinge_g
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.scores import StudentSection, build_student, check_student
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
 
 
 class StageSection(Section):
@@ -242,11 +243,10 @@ class Tscd(Method):
         """k-step DDIM, trailing spacing (k = the current stage's segments): the N-step LoRA sampler."""
         return sample_ddim(generator, z, cond, self.segments, spacing="trailing")
 
-    def export_meta(self, generator) -> dict:
+    def sampler(self, generator) -> SamplerSpec:
         k, T = self.segments, generator.schedule.num_train_timesteps
-        meta = {"sampler": {"name": "ddim", "spacing": "trailing", "num_steps": k, "guidance_scale": 1.0},
-                "tscd": {"segments": k, "stage": self.stage, "edges": self.config.edges.value,
-                         "student": self.config.student}}
-        if k == 1:  # one trailing DDIM step from T - 1 is one x0 call on z: a 1-step generator
-            meta["generator"] = {"timestep": T - 1, "noise_input": "unit"}
-        return meta
+        # one trailing DDIM step from T - 1 is one x0 call on z: at k = 1 a 1-step generator
+        return SamplerSpec(one_step=OneStepCall(T - 1, NoiseInput.unit) if k == 1 else None,
+                           few_step=FewStep("ddim", k, "trailing", 1.0),
+                           notes={"tscd": {"segments": k, "stage": self.stage, "edges": self.config.edges.value,
+                                           "student": self.config.student}})

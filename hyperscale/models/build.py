@@ -9,46 +9,34 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from hyperscale.diffusion.schedule import DiscreteVP
-from hyperscale.storage.local import atomic_dir
+from hyperscale.diffusion.schedule import Schedule, schedule_from_config
 from hyperscale.models.denoiser import BaseDenoiser
-from hyperscale.models.unet import ClassUNetDenoiser, unet_config
+from hyperscale.models.families import family_named, family_of
+from hyperscale.storage.local import atomic_dir
 
 EXPORT_META = "hyperscale_model.json"
 EXPORT_WEIGHTS = "model.safetensors"
 
 
-def schedule_from_section(s) -> DiscreteVP:
-    return DiscreteVP.from_config(s.kind, s.num_train_timesteps, s.beta_start, s.beta_end)
+def schedule_from_section(s) -> Schedule:
+    return schedule_from_config(s.kind, s.num_train_timesteps, s.beta_start, s.beta_end)
 
 
 def build_denoiser(model_section, schedule_section) -> BaseDenoiser:
-    """A fresh denoiser, or the exported one named by ``pretrained_teacher_model``."""
+    """A fresh denoiser of ``model.family``, or the exported one named by ``pretrained_teacher_model``."""
     if model_section.pretrained_teacher_model:
         return load_denoiser(model_section.pretrained_teacher_model)
-    m = model_section
-    cfg = unet_config(m.sample_size, m.in_channels, m.block_out_channels, m.layers_per_block,
-                      m.num_classes, m.attention_levels, m.dropout)
-    return ClassUNetDenoiser(schedule_from_section(schedule_section), cfg, m.prediction_type)
-
-
-def _meta(model: BaseDenoiser) -> dict[str, Any]:
-    if not isinstance(model, ClassUNetDenoiser):
-        raise TypeError(f"no exporter for {type(model).__name__}")
-    return {"format": "hyperscale-denoiser/1", "adapter": "class_unet2d",
-            "prediction_type": model.prediction_type.value, "unet": model.unet_config,
-            "alphas_cumprod": model.schedule.alphas_cumprod.tolist()}
+    return family_named(model_section.family).fresh(model_section, schedule_from_section(schedule_section))
 
 
 def save_denoiser(model: BaseDenoiser, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Atomic export: written to a temp dir beside the target, then renamed into place."""
+    family = family_of(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = _meta(model) | {"extra": extra or {}}
+    meta = {"format": "hyperscale-denoiser/1", "family": family.name} | family.describe(model) | {"extra": extra or {}}
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / EXPORT_WEIGHTS))
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
@@ -82,9 +70,10 @@ def load_denoiser(source: str | os.PathLike, map_location: str = "cpu") -> BaseD
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: no {EXPORT_META}; not a hyperscale export")
     meta = json.loads(meta_path.read_text())
-    if meta.get("adapter") != "class_unet2d":
+    # exports written before families were named carry only the adapter of the class UNet
+    name = meta.get("family") or {"class_unet2d": "class_unet"}.get(meta.get("adapter"))
+    if name is None:
         raise ValueError(f"{path}: unsupported adapter {meta.get('adapter')!r}")
-    sched = DiscreteVP(torch.tensor(meta["alphas_cumprod"], dtype=torch.float64))
-    model = ClassUNetDenoiser(sched, meta["unet"], meta["prediction_type"])
+    model = family_named(name).from_description(meta)
     model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=map_location))
     return model.eval()

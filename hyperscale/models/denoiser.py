@@ -13,12 +13,13 @@ cond is backbone specific: a (B,) long tensor of class labels here, where label
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from hyperscale.diffusion.schedule import Prediction, Schedule, as_time, cfg_combine, convert
+from hyperscale.models.cond import cond_cat
 
 
 @runtime_checkable
@@ -85,6 +86,19 @@ class CFGDenoiser(nn.Module):
         t = batch_times(t, x_t)
         # Guidance combines eps (a linear function of x0/v/score at fixed x_t, so any works).
         both = self.inner(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                          torch.cat([self.null_cond(cond), cond]), out=out)
+                          cond_cat([self.null_cond(cond), cond]), out=out)
         uncond, cnd = both.chunk(2)
         return cfg_combine(uncond, cnd, self.guidance_scale)
+
+
+def unwrap(module, until: Callable[[object], bool]):
+    """The first module for which ``until`` holds, looking through wrappers: CFG's and LoRA's
+    ``inner``, DeepSpeed engines' and data-parallel wrappers' ``module``; None if none does."""
+    seen = set()
+    while module is not None and id(module) not in seen:
+        if until(module):
+            return module
+        seen.add(id(module))
+        inner = getattr(module, "inner", None)
+        module = inner if inner is not None else getattr(module, "module", None)
+    return None

@@ -39,7 +39,9 @@ from torch import Tensor
 from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_tcd
 from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
-from hyperscale.models.generator import OneStepGenerator, one_step_call, sample_shape, samples_with_call
+from hyperscale.models.export import SamplerSpec
+from hyperscale.models.families import family_of
+from hyperscale.models.generator import OneStepGenerator, sample_shape
 
 MAX_SEED = 2 ** 53  # exact in JSON numbers and in float64 clients
 
@@ -90,12 +92,6 @@ def check_limits(req: GenerateRequest, limits: Limits) -> None:
         raise RequestError(f"size: {req.size} is over this server's limit of {limits.max_size} pixels")
     if req.response == "image" and req.num_images != 1:
         raise RequestError("response: 'image' returns one image; ask num_images = 1 or response = 'json'")
-
-
-def default_class_names(num_classes: int) -> tuple[str, ...]:
-    from hyperscale.data.fashion_mnist import CLASS_NAMES
-
-    return CLASS_NAMES if num_classes == len(CLASS_NAMES) else tuple(f"class {i}" for i in range(num_classes))
 
 
 def resolve_class(req: GenerateRequest, names: tuple[str, ...]) -> int:
@@ -158,9 +154,9 @@ class ImageGenerator:
 
     def __init__(self, model: torch.nn.Module, one_step: bool, class_names: tuple[str, ...],
                  default_steps: int = 4, default_eta: float = 0.3, name: str = "default",
-                 one_step_at: dict | None = None):
+                 sampler: SamplerSpec | None = None):
         self.model, self.one_step, self.class_names = model.eval(), one_step, class_names
-        self.one_step_at = one_step_at  # a multi-step model's own 1-step call (timestep, noise_input)
+        self.sampler = sampler or SamplerSpec()  # a multi-step model's own 1-step call, if any
         self.default_steps, self.default_eta, self.name = default_steps, default_eta, name
         self.denoiser = model.denoiser if one_step else model
         self.shape = sample_shape(self.denoiser)
@@ -179,26 +175,25 @@ class ImageGenerator:
                 raise FileNotFoundError(f"{source}: a LoRA adapter, but no base model to apply it to "
                                         f"(set the server's lora_base)")
             base = load_denoiser(resolve_source(str(lora_base)))
-            return cls(merge_lora(load_lora(base, path)).eval(), False,
-                       default_class_names(base.num_classes), name=name)
+            return cls(merge_lora(load_lora(base, path)).eval(), False, family_of(base).class_names(base), name=name)
         meta = json.loads((path / EXPORT_META).read_text())
         extra = meta.get("extra", {})
+        spec = SamplerSpec.from_extra(extra)
         denoiser = load_denoiser(path)
-        if "generator" in extra and not extra.get("multi_step"):
-            g = extra["generator"]
-            model, one_step = OneStepGenerator(denoiser, g["timestep"], g["noise_input"]), True
+        if spec.is_one_step_generator:
+            model, one_step = OneStepGenerator(denoiser, spec.one_step.timestep, spec.one_step.noise_input), True
         else:
             model, one_step = denoiser, False
-        names = tuple(extra.get("class_names") or default_class_names(denoiser.num_classes))
-        return cls(model, one_step, names, name=name, one_step_at=one_step_call(extra))
+        names = tuple(extra.get("class_names") or family_of(denoiser).class_names(denoiser))
+        return cls(model, one_step, names, name=name, sampler=spec)
 
     def describe(self) -> dict:
         d = {"name": self.name, "kind": "one-step" if self.one_step else "multi-step",
              "image_shape": list(self.shape), "classes": list(self.class_names)}
         if not self.one_step:
             d |= {"default_steps": self.default_steps, "samplers": ["tcd", "ddim"], "default_eta": self.default_eta}
-        if self.one_step_at:
-            d["one_step_call"] = dict(self.one_step_at)
+        if self.sampler.multi_step and self.sampler.one_step is not None:
+            d["one_step_call"] = self.sampler.one_step.to_json()
         return d
 
     def prepare(self, req: GenerateRequest, limits: Limits) -> Job:
@@ -246,8 +241,9 @@ class ImageGenerator:
             return self.model(z, y)
         steps, sampler, eta, w = settings
         den = CFGDenoiser(self.model, w) if w != 1.0 else self.model
-        if samples_with_call(self.one_step_at, steps, sampler):
-            return one_step(den, z, y, self.one_step_at["timestep"], self.one_step_at["noise_input"])
+        call = self.sampler.one_step_at(steps, sampler)
+        if call is not None:
+            return one_step(den, z, y, call.timestep, call.noise_input)
         if sampler == "ddim":
             return sample_ddim(den, z, y, steps, spacing="trailing", clip_x0=True)
         return sample_tcd(den, z, y, steps, eta=eta, generator=gens)

@@ -14,20 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from hyperscale.diffusion.sampling import NoiseInput, one_step
+from hyperscale.models.denoiser import unwrap
+from hyperscale.models.families import family_of
 from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
+from hyperscale.models.export import SamplerSpec
 
 
 def sample_shape(denoiser) -> tuple[int, ...]:
-    """Per-sample shape (C, H, W) of a denoiser's data: a ``sample_shape`` attribute, else the
-    UNet adapter's ``unet_config``; CFG wrappers are looked through."""
-    while not hasattr(denoiser, "sample_shape") and hasattr(denoiser, "inner"):
-        denoiser = denoiser.inner
-    if hasattr(denoiser, "sample_shape"):
-        return tuple(denoiser.sample_shape)
-    cfg = denoiser.unet_config
-    size = cfg["sample_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(cfg["in_channels"]),) + size
+    """Per-sample shape (e.g. (C, H, W)) of a denoiser's data: a ``sample_shape`` attribute (the
+    toy denoisers), else its family's; wrappers are looked through."""
+    shaped = unwrap(denoiser, lambda m: hasattr(m, "sample_shape"))
+    if shaped is not None:
+        return tuple(shaped.sample_shape)
+    return family_of(denoiser).sample_shape(denoiser)
 
 
 class OneStepGenerator(nn.Module):
@@ -50,25 +49,15 @@ def export_extra(source: str | os.PathLike) -> dict:
     return json.loads((Path(resolve_source(str(source))) / EXPORT_META).read_text()).get("extra", {})
 
 
-def one_step_call(extra: dict) -> dict | None:
-    """How a multi-step export (``extra.multi_step``: the Hyper-SD unified LoRA) samples at 1 step:
-    the ``extra.generator`` call its last (DMD) phase trained, as Hyper-SD's 1-step sampling uses
-    its own timestep (800 for SDXL) rather than the trailing T - 1. None: no such call."""
-    return extra.get("generator") if extra.get("multi_step") else None
-
-
-def samples_with_call(call: dict | None, steps: int, sampler: str) -> bool:
-    """The one rule for every sampler of a multi-step export (Serve, the benchmark): 1 step with
-    TCD goes through the export's own 1-step call (``one_step_call``); DDIM keeps its trailing
-    grid, every other step count the sampler's."""
-    return call is not None and steps == 1 and sampler == "tcd"
+def export_sampler(source: str | os.PathLike) -> SamplerSpec:
+    """How an export samples (``extra`` of its metadata, models/export.py)."""
+    return SamplerSpec.from_extra(export_extra(source))
 
 
 def load_generator(source: str | os.PathLike) -> OneStepGenerator:
     path = resolve_source(str(source))
-    extra = export_extra(path)
-    if "generator" not in extra:
+    spec = export_sampler(path)
+    if spec.one_step is None:
         raise ValueError(f"{path}: an export of a multi-step denoiser, not a 1-step generator "
                          f"(no extra.generator in {EXPORT_META})")
-    g = extra["generator"]
-    return OneStepGenerator(load_denoiser(path), g["timestep"], g["noise_input"]).eval()
+    return OneStepGenerator(load_denoiser(path), spec.one_step.timestep, spec.one_step.noise_input).eval()

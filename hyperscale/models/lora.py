@@ -33,6 +33,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from hyperscale.models.denoiser import unwrap
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # as diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -47,11 +49,16 @@ _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "
 
 
 def _unet_of(denoiser: nn.Module) -> nn.Module:
-    while not hasattr(denoiser, "unet") and hasattr(denoiser, "inner"):
-        denoiser = denoiser.inner
-    if not hasattr(denoiser, "unet"):
-        raise TypeError(f"{type(denoiser).__name__} has no .unet to put LoRA layers on")
-    return denoiser.unet
+    """The network LoRA layers go on: the family's backbone (a toy's ``.unet`` in tests)."""
+    from hyperscale.models.families import family_of
+
+    try:
+        return family_of(denoiser).backbone(denoiser)
+    except TypeError:
+        found = unwrap(denoiser, lambda m: hasattr(m, "unet"))
+        if found is None:
+            raise TypeError(f"{type(denoiser).__name__} has no .unet to put LoRA layers on") from None
+        return found.unet
 
 
 def resolve_targets(unet: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hyperscale.models.cond import Cond
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -87,6 +89,8 @@ def clip_preprocess(x: Tensor, size: int = 224) -> Tensor:
 
 
 def _labels(cond, n: int) -> Tensor:
+    if isinstance(cond, Cond):
+        cond = cond.labels
     if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32):
         raise TypeError("class-consistency reward needs integer class labels as cond")
     if cond.shape != (n,):
@@ -158,7 +162,8 @@ def prompts_for(cond, class_names: Sequence[str] | None, template: str = "{}") -
         return list(cond)
     if class_names is None:
         raise ValueError("label conditioning needs class_names to build prompts")
-    return [template.format(class_names[int(i)]) for i in torch.as_tensor(cond).tolist()]
+    labels = cond.labels if isinstance(cond, Cond) else torch.as_tensor(cond)
+    return [template.format(class_names[int(i)]) for i in labels.tolist()]
 
 
 class ImageRewardModel(RewardModel):

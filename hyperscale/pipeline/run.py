@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hyperscale.config import Config, ConfigError, format_errors, load_config, parse_override, read_mapping, to_yaml
 from hyperscale.storage.local import REPO, absolute_local, atomic_dir, atomic_file
 from hyperscale.models.build import EXPORT_META, EXPORT_WEIGHTS
+from hyperscale.models.export import SamplerSpec
 from hyperscale.models.lora import LORA_WEIGHTS, export_has_lora
 
 PHASE_RECORD = "phase.json"
@@ -378,11 +379,11 @@ def write_unified(pipe: Pipeline, records: list[dict]) -> dict:
     with atomic_dir(out / UNIFIED) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         meta = json.loads((tmp / EXPORT_META).read_text())
-        extra = meta.setdefault("extra", {})
-        extra["pipeline"] = {"name": pipe.run.name, "phases": [p.name for p in pipe.phases], "chain": pipe.chain}
         # one LoRA for 1 to 8 steps: TCD/DDIM at 2+ steps; at 1 step the last phase's generator call
-        # (extra.generator, DMD's), which ImageGenerator and the bench use when it is there
-        extra["multi_step"] = True
+        # (DMD's), which ImageGenerator and the bench use when it is there
+        extra = SamplerSpec.from_extra(meta.get("extra", {})).unified().to_extra()
+        extra["pipeline"] = {"name": pipe.run.name, "phases": [p.name for p in pipe.phases], "chain": pipe.chain}
+        meta["extra"] = extra
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
         (tmp / PIPELINE_RECORD).write_text(json.dumps(summary, indent=1, default=float))
     return summary

@@ -98,6 +98,9 @@ class LocalSession:
     def __init__(self, root: Path, keep: int) -> None:
         self.root, self.keep = Path(root), keep
 
+    def step_done(self, step: int) -> None:
+        pass
+
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
         yield None

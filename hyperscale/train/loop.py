@@ -10,10 +10,6 @@ torch optimizer per trainable role; the frozen teacher, EMA copies and reward mo
 runs the generic two-player step, evaluates on a fixed sample set when given an evaluator
 (``train.eval_every``), and exports the generator (LoRA students as merged weights plus a
 diffusers/kohya LoRA).
-
-Test hook: with ``HYPERSCALE_TEST_PID_DIR`` set, each worker writes its PID to
-``<dir>/rank<r>.pid`` when it starts and its last finished step to ``<dir>/rank<r>.step``
-(fault-injection tests kill it by PID and count the steps lost).
 """
 from __future__ import annotations
 
@@ -40,12 +36,11 @@ from hyperscale.methods.roles import Roles, build_roles
 from hyperscale.storage.local import location, staged_dir
 from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
 from hyperscale.models.ema import EMA
+from hyperscale.models.families import family_of
 from hyperscale.models.lora import save_student
 from hyperscale.train import checkpoint as ckpt
 from hyperscale.train import engines
 from hyperscale.train.step import Role, StepCounters, broadcast_from_rank0, two_player_step
-
-PID_DIR_ENV = "HYPERSCALE_TEST_PID_DIR"
 
 # (generator sample function (z, labels) -> x0, global step) -> metrics such as "eval/fid"
 Evaluator = Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int], dict]
@@ -62,6 +57,9 @@ class Session(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         """Report metrics (every rank), with this rank's checkpoint files when given."""
+
+    def step_done(self, step: int) -> None:
+        """Called on every rank after each generator update (``step`` updates done)."""
 
 
 @dataclass
@@ -101,9 +99,10 @@ def build_modules(cfg: Config, method, device: torch.device) -> Roles:
     return roles
 
 
-def build_stream(cfg: Config, method, rank: int, world: int) -> InMemoryStream | LabelStream | ShardStream:
+def build_stream(cfg: Config, method, num_classes: int, rank: int,
+                 world: int) -> InMemoryStream | LabelStream | ShardStream:
     if method.batch == "conditions":  # data-free: class labels only
-        return LabelStream(cfg.data.batch_size, cfg.model.num_classes, rank, seed=cfg.run.seed)
+        return LabelStream(cfg.data.batch_size, num_classes, rank, seed=cfg.run.seed)
     if cfg.data.train_shards_path_or_url:  # local or s3:// shards, split by rank (read from torch.distributed)
         return shard_dataset(cfg.data.train_shards_path_or_url, cfg.data.batch_size, seed=cfg.run.seed)
     images, labels = load_fashion_mnist(cfg.data.split, cfg.data.root).tensors()
@@ -116,10 +115,11 @@ def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
     from hyperscale.eval.images import save_grid
 
     device = next(model.parameters()).device
-    labels = torch.arange(10).repeat_interleave(10) % cfg.model.num_classes
-    z = torch.randn((len(labels), cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size),
-                    generator=torch.Generator().manual_seed(cfg.run.seed))
-    save_grid(method.sample(model.eval(), z.to(device), labels.to(device)).clamp(-1, 1).float().cpu(), path, nrow=10)
+    family = family_of(model)
+    labels = torch.arange(10).repeat_interleave(10) % len(family.class_names(model))
+    z = torch.randn((len(labels),) + family.sample_shape(model), generator=torch.Generator().manual_seed(cfg.run.seed))
+    x = method.sample(model.eval(), z.to(device), family.encode_condition(labels, device))
+    save_grid(family.decode(x).clamp(-1, 1).float().cpu(), path, nrow=10)
 
 
 def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path, rank: int) -> None:
@@ -130,7 +130,7 @@ def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path
     raw = gen.full_state_dict()
     if rank != 0:
         return
-    meta = method.export_meta(ema.model)
+    meta = method.sampler(ema.model).to_extra()
     with staged_dir(Path(export_dir).parent, last=(EXPORT_META,)) as run_dir:
         out = run_dir / Path(export_dir).name
         save_student(ema.model, out / "ema", meta | {"step": step, "ema_decay": cfg.train.ema_decay})
@@ -181,8 +181,6 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
     """Train per ``cfg`` on this rank; returns the last reported metrics."""
     t = cfg.train
     rank, world = session.rank, session.world
-    if os.environ.get(PID_DIR_ENV):
-        Path(os.environ[PID_DIR_ENV], f"rank{rank}.pid").write_text(str(os.getpid()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -201,7 +199,8 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
                                    cfg.data.batch_size, world, device) for n, m in modules.items()}
     timing = {"time/engine_init_s": time.perf_counter() - t0}
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
-    stream = build_stream(cfg, method, rank, world)
+    family = family_of(modules[gen_name])
+    stream = build_stream(cfg, method, len(family.class_names(modules[gen_name])), rank, world)
     counters = StepCounters()
 
     with restore_source(session, t, paths) as (path, where):
@@ -221,7 +220,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
 
     def next_batch() -> Batch:
         x, y = next(stream)
-        return Batch(cond=y, x0=x).to(device)
+        return Batch(cond=family.encode_condition(y), x0=x).to(device)
 
     def save_checkpoint(step: int, metrics: dict) -> float:
         """Every rank writes its shards into its own temp dir and reports it; Ray merges them."""
@@ -272,8 +271,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             with roles[source].full_params() as full:
                 tracker.update(full)
         step = counters.step
-        if os.environ.get(PID_DIR_ENV):
-            Path(os.environ[PID_DIR_ENV], f"rank{rank}.step").write_text(str(step))
+        session.step_done(step)
         is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
         is_eval = evaluate is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
         if step % t.log_every == 0 or is_ckpt or is_eval:

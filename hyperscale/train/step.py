@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from hyperscale.methods.base import Batch, LossOut, Method
 from hyperscale.models.ema import EMA
+from hyperscale.models.cond import cond_len
 
 
 @dataclass
@@ -220,12 +221,12 @@ def two_player_step(method: Method, batches: Callable[[], Batch], roles: dict[st
         for _ in range(method.critic_steps()):
             metrics |= update(critic, lambda: method.critic_loss(batches(), **role_models(roles, frozen, critic)),
                               all_roles, counters)
-    gen = roles[method.trainable[0]]
+    gen = roles[method.generator]
     drawn: list[int] = []
 
     def gen_loss() -> LossOut:
         b = batches()
-        drawn.append(b.cond.shape[0])
+        drawn.append(cond_len(b.cond))
         return method.generator_loss(b, **role_models(roles, frozen, gen))
 
     metrics |= update(gen, gen_loss, all_roles, counters)

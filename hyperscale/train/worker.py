@@ -6,6 +6,7 @@ run's paths); nothing comes from module globals.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -17,16 +18,31 @@ from hyperscale.config import from_dict
 from hyperscale.train.loop import Paths, run
 
 
+# Fault injection (the reliability suite, hyperscale/bench/reliability.py): with this set, each
+# worker writes its PID to <dir>/rank<r>.pid when it starts and its last finished step to
+# <dir>/rank<r>.step, so a test can kill it by PID and count the steps lost.
+WATCH_DIR_ENV = "HYPERSCALE_TEST_PID_DIR"
+
+
 class RaySession:
     """The loop's session on a Ray library's report/checkpoint API: ``ray.train`` in a Ray
-    Train worker (the default; rank and world from its context), ``ray.tune`` in a trial."""
+    Train worker (the default; rank and world from its context), ``ray.tune`` in a trial.
+    ``watch_dir``: where to leave the PID and the last finished step (fault injection)."""
 
-    def __init__(self, api=ray.train, rank: int | None = None, world: int | None = None) -> None:
+    def __init__(self, api=ray.train, rank: int | None = None, world: int | None = None,
+                 watch_dir: str | None = None) -> None:
         self.api = api
         if rank is None:
             ctx = ray.train.get_context()
             rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.rank, self.world = rank, world
+        self.watch_dir = Path(watch_dir) if watch_dir else None
+        if self.watch_dir is not None:
+            (self.watch_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    def step_done(self, step: int) -> None:
+        if self.watch_dir is not None:
+            (self.watch_dir / f"rank{self.rank}.step").write_text(str(step))
 
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
@@ -43,4 +59,4 @@ def train_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     paths = Paths(Path(loop_config["run_root"]), Path(loop_config["export_dir"]), loop_config.get("run_id"))
-    run(cfg, RaySession(), paths, device)
+    run(cfg, RaySession(watch_dir=os.environ.get(WATCH_DIR_ENV)), paths, device)
