@@ -123,6 +123,85 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(se
     assert call(server, "/v1/generate", {"class": 0, "seed": 1})[0] == 200
 
 
+def _exactly(n: int, text: str = "a photo of a sneaker") -> str:
+    """A prompt naming a class, padded to exactly ``n`` characters."""
+    return (text + " " + "x" * n)[:n] if n > len(text) else text[:n]
+
+
+AT_MAX = [  # the server above: max_images_per_request 8, max_steps 8 (default), max_prompt_chars 256
+    # (default), max_size 512 (default)
+    ("num_images at the limit", {"class": 1, "num_images": 8}),
+    ("steps at the limit", {"class": 1, "steps": 8, "adapter": "multistep"}),
+    ("prompt at the limit", {"prompt": _exactly(256)}),
+    ("size at the limit", {"class": 1, "size": 512}),
+]
+
+
+@pytest.mark.parametrize("name,body", AT_MAX, ids=[a[0] for a in AT_MAX])
+def test_every_request_limit_admits_exactly_its_maximum(server, name, body):
+    status, _, out = call(server, "/v1/generate", body | {"seed": 2})
+    assert status == 200, out
+    imgs = images_of(out)
+    assert len(imgs) == body.get("num_images", 1)
+    assert imgs[0].size == ((body["size"],) * 2 if "size" in body else (28, 28))
+
+
+def test_a_body_of_exactly_max_body_bytes_is_admitted(server):
+    """max_body_bytes 4096 here: a body of 4096 bytes passes the middleware, 4097 gets 413."""
+    body = json.dumps({"class": 1, "seed": 3}).encode()
+    exact = body[:-1] + b" " * (4096 - len(body)) + b"}"  # JSON whitespace pads it
+    assert len(exact) == 4096
+    status, _, out = call(server, "/v1/generate", raw=exact)
+    assert status == 200, out
+    over = body[:-1] + b" " * (4097 - len(body)) + b"}"
+    assert call(server, "/v1/generate", raw=over)[0] == 413
+
+
+def test_check_limits_admits_exactly_each_maximum_and_settings_map_to_limits():
+    """Without a server: each bound of check_limits is inclusive, the next value up is refused,
+    and ServeSettings hands every max_* to the same field of Limits."""
+    from hyperscale.models.generation import GenerateRequest, Limits, RequestError, check_limits
+    from hyperscale.serve.settings import ServeSettings
+
+    lim = ServeSettings(max_images_per_request=3, max_steps=5, max_prompt_chars=30, max_size=40).limits()
+    assert lim == Limits(max_images_per_request=3, max_steps=5, max_prompt_chars=30, max_size=40)
+    at_max = {"num_images": 3, "steps": 5, "prompt": _exactly(30), "size": 40}
+    check_limits(GenerateRequest.model_validate(at_max), lim)  # all four at once, exactly at the maximum
+    for field, over in [("num_images", 4), ("steps", 6), ("prompt", _exactly(31)), ("size", 41)]:
+        with pytest.raises(RequestError, match=field):
+            check_limits(GenerateRequest.model_validate(at_max | {field: over}), lim)
+
+
+def test_body_bound_admits_exactly_the_limit(monkeypatch):
+    """The ASGI middleware alone: Content-Length == limit reaches the app, limit + 1 is a 413."""
+    import asyncio
+
+    from hyperscale.serve.app import BODY_LIMIT_ENV, BoundBody
+
+    monkeypatch.setenv(BODY_LIMIT_ENV, "1000")
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["headers"])
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def post(length: int) -> None:
+        scope = {"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
+                 "headers": [(b"content-length", str(length).encode())], "scheme": "http",
+                 "server": ("127.0.0.1", 80), "root_path": "", "http_version": "1.1"}
+        asyncio.run(BoundBody(app)(scope, receive, send))
+
+    post(1000)
+    assert len(reached) == 1 and not sent
+    post(1001)
+    assert len(reached) == 1 and sent[0]["status"] == 413
+
+
 def test_concurrent_requests_batch_and_match_sequential_results(server):
     bodies = [{"class": i % 10, "num_images": 1 + i % 3, "seed": 100 + i} for i in range(12)]
     alone = [images_of(call(server, "/v1/generate", b)[2]) for b in bodies]
