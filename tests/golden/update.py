@@ -10,7 +10,7 @@ preset's own settings except for: ``train.num_workers=1`` (no Ray), ``train.log_
 step is reported), a few steps (``train.max_steps``), one checkpoint at the end, and a scratch
 ``run.output_dir``. First teacher-tiny is trained from its seed; every distillation preset then
 starts from that teacher's ``export/ema``. ``hypersd-pipeline-tiny`` runs its three phases in
-process through ``hyperscale.train.pipeline.run_pipeline`` with the same runner.
+process through ``hyperscale.pipeline.run.run_pipeline`` with the same runner.
 
 Recorded per step: every ``loss/*`` metric the loop reports (its session's ``report``). The
 loop runs torch on one thread (``train.cpus_per_worker=1``), so a run is deterministic on one
@@ -90,7 +90,7 @@ def run_preset(name: str, work: Path, teacher: Path | None) -> list[dict]:
 
 def run_pipeline_preset(work: Path, teacher: Path) -> list[dict]:
     from hyperscale.train.launch import run_in_process
-    from hyperscale.train.pipeline import load_pipeline, run_pipeline
+    from hyperscale.pipeline.run import load_pipeline, run_pipeline
 
     overrides = [f"run.output_dir={work / PIPELINE}", f"model.pretrained_teacher_model={teacher}",
                  "train.num_workers=1", "train.log_every=1", "train.use_gpu=false"]
