@@ -92,13 +92,14 @@ class CFGDenoiser(nn.Module):
 
 
 def unwrap(module, until: Callable[[object], bool]):
-    """The first module for which ``until`` holds, looking through wrappers: CFG's and LoRA's
-    ``inner``, DeepSpeed engines' and data-parallel wrappers' ``module``; None if none does."""
+    """The first module for which ``until`` holds, looking through wrappers: DeepSpeed engines'
+    and data-parallel wrappers' ``module`` (first: an engine forwards unknown attributes, ``inner``
+    included, to its module), then CFG's and LoRA's ``inner``; None if none does."""
     seen = set()
     while module is not None and id(module) not in seen:
         if until(module):
             return module
         seen.add(id(module))
-        inner = getattr(module, "inner", None)
-        module = inner if inner is not None else getattr(module, "module", None)
+        wrapped = vars(module).get("_modules", {}).get("module") if isinstance(module, nn.Module) else None
+        module = wrapped if wrapped is not None else getattr(module, "inner", None)
     return None

@@ -55,7 +55,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def absolute_local(value: str | None) -> str | None:

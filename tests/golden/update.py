@@ -14,7 +14,7 @@ process through ``hyperscale.pipeline.run.run_pipeline`` with the same runner.
 
 Recorded per step: every ``loss/*`` metric the loop reports (its session's ``report``). The
 loop runs torch on one thread (``train.cpus_per_worker=1``), so a run is deterministic on one
-machine; tests/test_golden.py compares with a tolerance for other x86 CPUs (see there).
+machine; tests/golden/test_golden.py compares with a tolerance for other x86 CPUs (see there).
 All runs share this one process (DeepSpeed keeps the world-size-1 process group the first run
 makes, and the loop sets torch's thread count), so run it as a script, not inside pytest's process.
 

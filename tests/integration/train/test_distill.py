@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.models.build import build_denoiser, save_denoiser
 from hyperscale.models.generator import load_generator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 
 
 def _distill(out: Path, teacher: Path, *overrides: str) -> str:

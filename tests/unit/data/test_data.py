@@ -9,19 +9,18 @@ import struct
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import write_corrupt_shard
+from hyperscale.storage.local import REPO
 from hyperscale.data import shards as shards_mod
 from hyperscale.data.fashion_mnist import (CLASS_NAMES, DatasetMissingError, ImageSet,
                                            load_fashion_mnist, read_idx, to_uint8)
 from hyperscale.data.shards import (expand_shard_urls, shard_dataset, shard_pattern, write_shards)
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

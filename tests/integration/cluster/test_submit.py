@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.models.build import build_denoiser, save_denoiser
 from hyperscale.models.generator import load_generator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 RAY = str(Path(sys.executable).parent / "ray")
 
 

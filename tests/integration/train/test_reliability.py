@@ -3,7 +3,7 @@ a SIGKILLed worker is replaced and the run restores from Ray's latest checkpoint
 where an uninterrupted run ends; an S3 outage mid-run is ridden out by retries; a NaN loss on one
 rank skips that update everywhere. Each run starts its own Ray in a subprocess.
 
-hyperscale.train.reliability injects the faults and returns a row of verdicts for the benchmark
+hyperscale.bench.reliability injects the faults and returns a row of verdicts for the benchmark
 record (survived, steps_lost, _exact, ...). These tests do not take those verdicts on trust: they
 read what the runs left behind (metrics.json, the final checkpoints' counters and data cursors,
 the exported weights, the job's log) and compare those facts themselves.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hyperscale.train import reliability
+from hyperscale.bench import reliability
 from hyperscale.train.checkpoint import find_latest, read_checkpoint
 
 STEP = re.compile(r"\[hyperscale\] step (\d+)/(\d+)")
@@ -87,7 +87,7 @@ def _nan_facts(rank: int, world: int) -> dict:
     from hyperscale.config import load_config
     from hyperscale.data.stream import LabelStream
     from hyperscale.methods.base import Batch
-    from hyperscale.methods.registry import build_method
+    from hyperscale.methods import build_method
     from hyperscale.models.build import build_denoiser
     from hyperscale.train import engines
     from hyperscale.train.step import StepCounters, two_player_step

@@ -10,13 +10,13 @@ of the true divergence is exact to quadrature precision (no Monte Carlo noise), 
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
+from hyperscale.storage.local import REPO
 from hyperscale.diffusion.schedule import DiscreteVP, Prediction
 from hyperscale.methods.base import Batch
 from hyperscale.methods.dmd import Dmd, DmdConfig
@@ -297,7 +297,7 @@ class _TwoClassRing(_ToyDenoiser):
         return torch.where(pick, self.cond_ring.raw(x_t, t, cond), self.null_ring.raw(x_t, t, cond))
 
 
-SIM_GPU = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sim-gpu.yaml"
+SIM_GPU = REPO / "jobs" / "configs" / "sim-gpu.yaml"
 
 
 @pytest.mark.parametrize("settings", [

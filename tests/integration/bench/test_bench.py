@@ -2,11 +2,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from PIL import Image
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 import pytest
 
@@ -210,7 +210,7 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
 def test_rederived_eps_without_clipping_is_refused_in_settings_and_cli():
     with pytest.raises(ValueError, match="needs clip_x0"):
         QualitySettings(clip_x0=False, use_clipped_model_output=True)
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     r = subprocess.run([sys.executable, str(root / "jobs" / "bench.py"), "--suite", "quality", "--no-clip-x0",
                         "--use-clipped-model-output"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2

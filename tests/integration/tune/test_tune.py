@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import ConfigError, load_config
 from hyperscale.models.build import build_denoiser, save_denoiser
 from hyperscale.tune.space import base_tree, check_space, grid_size, load_sweep, trial_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 TINY_SWEEP = ROOT / "jobs/configs/sweep-sim-tiny.yaml"
 
 

@@ -5,13 +5,13 @@ changes) runs for every registered method and the config variants in test_method
 this file checks the math and the file formats. Tiny models, CPU, no Ray, no downloads."""
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config, to_yaml
 from hyperscale.diffusion import segments as seg
 from hyperscale.diffusion.sampling import sample_ddim
@@ -29,7 +29,6 @@ from hyperscale.models.lora import (KOHYA_WEIGHTS, LORA_WEIGHTS, LoraDenoiser, a
 
 TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,true]"]
 B = 3
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -82,3 +82,30 @@ def test_ema_tracks_with_warmup():
         net.weight.add_(1.0)
     ema.update(net)  # first decay is min(0.9, 1/10) = 0.1
     torch.testing.assert_close(ema.model.weight, net.weight - 0.1)
+
+
+def test_unwrap_looks_through_engines_before_inner(model):
+    """A DeepSpeed engine forwards unknown attributes (``inner`` too) to its module: unwrap must
+    take the engine's ``module`` first, or it skips the LoRA wrapper inside it."""
+    from torch import nn
+
+    from hyperscale.models.denoiser import unwrap
+    from hyperscale.models.lora import LoraDenoiser, apply_lora
+
+    class ForwardingEngine(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    lora = apply_lora(model, rank=2, target_modules=["conv1"])
+    engine = ForwardingEngine(lora)
+    assert engine.inner is lora.inner  # the forwarding that hid the LoRA wrapper
+    assert unwrap(engine, lambda m: isinstance(m, LoraDenoiser)) is lora
+    assert unwrap(CFGDenoiser(engine, 2.0), lambda m: m is model) is model
+    assert unwrap(engine, lambda m: False) is None

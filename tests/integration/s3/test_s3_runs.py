@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperscale.storage.local import REPO
 from hyperscale.storage import s3
 from s3_server import BUCKET  # its fixtures (moto, shards) come through conftest.py
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 
 
 # ------------------------------------------------------------------- directories, models

@@ -12,7 +12,9 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from test_generation import tiny_exports
+from tiny_exports import tiny_exports
+
+from hyperscale.storage.local import REPO
 
 TOKEN = "s3cret-token"
 
@@ -262,7 +264,6 @@ def test_the_page_generates_images_in_headless_chromium(server):
 def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     from hyperscale.bench.serving import run_level
 
@@ -273,7 +274,7 @@ def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path)
     assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     bad = run_level(server, clients=2, body={"class": 1}, max_requests=4, max_seconds=60, token="wrong")
     assert bad["errors"] == 4 and bad["requests_per_s"] == 0  # errors are counted, not timed
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     gen = json.loads(call(server, "/readyz", token=None)[2])  # the server's generator is the tiny export
     assert gen["status"] == "ready"
     out = subprocess.run([sys.executable, str(root / "jobs" / "loadtest.py"), "--url", server, "--token", TOKEN,

@@ -1,37 +1,19 @@
 """The Ray-free generation path: request validation, class resolution, determinism, encoding."""
-import copy
 import io
 
 import pytest
 import torch
 from PIL import Image
 
-from hyperscale.config import load_config
+from hyperscale.storage.local import REPO
 from hyperscale.diffusion.sampling import sample_tcd
-from hyperscale.methods.sim import Sim, SimConfig
-from hyperscale.models.build import build_denoiser, save_denoiser
-from hyperscale.models.lora import apply_lora, load_lora, save_lora
+from hyperscale.models.build import save_denoiser
+from hyperscale.models.lora import load_lora
+from tiny_exports import tiny_exports
 from hyperscale.models.generation import (GenerateRequest, ImageGenerator, Limits, RequestError, encode_image,
                                           resolve_class)
 
 NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-
-
-def tiny_exports(root):
-    """(1-step generator export, multi-step denoiser export) of one tiny random UNet, and beside
-    them ``lora/``: a diffusers-format LoRA adapter (non-zero) for the multi-step one."""
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"])
-    den = build_denoiser(cfg.model, cfg.schedule)
-    save_denoiser(den, root / "one-step", Sim(SimConfig()).sampler(den).to_extra())
-    save_denoiser(den, root / "multi-step")
-    lora = apply_lora(copy.deepcopy(den), rank=2, target_modules=["conv1", "conv2"])
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    save_lora(lora, root / "lora")
-    return root / "one-step", root / "multi-step"
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +146,10 @@ def test_sampler_spec_reads_and_writes_the_shipped_export_keys():
     """SamplerSpec round-trips the ``extra`` keys exports carry (the shipped SIM generator's included),
     and its one rule for multi-step exports: TCD at 1 step uses the export's own call."""
     import json
-    from pathlib import Path
 
     from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
 
-    shipped = json.loads((Path(__file__).resolve().parents[1] / "assets/sim-generator/hyperscale_model.json")
+    shipped = json.loads((REPO / "assets/sim-generator/hyperscale_model.json")
                          .read_text())["extra"]
     spec = SamplerSpec.from_extra(shipped)
     assert spec.is_one_step_generator and spec.one_step == OneStepCall(440, "sigma")

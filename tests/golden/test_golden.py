@@ -29,11 +29,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from hyperscale.storage.local import REPO
+
+ROOT = REPO  # the repository root
 GOLDEN = ROOT / "tests" / "golden"
 _spec = importlib.util.spec_from_file_location("golden_update", GOLDEN / "update.py")
 _update = importlib.util.module_from_spec(_spec)

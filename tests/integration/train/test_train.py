@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.models.build import load_denoiser
 from hyperscale.train.checkpoint import find_latest, problems
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 TINY = ROOT / "jobs/configs/teacher-tiny.yaml"
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperscale.storage.local import REPO
 from hyperscale.progress import (ConsoleSink, Progress, eta_seconds, format_duration, format_line, progress,
                                  training_fields)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 
 # What Ray, Ray Train and DeepSpeed printed on the console of a distill run before (each seen there)
 NOISE = [r"PlacementGroupCleaner", r"Failed to query Ray Train Controller", r"Reporting training result",

@@ -4,20 +4,20 @@ with the same contract tests the built-in methods and families pass."""
 import re
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 import test_methods_contract as contract
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.methods import METHODS
 from hyperscale.models.build import build_denoiser, load_denoiser, save_denoiser
 from hyperscale.models.families import FAMILIES, family_of
 from hyperscale.train.step import Role, StepCounters, two_player_step
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = REPO / "docs" / "extending.md"
 
 
 def _section(number: int) -> str:

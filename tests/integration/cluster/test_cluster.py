@@ -23,9 +23,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import ConfigError, load_config, to_yaml
 
-REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 DOCKERFILE = CLUSTER / "Dockerfile"
 AWS = CLUSTER / "aws.yaml"

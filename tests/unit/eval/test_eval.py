@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from hyperscale.storage.local import REPO
 from hyperscale.data.fashion_mnist import load_fashion_mnist
 from hyperscale.eval import features as features_mod
 from hyperscale.models.classifier import (DEFAULT_DIR, ClassifierConfig, FashionClassifier, class_accuracy,
@@ -19,7 +19,7 @@ from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import (ReferenceStats, evaluate_samples, fid_from_features, frechet_distance,
                                      gaussian_stats, kid, mmd2_unbiased)
 
-EVAL_DIR = Path(__file__).resolve().parents[1] / "hyperscale" / "eval"
+EVAL_DIR = REPO / "hyperscale" / "eval"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.methods.dmd import DmdConfig
 from hyperscale.methods.scores import build_student
@@ -21,7 +22,7 @@ from hyperscale.train.checkpoint import find_latest
 from hyperscale.pipeline.run import (PIPELINE_RECORD, PipelineError, is_pipeline_file, load_pipeline,
                                        phase_configs, run_pipeline)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 CONFIGS = ROOT / "jobs" / "configs"
 TINY = ["model.block_out_channels=[8,16]", "model.attention_levels=[false,false]"]
 X, T, C = torch.randn(2, 1, 28, 28), torch.tensor([10, 900]), torch.tensor([1, 2])

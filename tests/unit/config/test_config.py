@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hyperscale.storage.local import REPO
 from hyperscale.config import ConfigError, from_dict, load_config, to_yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the repository root
 SERVE_CONFIGS = {"serve.yaml"}  # Ray Serve configs (serve run/deploy format), not training presets
 
 
 def _is_training_preset(path: Path) -> bool:
-    """Not a Serve config, a sweep (tests/test_tune.py) or a pipeline of phases (tests/test_pipeline.py)."""
+    """Not a Serve config, a sweep (tests/integration/tune/test_tune.py) or a pipeline of phases (tests/integration/pipeline/test_pipeline.py)."""
     if path.name in SERVE_CONFIGS or path.name.startswith("sweep-"):
         return False
     return "phases" not in (yaml.safe_load(path.read_text()) or {})
