@@ -142,10 +142,12 @@ class RoleOptim(Section):
 
 
 class OptimSection(Section):
-    """Per-role optimiser settings: ``generator`` (the exported model) and ``critic`` (the fake
-    score or the discriminator head). DMD2 and SiD train the two at different learning rates."""
+    """Per-role optimiser settings: ``generator`` (the exported model), ``critic`` (the fake score
+    or the discriminator head) and ``discriminator`` (a critic role named so: TSCD's adversarial
+    head). DMD2 and SiD train generator and critic at different learning rates."""
     generator: RoleOptim = RoleOptim()
     critic: RoleOptim = RoleOptim()
+    discriminator: RoleOptim = RoleOptim()
 
 
 class MethodSection(Section):
@@ -165,8 +167,10 @@ class Config(Section):
     method: SerializeAsAny[MethodSection]
 
 
-def role_train(cfg: Config, kind: Literal["generator", "critic"]) -> TrainSection:
-    """``cfg.train`` with the optimiser settings of a role kind applied (critic <- generator <- train)."""
-    chain = [cfg.optim.generator] + ([cfg.optim.critic] if kind == "critic" else [])
+def role_train(cfg: Config, kind: Literal["generator", "critic", "discriminator"]) -> TrainSection:
+    """``cfg.train`` with the optimiser settings of a role kind applied
+    (discriminator <- critic <- generator <- train)."""
+    chain = [cfg.optim.generator, cfg.optim.critic, cfg.optim.discriminator][:("generator", "critic",
+                                                                            "discriminator").index(kind) + 1]
     update = {k: v for o in chain for k, v in o.model_dump(exclude_none=True).items()}
     return cfg.train.model_copy(update=update)

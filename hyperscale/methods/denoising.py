@@ -12,6 +12,7 @@ from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
 from hyperscale.models.cond import cond_len, cond_where
+from hyperscale.models.families import family_of
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 
 
@@ -46,4 +47,4 @@ class Denoising(Method):
 
     def sample(self, generator, z, cond):
         """DDIM, 25 trailing steps, no guidance: a quick look, not the benchmark."""
-        return sample_ddim(generator, z, cond, 25, spacing="trailing", clip_x0=True)
+        return sample_ddim(generator, z, cond, 25, spacing="trailing", clip_x0=family_of(generator).bounded)

@@ -245,7 +245,7 @@ class ImageGenerator:
         if call is not None:
             return one_step(den, z, y, call.timestep, call.noise_input)
         if sampler == "ddim":
-            return sample_ddim(den, z, y, steps, spacing="trailing", clip_x0=True)
+            return sample_ddim(den, z, y, steps, spacing="trailing", clip_x0=family_of(self.denoiser).bounded)
         return sample_tcd(den, z, y, steps, eta=eta, generator=gens)
 
     def render(self, job: Job, images: Tensor) -> list[bytes]:

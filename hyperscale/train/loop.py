@@ -195,8 +195,11 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
     gen_name = method.generator
     ema = EMA(modules[gen_name], t.ema_decay, t.ema_warmup)  # full fp32 weights, before any partitioning
     t0 = time.perf_counter()
-    roles = {n: engines.build_role(n, m, role_train(cfg, "generator" if n == gen_name else "critic"),
-                                   cfg.data.batch_size, world, device) for n, m in modules.items()}
+    def optim_kind(name: str) -> str:
+        return "generator" if name == gen_name else "discriminator" if name == "discriminator" else "critic"
+
+    roles = {n: engines.build_role(n, m, role_train(cfg, optim_kind(n)), cfg.data.batch_size, world, device)
+             for n, m in modules.items()}
     timing = {"time/engine_init_s": time.perf_counter() - t0}
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
     family = family_of(modules[gen_name])

@@ -112,6 +112,9 @@ def test_per_role_optimiser_settings_inherit_critic_from_generator_from_train():
     assert (gen.lr, gen.adam_beta1, gen.adam_beta2) == (0.0002, 0.5, 0.999)
     assert (critic.lr, critic.adam_beta1, critic.adam_beta2) == (0.0002, 0.5, 0.99)
     assert role_train(load_config(None, ["optim.critic.lr=0.01"]), "generator") == load_config().train
+    disc = role_train(load_config(None, ["optim.critic.lr=0.01", "optim.discriminator.adam_beta1=0.0"]),
+                      "discriminator")
+    assert (disc.lr, disc.adam_beta1) == (0.01, 0.0)  # the discriminator inherits the critic's lr
     # what the trainer builds from them: each role's optimiser carries its own settings
     for t, lr, betas in ((gen, 0.0002, (0.5, 0.999)), (critic, 0.0002, (0.5, 0.99))):
         role = engines.build_role("r", torch.nn.Linear(2, 2), t, 4, 1, torch.device("cpu"))
