@@ -116,6 +116,17 @@ class Schedule:
         a, s = (bcast(v, x0) for v in self.alpha_sigma(t))
         return a * x0 + s * noise
 
+    def timesteps_for_sigma_ve(self, sigmas: Tensor) -> Tensor:
+        """The times (n,) whose VE noise level sigma / alpha is ``sigmas`` (n,)."""
+        raise NotImplementedError
+
+    def timestep_for_sigma_ve(self, sigma: float) -> int | float:
+        """The time of one VE noise level: a grid index (python int) on a discrete schedule, a
+        continuous time (float) otherwise (SIM's generator sits at sigma~ = 2.5: index ~440 on the
+        linear VP grid)."""
+        t = self.timesteps_for_sigma_ve(torch.tensor([float(sigma)], dtype=torch.float64))[0]
+        return int(t) if is_index(t) else float(t)
+
 
 class DiscreteVP(Schedule):
     """A discrete VP schedule. ``alphas_cumprod`` has shape (T,), float64."""
@@ -162,10 +173,6 @@ class DiscreteVP(Schedule):
 
     def sigma_ve(self, t) -> Tensor:
         return (1 / self.snr(t)).sqrt()
-
-    def timestep_for_sigma_ve(self, sigma: float) -> int:
-        """Nearest grid index to a VE noise level (SIM's generator sits at sigma~ = 2.5 -> index ~440)."""
-        return int(self.timesteps_for_sigma_ve(torch.tensor([float(sigma)]))[0])
 
     def timesteps_for_sigma_ve(self, sigmas: Tensor) -> Tensor:
         """Nearest grid indices (n,) long to VE noise levels (n,), on the device of ``sigmas``;

@@ -11,6 +11,7 @@ from pydantic import Field
 from hyperscale.config.schema import MethodSection
 from hyperscale.diffusion.sampling import sample_ddim
 from hyperscale.diffusion.schedule import Prediction
+from hyperscale.diffusion.timedist import TimeSampling, time_dist
 from hyperscale.models.cond import cond_len, cond_where
 from hyperscale.models.families import family_of
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
@@ -21,6 +22,7 @@ class DenoisingConfig(MethodSection):
     label_dropout: float = Field(0.1, ge=0, le=1)  # p(cond -> null) for CFG
     weighting: Literal["uniform", "min_snr"] = "min_snr"
     min_snr_gamma: float = Field(5.0, gt=0)
+    time_sampling: TimeSampling = "grid"  # the training-time draw (diffusion/timedist.py); SD3: logit_normal
 
 
 class Denoising(Method):
@@ -32,7 +34,7 @@ class Denoising(Method):
     def generator_loss(self, batch: Batch, *, generator, **_) -> LossOut:
         x0, cond = batch.x0, batch.cond
         sched = generator.schedule
-        t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        t = time_dist(self.config.time_sampling).draw(sched, x0.shape[0], x0.device)
         eps = torch.randn_like(x0)
         x_t = sched.add_noise(x0, eps, t)
         drop = torch.rand((cond_len(cond),), device=cond.device) < self.config.label_dropout

@@ -17,12 +17,13 @@ from hyperscale.diffusion.sampling import NoiseInput
 
 @dataclass(frozen=True)
 class OneStepCall:
-    """One network call on noise: at grid index ``timestep``, with x_t = z (``unit``) or sigma_t z."""
-    timestep: int
+    """One network call on noise: at ``timestep`` (a grid index, or a continuous time on a
+    continuous schedule), with x_t = z (``unit``) or sigma_t z."""
+    timestep: int | float
     noise_input: NoiseInput = NoiseInput.unit
 
     def to_json(self) -> dict:
-        return {"timestep": int(self.timestep), "noise_input": NoiseInput(self.noise_input).value}
+        return {"timestep": self.timestep, "noise_input": NoiseInput(self.noise_input).value}
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class SamplerSpec:
     @classmethod
     def from_extra(cls, extra: dict) -> "SamplerSpec":
         g, s = extra.get("generator"), extra.get("sampler")
-        return cls(one_step=OneStepCall(int(g["timestep"]), NoiseInput(g["noise_input"])) if g else None,
+        return cls(one_step=OneStepCall(g["timestep"], NoiseInput(g["noise_input"])) if g else None,
                    few_step=FewStep(s["name"], int(s["num_steps"]), s.get("spacing", "trailing"),
                                     float(s.get("guidance_scale", 1.0))) if s else None,
                    multi_step=bool(extra.get("multi_step")),

@@ -400,3 +400,13 @@ def test_logit_normal_time_draw_follows_sd3():
         time_dist("uniform")
     with pytest.raises(ValueError, match="lo <= hi"):
         time_dist("grid", 0.9, 0.1)
+
+
+def test_time_for_a_ve_noise_level_on_both_schedules():
+    """SIM's generator level sigma~ = 2.5: grid index 440 on the linear VP grid, the continuous
+    time with exactly that level on rectified flow (sigma / (1 - sigma) = 2.5 after the shift)."""
+    assert DiscreteVP.from_config("linear").timestep_for_sigma_ve(2.5) == 440
+    rf = RectifiedFlow(3.0)
+    t = rf.timestep_for_sigma_ve(2.5)
+    assert isinstance(t, float) and abs(rf.sigma_ve(t).item() - 2.5) < 1e-12
+    assert rf.timesteps_for_sigma_ve(torch.tensor([float("inf")], dtype=torch.float64)).item() == 1.0
