@@ -82,19 +82,26 @@ class Method:
     def roles(self) -> list[RoleSpec]:
         raise NotImplementedError
 
+    def checked_roles(self) -> list[RoleSpec]:
+        """``roles()``, checked: unique names, exactly one generator, at most one critic."""
+        specs = self.roles()
+        names = [r.name for r in specs]
+        kinds = [r.kind for r in specs]
+        problem = ("role names repeat" if len(set(names)) != len(names) else
+                   f"{kinds.count('generator')} generator roles; exactly one is needed"
+                   if kinds.count("generator") != 1 else
+                   f"{kinds.count('critic')} critic roles; at most one is allowed" if kinds.count("critic") > 1 else None)
+        if problem:
+            raise TypeError(f"{type(self).__name__} declares {names}: {problem}")
+        return specs
+
     @property
     def generator(self) -> str:
-        names = [r.name for r in self.roles() if r.kind == "generator"]
-        if len(names) != 1:
-            raise TypeError(f"{type(self).__name__} declares {len(names)} generator roles; exactly one is needed")
-        return names[0]
+        return next(r.name for r in self.checked_roles() if r.kind == "generator")
 
     @property
     def critic(self) -> str | None:
-        names = [r.name for r in self.roles() if r.kind == "critic"]
-        if len(names) > 1:
-            raise TypeError(f"{type(self).__name__} declares {len(names)} critic roles; at most one is allowed")
-        return names[0] if names else None
+        return next((r.name for r in self.checked_roles() if r.kind == "critic"), None)
 
     @property
     def trainable(self) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ def build_roles(method: Method, *, teacher: Callable[[], nn.Module] | None, fres
     needs it); ``fresh``: a new model of the configured architecture; ``rewards``: reward models
     from specs; ``prepare(name, module)``: applied to each trainable role as soon as it is built
     (device moves, broadcasts), before EMA copies of it are taken."""
-    specs = method.roles()
+    specs = method.checked_roles()
     out = Roles(specs={s.name: s for s in specs})
     loaded: list[nn.Module] = []
 
@@ -50,7 +50,6 @@ def build_roles(method: Method, *, teacher: Callable[[], nn.Module] | None, fres
     for kind in ("generator", "critic"):
         for spec in (s for s in specs if s.kind == kind):
             out.trainable[spec.name] = prepare(spec.name, make(spec).train())
-    method.generator, method.critic  # noqa: B018  (one generator, at most one critic)
     for spec in (s for s in specs if s.kind == "frozen"):
         if spec.init == "teacher":
             module = the_teacher()

@@ -692,3 +692,22 @@ def test_declared_roles_of_the_hypersd_methods():
         RoleSpec("target", "frozen", "ema")
     with pytest.raises(ValueError, match="cannot be initialised"):
         RoleSpec("generator", "generator", "teacher")
+
+
+def test_a_method_declaring_bad_roles_is_refused():
+    from hyperscale.methods.base import Method
+
+    class Two(Method):
+        def __init__(self, specs):
+            super().__init__(None)
+            self.specs = specs
+
+        def roles(self):
+            return self.specs
+
+    gen = RoleSpec("generator", "generator", "fresh")
+    for specs, needle in (([], "0 generator roles"), ([gen, gen], "names repeat"),
+                          ([gen, RoleSpec("a", "critic", "fresh"), RoleSpec("b", "critic", "fresh")], "2 critic")):
+        with pytest.raises(TypeError, match=needle):
+            Two(specs).trainable
+    assert Two([gen, RoleSpec("a", "critic", "fresh")]).trainable == ("generator", "a")
