@@ -38,7 +38,7 @@ class QualitySettings:
     batch_size: int = 250
     seed: int = 0
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])
-    guidance_scale: float = 1.3  # teacher CFG (w = 1: none); calibrated, see docs/benchmarks.md
+    guidance_scale: float = 1.3  # teacher CFG (w = 1: none); calibrated, see docs/benchmarks.md §3.3
     spacing: str = "trailing"  # DDIM grid; "trailing" starts every row at t = T-1
     clip_x0: bool = True
     use_clipped_model_output: bool = False  # re-derive eps from the clipped x0 (diffusers' flag)

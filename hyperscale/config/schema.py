@@ -22,31 +22,30 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
+    """What a run is called, where its outputs go and its seed."""
     name: str = "run"
-    output_dir: str = "runs/run"
+    output_dir: str = "runs/run"  # a local directory or s3://bucket/prefix
     seed: int = 0
 
 
 class ScheduleSection(Section):
-    # the VP kinds; rectified flow comes with the families that carry it (diffusion/schedule.py)
-    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
-    num_train_timesteps: int = Field(1000, ge=2)
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(2e-2, gt=0, lt=1)
+    """The teacher's VP noise schedule (diffusion/schedule.py)."""
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"  # VP kinds; rectified flow comes with its families
+    num_train_timesteps: int = Field(1000, ge=2)  # T, the training grid
+    beta_start: float = Field(1e-4, gt=0, lt=1)  # DDPM's beta_1
+    beta_end: float = Field(2e-2, gt=0, lt=1)  # DDPM's beta_T
 
 
 class ModelSection(Section):
-    """The denoiser. ``family``: the model family (hyperscale/models/families; checked against
-    that table when the config loads). ``pretrained_teacher_model`` loads an exported model (local
-    directory, hub id or ``s3://``); otherwise the family builds the architecture below."""
-    family: str = "class_unet"
-    pretrained_teacher_model: Optional[str] = None
-    prediction_type: Prediction = Prediction.eps
-    sample_size: int = 28
+    """The denoiser: an exported teacher to load, or the architecture its family builds fresh."""
+    family: str = "class_unet"  # the model family (hyperscale/models/families), checked when the config loads
+    pretrained_teacher_model: Optional[str] = None  # an export (local directory, hub id or s3://); None: build fresh
+    prediction_type: Prediction = Prediction.eps  # what the network predicts
+    sample_size: int = 28  # image side in pixels
     in_channels: int = 1
-    num_classes: int = 10
-    block_out_channels: list[int] = [32, 64, 64]
-    attention_levels: list[bool] = [False, False, True]
+    num_classes: int = 10  # class labels; the embedding gets one more row, the null label for CFG
+    block_out_channels: list[int] = [32, 64, 64]  # UNet channels per resolution level
+    attention_levels: list[bool] = [False, False, True]  # self-attention per level (one entry per level)
     layers_per_block: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
@@ -70,6 +69,7 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
+    """Training data (data-free methods read only the labels)."""
     dataset: Literal["fashion_mnist"] = "fashion_mnist"
     root: Optional[str] = None  # IDX directory; None = Debian's location
     train_shards_path_or_url: Optional[str] = None  # WebDataset shards (brace expansion)
@@ -78,38 +78,32 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    num_workers: int = Field(2, ge=1)
+    """The trainer: workers, optimiser and schedule, EMA, checkpoints, engine (hyperscale/train)."""
+    num_workers: int = Field(2, ge=1)  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    max_steps: int = Field(1000, ge=1)
-    # Wall-clock budget of one invocation in minutes (0: none): the loop stops at the first
-    # logged step past it and exports as at max_steps; a resume continues towards max_steps.
-    max_minutes: float = Field(0.0, ge=0)
+    max_steps: int = Field(1000, ge=1)  # generator updates
+    max_minutes: float = Field(0.0, ge=0)  # wall-clock budget per invocation (0: none); stops and exports, resumable
     lr: float = Field(5e-4, gt=0)
-    lr_warmup_steps: int = Field(100, ge=0)
+    lr_warmup_steps: int = Field(100, ge=0)  # linear warm-up updates
     lr_min_ratio: float = Field(1.0, gt=0, le=1)  # cosine decay to lr*ratio (1.0 = constant)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW's
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # the generator's EMA (the "ema" export)
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
-    # In-loop quality evaluation every N steps (0: off) when the runner passes an evaluator
-    # (the Tune trials do: FID/KID and class accuracy on a small fixed sample set).
-    eval_every: int = Field(0, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)  # in-loop quality evaluation every N steps (0: off) when given an evaluator (Tune)
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept
     resume_from_checkpoint: Optional[str] = None  # a checkpoint path or "latest"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    max_failures: int = Field(0, ge=-1)
-    # Distributed training (hyperscale/train/engines.py): one DeepSpeed engine per trainable
-    # role, or plain torch data parallel (no ZeRO). zero_stage defaults to 2 with DeepSpeed, 0
-    # with torch. An update runs over gradient_accumulation_steps micro-batches of data.batch_size.
-    engine: Literal["deepspeed", "torch"] = "deepspeed"
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=-1)  # Ray Train worker-failure restarts (-1: unlimited)
+    engine: Literal["deepspeed", "torch"] = "deepspeed"  # one DeepSpeed engine per trainable role, or plain torch DDP
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage; unset: 2 with deepspeed, 0 with torch (no ZeRO)
+    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches of data.batch_size per update
 
     @model_validator(mode="before")
     @classmethod

@@ -9,8 +9,8 @@ Pipeline, fixed for every row of a table:
   (N, 1, H, W) in [-1, 1] -> [0, 1] -> 3 channels -> bilinear resize to IMAGE_SIZE
   (antialiased) -> ImageNet mean/std -> Lite0 trunk -> global average pool -> (N, 1280).
 
-The statistics of the 10k Fashion-MNIST test images cost ~35 s (2 cores) and are cached
-in an ``.npz`` keyed by a hash of every setting above (plus weights and data content).
+The statistics of the 10k Fashion-MNIST test images are computed once and cached in an
+``.npz`` keyed by a hash of every setting above (plus weights and data content).
 """
 from __future__ import annotations
 

@@ -18,10 +18,11 @@ from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 
 
 class DenoisingConfig(MethodSection):
+    """The teacher's training loss: eps-MSE with optional Min-SNR weighting and CFG label dropout."""
     name: Literal["denoising"] = "denoising"
     label_dropout: float = Field(0.1, ge=0, le=1)  # p(cond -> null) for CFG
-    weighting: Literal["uniform", "min_snr"] = "min_snr"
-    min_snr_gamma: float = Field(5.0, gt=0)
+    weighting: Literal["uniform", "min_snr"] = "min_snr"  # eps-MSE weight: uniform (DDPM) or min(SNR, gamma) / SNR
+    min_snr_gamma: float = Field(5.0, gt=0)  # Min-SNR's gamma (Hang et al.'s 5)
     time_sampling: TimeSampling = "grid"  # the training-time draw (diffusion/timedist.py); SD3: logit_normal
 
 

@@ -40,42 +40,25 @@ from hyperscale.models.export import OneStepCall, SamplerSpec
 
 
 class DmdConfig(StudentSection):
-    """DMD hyperparameters; defaults and why.
-
-    generator_timestep / noise_input: where the 1-step generator sits: T - 1 with x_t = z (the
-        trailing 1-step sampler, what a TSCD k = 1 student was trained for); the Hyper-SDXL
-        1-step UNet uses 800 [V], DMD2-SDXL 399.
-    real_guidance_scale: CFG on the real score only (DMD2: 8 SDXL, 1.75 SD1.5); the fake score
-        is unguided.
-    t_range: DMD2's U[0.02 T, 0.98 T] for the distribution-matching loss.
-    normalize: divide by mean|x0 - D_real| per sample (DMD); false keeps the raw
-        D_fake - D_real (the per-t KL gradient up to sigma_t^2 / alpha_t^2).
-    fake_t_range / fake_weighting: the fake score's eps-MSE on the whole grid (DMD2).
-    fake_t_sampling: how that t is drawn, as SIM's (diffusion/timedist.py): "grid" (DMD2),
-        "karras" or "lognormal".
-    critic_steps: fake-score updates per generator update (DMD2's two-time-scale rule: 5).
-    regression: "none" or "online" (teacher DDIM from the same z, ``regression_steps`` evenly
-        spaced steps, with real_guidance_scale);
-        regression_weight: DMD's lambda_reg = 0.25.
-    rewards / feedback_weight: optional reward hinge on G(z) (role ``reward``).
-    """
+    """DMD's hyperparameters, one line each (section numbers: docs/algorithms.md; DMD2 values from
+    §2.4). The student fields (full or LoRA) come from ``StudentSection``."""
     name: Literal["dmd"] = "dmd"
-    generator_timestep: int | None = Field(None, ge=0)  # None: T - 1
-    noise_input: NoiseInput = NoiseInput.unit
-    real_guidance_scale: float = Field(1.0, ge=0)
-    t_range: TimeRange = (0.02, 0.98)
-    normalize: bool = True
-    dm_weight: float = Field(1.0, ge=0)
-    fake_t_range: TimeRange = (0.0, 1.0)
-    fake_weighting: Literal["uniform", "min_snr"] = "uniform"
-    fake_t_sampling: TimeSampling = "grid"
-    min_snr_gamma: float = Field(5.0, gt=0)
-    critic_steps: int = Field(5, ge=1)
-    regression: Literal["none", "online"] = "none"
-    regression_weight: float = Field(0.25, ge=0)
-    regression_steps: int = Field(25, ge=1)
-    rewards: list[RewardSpec] = Field(default_factory=list)
-    feedback_weight: float = Field(1.0, ge=0)
+    generator_timestep: int | None = Field(None, ge=0)  # the 1-step call's t; None: T - 1 (Hyper-SDXL: 800, DMD2: 399)
+    noise_input: NoiseInput = NoiseInput.unit  # the call's input: x_t = z ("unit", trailing sampler) or sigma_t z
+    real_guidance_scale: float = Field(1.0, ge=0)  # CFG on the real score only (DMD2: 8 SDXL, 1.75 SD1.5)
+    t_range: TimeRange = (0.02, 0.98)  # t of the distribution-matching loss: DMD2's U[0.02 T, 0.98 T]
+    normalize: bool = True  # divide g by mean|x0 - D_real| per sample (DMD); false: raw D_fake - D_real
+    dm_weight: float = Field(1.0, ge=0)  # weight of the distribution-matching loss
+    fake_t_range: TimeRange = (0.0, 1.0)  # fake-score eps-MSE t: the whole grid (DMD2)
+    fake_weighting: Literal["uniform", "min_snr"] = "uniform"  # fake-score eps-MSE weight: uniform (DMD2) or Min-SNR
+    fake_t_sampling: TimeSampling = "grid"  # fake-score t draw, as SIM's: "grid" (DMD2), "karras" or "lognormal"
+    min_snr_gamma: float = Field(5.0, gt=0)  # gamma of fake_weighting "min_snr"
+    critic_steps: int = Field(5, ge=1)  # fake-score updates per generator update (DMD2: 5; DMD: 1)
+    regression: Literal["none", "online"] = "none"  # "online": MSE to the teacher's DDIM solution from the same z
+    regression_weight: float = Field(0.25, ge=0)  # DMD's lambda_reg
+    regression_steps: int = Field(25, ge=1)  # teacher DDIM steps of that solution (with real_guidance_scale)
+    rewards: list[RewardSpec] = Field(default_factory=list)  # optional reward hinge on G(z) (role ``reward``, §2.3)
+    feedback_weight: float = Field(1.0, ge=0)  # weight of that hinge
 
 
 def dmd_direction(x0: Tensor, d_real: Tensor, d_fake: Tensor, normalize: bool = True) -> Tensor:

@@ -34,22 +34,15 @@ from hyperscale.models.export import FewStep, SamplerSpec
 
 
 class RewardSpec(Section):
-    """One reward: how the factory builds it (kind, source, head, template) and how the loss
-    uses it (margin alpha_d, weight w_d).
-
-    kind: class_consistency (the project's classifier; reward log p(c | x0) <= 0), aesthetic
-        (LAION predictor) or image_reward. source: a local path or hub id (None for
-        class_consistency = the shipped assets/classifier). margin: the hinge target
-        alpha_d [P: values not recovered]; ReFL uses ReLU(2 - r) for ImageReward. weight: ReFL's
-        grad_scale is 1e-3 with its SD learning rate.
-    """
-    name: str
-    kind: Literal["class_consistency", "aesthetic", "image_reward"]
-    source: Optional[str] = None
-    head: Optional[str] = None
-    template: Optional[str] = None
-    margin: float = 0.0
-    weight: float = Field(1.0, ge=0)
+    """One reward: how the factory builds it (kind, source, head, template) and how the hinge uses it
+    (margin alpha_d, weight w_d; docs/algorithms.md §2.3)."""
+    name: str  # its key in the ``reward`` role
+    kind: Literal["class_consistency", "aesthetic", "image_reward"]  # log p(c | x0), LAION aesthetic or ImageReward
+    source: Optional[str] = None  # local path or hub id; None for class_consistency: the shipped assets/classifier
+    head: Optional[str] = None  # aesthetic: the predictor's head file (a released *.pth) if not in source
+    template: Optional[str] = None  # image_reward: prompt template for the class names ("{}" if None)
+    margin: float = 0.0  # the hinge target alpha_d [P: not recovered]; ReFL: ReLU(2 - r) for ImageReward
+    weight: float = Field(1.0, ge=0)  # w_d (ReFL's grad_scale is 1e-3 at its SD learning rate)
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -71,22 +64,14 @@ def reward_hinge(x0: Tensor, cond, reward: nn.Module, specs: list[RewardSpec]) -
 
 
 class FeedbackConfig(StudentSection):
-    """Feedback hyperparameters.
-
-    rewards: the reward list (names must match the ``reward`` role's entries).
-    rollout_steps / grad_step_range: the rollout grid (DDIM, trailing, ``rollout_steps``
-        steps) and the inclusive range of the step index at which x0 is predicted with
-        gradients; ReFL: 40 steps, index in [30, 39]. The default suits a 4-step student.
-    guidance_scale: CFG for the student's rollout (1.0: distilled students sample unguided).
-    teacher_reg_weight: MSE from the student's x0 to the teacher's x0 at the same x_t
-        (0 = off). needs_teacher stays true either way: the student starts as its copy.
-    """
+    """Feedback's hyperparameters, one line each (docs/algorithms.md §2.3). The student fields (full or
+    LoRA) come from ``StudentSection``; the teacher is needed either way (the student starts as its copy)."""
     name: Literal["feedback"] = "feedback"
-    rewards: list[RewardSpec] = Field(default_factory=_default_rewards, min_length=1)
-    rollout_steps: int = Field(4, ge=1)
-    grad_step_range: tuple[int, int] = (0, 3)
-    guidance_scale: float = Field(1.0, ge=0)
-    teacher_reg_weight: float = Field(0.0, ge=0)
+    rewards: list[RewardSpec] = Field(default_factory=_default_rewards, min_length=1)  # names match the ``reward`` role
+    rollout_steps: int = Field(4, ge=1)  # rollout steps, trailing DDIM (ReFL: 40); 4 suits a 4-step student
+    grad_step_range: tuple[int, int] = (0, 3)  # inclusive step indices where x0 is predicted with grad (ReFL: [30, 39])
+    guidance_scale: float = Field(1.0, ge=0)  # CFG of the student's rollout (1.0: distilled students sample unguided)
+    teacher_reg_weight: float = Field(0.0, ge=0)  # MSE from the student's x0 to the teacher's at the same x_t; 0 = off
 
     @model_validator(mode="after")
     def _range(self) -> "FeedbackConfig":

@@ -54,27 +54,15 @@ def generator_noise(generator, cond) -> Tensor:
 
 
 class StudentSection(MethodSection):
-    """How the student (the generator role) is built from the teacher.
-
-    student: "full" fine-tunes a copy of the teacher; "lora" trains a peft LoRA on the copy's
-        UNet (Hyper-SD trains LoRAs, §2.2 [P, from its released artifacts]).
-    lora_rank / lora_alpha / lora_dropout / lora_target_modules: the diffusers-script flags.
-        alpha None means alpha = rank (scale 1); target modules None means LCM-LoRA's list
-        (attention, feed-forward, resnet convs, time projections, resamplers) filtered to the
-        modules the UNet has. Rank 64 is PCM's / Hyper-SD's SD value [R].
-    init_student: start from an earlier phase's export (a directory ``save_student`` wrote, e.g.
-        ``runs/<run>/export/ema``; local, hub id or s3://) instead of the plain teacher copy.
-        With student "lora" the export must be a LoRA export of this teacher with the same
-        rank / alpha / targets: training continues that same LoRA (Hyper-SD's stages resume from
-        the previous stage's weights, §2.2 [P]). With "full" its weights (merged ones for a
-        LoRA export) are loaded. None: the teacher copy.
-    """
+    """How the student (the generator role) is built from the teacher: a full copy or a peft LoRA on
+    its UNet (Hyper-SD trains LoRAs, docs/algorithms.md §2.2 [P]); the LoRA flags are the diffusers scripts'."""
     name: str
-    student: Literal["full", "lora"] = "full"
-    lora_rank: int = Field(64, ge=1)
-    lora_alpha: Optional[float] = Field(None, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: Optional[list[str]] = None
+    student: Literal["full", "lora"] = "full"  # "full" fine-tunes a copy of the teacher; "lora" trains a LoRA on it
+    lora_rank: int = Field(64, ge=1)  # LoRA rank (PCM's / Hyper-SD's SD value: 64 [R])
+    lora_alpha: Optional[float] = Field(None, gt=0)  # LoRA alpha; None: alpha = rank (scale 1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA branch
+    lora_target_modules: Optional[list[str]] = None  # None: LCM-LoRA's list, filtered to the modules the UNet has
+    # an earlier phase's export to start from (local, hub, s3://; "lora" continues its LoRA); None: the teacher copy
     init_student: Optional[str] = None
 
 

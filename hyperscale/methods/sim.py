@@ -37,79 +37,27 @@ Divergence = Literal["sg", "full"]
 
 
 class SimConfig(MethodSection):
-    """SIM hyperparameters; defaults and why.
-
-    distance: "pseudo_huber" (the paper's recommended d, §1.4: a bounded, self-normalising
-        direction); "l2" is the Fisher divergence (= SiD with alpha = 1); "normalized" is
-        the c -> 0 limit y / ||y|| (Dive3D's practice).
-    huber_c: pseudo-Huber c per sqrt(dim) in denoiser (pixel) units: the distance acts on
-        Delta = sigma~^2 y with c = huber_c * sqrt(C*H*W) at every t (a valid per-t distance,
-        so exactness holds), the iCT convention that makes c resolution independent.
-        The paper's value was not recovered (§1.4). 0.01 makes the direction normalised once
-        D_phi and D_psi differ by more than ~1% RMS per entry and keeps it smooth (finite at
-        Delta = 0, where fake = teacher at the start); tune it against ``sim/y_norm``.
-    divergence: "sg" (default, the paper: sampling distribution held fixed) or "full".
-    variant / sid_alpha: "sid" swaps in SiD's generator loss
-        Delta^T[(D_phi - x0) - alpha Delta] as a baseline (alpha = 1.2 is SiD's shipped value).
-    init_sigma: 2.5, the generator's fixed VE input level (§1.1; the grid step nearest it).
-    teacher_guidance_scale: CFG on the teacher only, fake score unguided (§1.7). 1.0 (none)
-        is the CIFAR setting and keeps the target the teacher's own distribution.
-    teacher_clip_x0: clamp the (guided) teacher's x0-prediction D_phi to the data range [-1, 1],
-        Imagen's static thresholding applied to the target score. The true posterior mean of
-        data in [-1, 1] lies in that box, so the clamp moves every pixel of the teacher's estimate
-        closer to it; off by default (the exactness gate's Gaussian data are unbounded).
-    fake_clip_x0: clamp the fake score's x0-prediction D_psi the same way, in y and in the Stein
-        term. With teacher_clip_x0 both estimates are projected onto the box (the consistent
-        variant: the teacher alone clamped leaves y = clip(D_phi) - D_psi nonzero at the fixed point).
-    generator_clip_x0: clamp the generator's output x0 to the data range [-1, 1] in the forward
-        pass, so its samples lie where the data lie (the 1-step analogue of the teacher sampler's
-        clip_x0). The gradient is the clamp's own (zero where a pixel is clamped), so the loss is
-        still the exact surrogate for the clamped generator. Every image consumer (bench, grids,
-        serving) clamps anyway, so the exported weights sample the same images either way. Off by
-        default (the exactness gate's Gaussian data are unbounded); the Fashion-MNIST preset turns
-        it on: FID 413 against 658 at 1,200 iterations (docs/benchmarks.md §5).
-    generator_t_range: fractions of the DDPM grid (of T - 1), t drawn uniformly in between. The grid
-        is where the teacher and fake were trained (uniform t), so they are accurate there.
-        0.02 drops the nearly clean end (DMD2's 0.02T), where Delta is network error; 0.8
-        is SiD's truncation (t_max = 800, sigma~ <= 24.4 on its Karras grid; sigma~ = 25.7 at
-        t = 800 on the linear grid), above which x_t says little about x0 (§1.6).
-    generator_t_sampling: "grid" draws t uniformly on the DDPM grid; "karras" is SiD's own
-        draw (§1.6): the range is a fraction of the Karras rho = 7 noise levels, each draw
-        mapped to the grid step with the nearest sigma~, so low noise levels come up far
-        more often (diffusion/timedist.py).
-    generator_weighting: "uniform" w(t) in denoiser units (the integrand above times
-        sigma~^2 for pseudo-Huber/normalized; times sigma~^4 / 2 for L2, so L2 SIM equals SiD
-        exactly): every t gets O(1) gradients. "sid" also divides per sample by
-        mean|x0 - D_phi| (stop-grad, SiD/DMD2), a heuristic: it depends on x0, not on x_t
-        alone, so the surrogate is no longer exact.
-    fake_t_range / fake_weighting: DSM for the fake score on detached generator samples with
-        the teacher's own loss, eps-MSE uniform over the whole grid (§1.5, as DMD2 does);
-        "min_snr" optional.
-    fake_t_sampling: how the fake score's t is drawn from fake_t_range, as generator_t_sampling;
-        "grid" (default, DMD2), "karras" (where the generator loss queries it) or "lognormal"
-        (SiD's and DI's EDM draw, §1.5; fake_t_range then holds quantiles, (0, 1) = all of it).
-    critic_steps: fake-score updates per generator update; 1 as SiD and DI (§1.6).
-    Labels: data-free; batch.cond supplies the class labels (random labels in training).
-    """
+    """SIM's hyperparameters, one line each (section numbers: docs/algorithms.md). The Fashion-MNIST
+    values and the runs that chose them: jobs/configs/sim.yaml, docs/benchmarks.md §5."""
     name: Literal["sim"] = "sim"
-    distance: Distance = "pseudo_huber"
-    huber_c: float = Field(0.01, ge=0)
-    divergence: Divergence = "sg"
-    variant: Literal["sim", "sid"] = "sim"
-    sid_alpha: float = 1.2
-    init_sigma: float = Field(2.5, gt=0)
-    teacher_guidance_scale: float = Field(1.0, ge=0)
-    teacher_clip_x0: bool = False
-    fake_clip_x0: bool = False
-    generator_clip_x0: bool = False
-    generator_t_range: TimeRange = (0.02, 0.8)
-    generator_t_sampling: TimeSampling = "grid"
-    generator_weighting: Literal["uniform", "sid"] = "uniform"
-    fake_t_range: TimeRange = (0.0, 1.0)
-    fake_weighting: Literal["uniform", "min_snr"] = "uniform"
-    fake_t_sampling: TimeSampling = "grid"
-    min_snr_gamma: float = Field(5.0, gt=0)
-    critic_steps: int = Field(1, ge=1)
+    distance: Distance = "pseudo_huber"  # d: the paper's pseudo-Huber, l2 (= SiD alpha 1) or normalized (c -> 0), §1.4
+    huber_c: float = Field(0.01, ge=0)  # pseudo-Huber c per sqrt(C*H*W), on Delta (pixel units); paper's unknown, §1.4
+    divergence: Divergence = "sg"  # "sg": L_SIM, the paper's; "full": L_SIM + d(y) (module docstring)
+    variant: Literal["sim", "sid"] = "sim"  # "sid": SiD's generator loss in place of SIM's, a baseline (§1.3)
+    sid_alpha: float = 1.2  # SiD's alpha for variant "sid" (SiD's shipped value)
+    init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1)
+    teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher only, fake score unguided; 1.0 = none (§1.7)
+    teacher_clip_x0: bool = False  # clamp the teacher's x0-prediction D_phi to [-1, 1] (§1.12)
+    fake_clip_x0: bool = False  # clamp the fake score's D_psi too, in y and the Stein term (§1.12)
+    generator_clip_x0: bool = False  # clamp the generator's x0 to [-1, 1] in the forward pass (§1.12)
+    generator_t_range: TimeRange = (0.02, 0.8)  # generator-loss t: DMD2's 0.02 T to SiD's 0.8 truncation (§1.6)
+    generator_t_sampling: TimeSampling = "grid"  # t uniform on the DDPM grid, or "karras": SiD's rho = 7 draw (§1.6)
+    generator_weighting: Literal["uniform", "sid"] = "uniform"  # "sid": / mean|x0 - D_phi|, no longer exact (§1.6)
+    fake_t_range: TimeRange = (0.0, 1.0)  # fake-score DSM t: fractions of the grid, quantiles for lognormal (§1.5)
+    fake_weighting: Literal["uniform", "min_snr"] = "uniform"  # fake-score eps-MSE weight: DMD2's uniform or Min-SNR
+    fake_t_sampling: TimeSampling = "grid"  # fake-score t draw: "grid" (DMD2), "karras" or "lognormal" (SiD, DI; §1.5)
+    min_snr_gamma: float = Field(5.0, gt=0)  # gamma of fake_weighting "min_snr"
+    critic_steps: int = Field(1, ge=1)  # fake-score updates per generator update; 1 as SiD and DI (§1.6)
 
 
 def distance_terms(y: Tensor, distance: Distance, c: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:

@@ -45,15 +45,12 @@ from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
 
 
 class StageSection(Section):
-    """One stage: segment count k, its generator updates, and its loss weights.
-
-    consistency_weight / adv_weight: Hyper-SD lowers the MSE weight and raises the adversarial
-    weight as k shrinks (§2.2 [P]; values not recovered), so they are per-stage data.
-    """
-    segments: int = Field(ge=1)
-    steps: int = Field(1000, ge=1)
-    consistency_weight: float = Field(1.0, ge=0)
-    adv_weight: float = Field(0.0, ge=0)
+    """One TSCD stage. Hyper-SD lowers the MSE weight and raises the adversarial one as k shrinks
+    (docs/algorithms.md §2.2 [P]; values not recovered), so the weights are per-stage data."""
+    segments: int = Field(ge=1)  # the segment count k
+    steps: int = Field(1000, ge=1)  # generator updates in this stage
+    consistency_weight: float = Field(1.0, ge=0)  # weight of the consistency distance
+    adv_weight: float = Field(0.0, ge=0)  # weight of the adversarial generator term (with adversarial: true)
 
 
 def _default_stages() -> list[StageSection]:
@@ -61,45 +58,24 @@ def _default_stages() -> list[StageSection]:
 
 
 class TscdConfig(StudentSection):
-    """TSCD hyperparameters; defaults and why.
-
-    stages: 8 -> 4 -> 2 -> 1 segments [V], each resuming from the previous stage's weights
-        [P]; steps per stage are a budget (Hyper-SD: ~200 A100 h per stage [V]).
-    edges: "trailing" (segment tops = k-step trailing-DDIM timesteps, bottom edge = clean
-        data) or "floor" (the t_b = floor(t / (T/k)) (T/k) formula, bottom edge = timestep 0).
-    target: "edge" (jump to the segment's lower edge: PCM / Hyper-SD's figure) or "random"
-        (t_end ~ U[e, t_{n-1}], CTM-style, §2.2 [P]).
-    timesteps: "grid" draws t_n on the skipping-step grid (LCM); "uniform" on every integer
-        timestep (also covers the trailing inference timesteps, e.g. 874 for k = 8).
-    num_ddim_timesteps: the teacher's grid, skip s = T // N (LCM's flag; 50 -> s = 20; PCM
-        also uses 40 -> s = 25, which divides every T/k of 8/4/2/1 for T = 1000).
-    teacher_guidance_scale: CFG on the teacher's ODE step (1.0 = none); baked into the
-        student, which samples without guidance.
-    target_network / target_ema_decay: "ema" (LCM: an EMA of the student, decay 0.95, role
-        ``target``) or "online" (PCM: the student itself under stop-gradient, no extra role).
-    loss_type / huber_c: "l2" (Hyper-SD's "MSE" [V]) or LCM's pseudo-Huber with c = 0.001.
-    adversarial: add the discriminator (critic role ``discriminator``: hinge GAN, heads on the
-        frozen teacher encoder, §2.2 [P: SDXL-Lightning / PCM design]); its generator term is
-        weighted per stage by ``adv_weight``; the head trains every step while enabled.
-    adv_renoise: re-noise prediction and target from t_end to a random t in (t_end, segment
-        top] before the discriminator (PCM's "noise travel"; Hyper-SD's noise perturbation,
-        whose exact form is [P]); false feeds them at t_end.
-    """
+    """TSCD's hyperparameters, one line each (section numbers: docs/algorithms.md). The student fields
+    (full or LoRA) come from ``StudentSection``."""
     name: Literal["tscd"] = "tscd"
+    # 8 -> 4 -> 2 -> 1 segments [V], each stage resuming from the previous one [P]; steps are a budget (§2.2)
     stages: list[StageSection] = Field(default_factory=_default_stages, min_length=1)
-    edges: seg.EdgeRule = seg.EdgeRule.trailing
-    target: seg.TargetRule = seg.TargetRule.edge
-    timesteps: seg.TimestepRule = seg.TimestepRule.grid
-    num_ddim_timesteps: int = Field(50, ge=1)
-    teacher_guidance_scale: float = Field(1.0, ge=0)
-    target_network: Literal["ema", "online"] = "ema"
-    target_ema_decay: float = Field(0.95, ge=0, lt=1)
-    loss_type: Literal["l2", "huber"] = "l2"
-    huber_c: float = Field(0.001, gt=0)
-    adversarial: bool = False
-    adv_renoise: bool = True
-    disc_hidden: int = Field(64, ge=1)
-    critic_steps: int = Field(1, ge=1)
+    edges: seg.EdgeRule = seg.EdgeRule.trailing  # tops at k-step trailing DDIM, bottom clean; "floor": bottom t = 0
+    target: seg.TargetRule = seg.TargetRule.edge  # "edge": to the lower edge (PCM); "random": CTM-style (§2.2 [P])
+    timesteps: seg.TimestepRule = seg.TimestepRule.grid  # t_n on the skipping-step grid (LCM) or on every integer
+    num_ddim_timesteps: int = Field(50, ge=1)  # teacher grid N, skip T // N (LCM: 50; PCM: 40, dividing T/k)
+    teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher's ODE step (baked in); 1.0 = none
+    target_network: Literal["ema", "online"] = "ema"  # LCM's EMA student (role ``target``) or PCM's sg student
+    target_ema_decay: float = Field(0.95, ge=0, lt=1)  # decay of the target EMA (LCM's 0.95)
+    loss_type: Literal["l2", "huber"] = "l2"  # "l2": Hyper-SD's "MSE" [V]; "huber": LCM's pseudo-Huber
+    huber_c: float = Field(0.001, gt=0)  # pseudo-Huber c (LCM's 0.001)
+    adversarial: bool = False  # add the hinge-GAN head on frozen teacher features (role ``discriminator``, §2.2 [P])
+    adv_renoise: bool = True  # re-noise pred and target from t_end up into the segment before the head (PCM)
+    disc_hidden: int = Field(64, ge=1)  # hidden channels of the discriminator head
+    critic_steps: int = Field(1, ge=1)  # discriminator updates per generator update
 
 
 class CdConfig(TscdConfig):

@@ -117,7 +117,7 @@ class GeneratorDeployment:
             # Adaptive wait: a lone client (never more than one request here lately) waits only
             # batch_wait_idle_s; once requests overlap, a batch waits up to batch_wait_timeout_s to
             # fill, and the bigger batches free the CPU the proxy and ingress need to bring the next
-            # requests in (2 cores, 32 clients: 51 -> 104 images/s, docs/benchmarks.md §7).
+            # requests in (docs/benchmarks.md §7.2).
             self._generate_batched.set_batch_wait_timeout_s(
                 self.s.batch_wait_timeout_s if self.load.overlapping() else self.s.batch_wait_idle_s)
             with self.load:

@@ -18,11 +18,10 @@ from hyperscale.models.generation import Limits
 
 # Ray Serve's request-path settings for throughput (its "throughput optimized" set, without direct
 # ingress): gRPC between proxy, ingress and generator instead of object refs, user code and router
-# on the replica's own event loop, buffered request-path logs. Measured on 2 cores
-# (docs/benchmarks.md §7): -25% CPU per request in the proxy and the ingress. Read when Ray's
-# processes start: jobs/serve.py sets them before its local Ray starts; on a cluster put them in
-# the nodes' environment (cluster/README.md) so the proxies get them, the replicas get them from
-# build_app's runtime_env either way.
+# on the replica's own event loop, buffered request-path logs (effect: docs/benchmarks.md §7.2).
+# Read when Ray's processes start: jobs/serve.py sets them before its local Ray starts; on a
+# cluster put them in the nodes' environment (cluster/README.md) so the proxies get them, the
+# replicas get them from build_app's runtime_env either way.
 SERVE_THROUGHPUT_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_PROXY_USE_GRPC": "1",
                         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
