@@ -48,6 +48,16 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "f
 _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora", "use_rslora")
 
 
+def lora_prefix(denoiser: nn.Module) -> str:
+    """The component name LoRA files key the weights under: the family's (``unet`` for UNets)."""
+    from hyperscale.models.families import family_of
+
+    try:
+        return family_of(denoiser).lora_prefix
+    except TypeError:  # a bare UNet held by a test harness
+        return PREFIX
+
+
 def _unet_of(denoiser: nn.Module) -> nn.Module:
     """The network LoRA layers go on: the family's backbone (a toy's ``.unet`` in tests)."""
     from hyperscale.models.families import family_of
@@ -183,9 +193,10 @@ def save_lora(model: LoraDenoiser, directory: str | os.PathLike, kohya: bool = F
         raise TypeError(f"{type(model).__name__} carries no LoRA")
     directory = Path(directory)
     state = {k: v.cpu().contiguous() for k, v in model.lora_state_dict().items()}
-    meta = {f"{PREFIX}.{k}": v for k, v in _config_metadata(model.lora_config).items()}
+    prefix = lora_prefix(model)
+    meta = {f"{prefix}.{k}": v for k, v in _config_metadata(model.lora_config).items()}
     with atomic_file(directory / LORA_WEIGHTS) as tmp:
-        save_file({f"{PREFIX}.{k}": v for k, v in state.items()}, str(tmp),
+        save_file({f"{prefix}.{k}": v for k, v in state.items()}, str(tmp),
                   metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
     if kohya:
         with atomic_file(directory / KOHYA_WEIGHTS) as tmp:
@@ -193,7 +204,7 @@ def save_lora(model: LoraDenoiser, directory: str | os.PathLike, kohya: bool = F
     return directory
 
 
-def read_lora(source: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+def read_lora(source: str | os.PathLike, prefix: str = PREFIX) -> tuple[dict[str, Tensor], dict]:
     """(peft-format state dict relative to the UNet, LoraConfig kwargs) from a LoRA file or a
     directory holding ``pytorch_lora_weights.safetensors``. Old diffusers keys (``lora.down``)
     are converted to peft names."""
@@ -208,8 +219,8 @@ def read_lora(source: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if raw_meta is None:
         raise ValueError(f"{path}: no {METADATA_KEY} metadata (rank / alpha / targets unknown)")
     meta = json.loads(raw_meta)
-    kwargs = {k[len(PREFIX) + 1:]: v for k, v in meta.items() if k.startswith(PREFIX + ".")}
-    state = {k[len(PREFIX) + 1:]: v for k, v in state.items() if k.startswith(PREFIX + ".")}
+    kwargs = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+    state = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if any(".lora.down." in k or ".lora.up." in k for k in state):
         from diffusers.utils import convert_unet_state_dict_to_peft
 
@@ -222,7 +233,7 @@ def load_lora(denoiser: nn.Module, source: str | os.PathLike, dropout: float | N
     (``dropout``: the adapter's dropout from now on; None keeps the saved value)."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    state, kwargs = read_lora(source)
+    state, kwargs = read_lora(source, lora_prefix(denoiser))
     if dropout is not None:
         kwargs["lora_dropout"] = float(dropout)
     config = LoraConfig(**kwargs, init_lora_weights=True)
@@ -324,7 +335,7 @@ def init_student(denoiser: nn.Module, source: str | os.PathLike, lora: bool, ran
     if not export_has_lora(directory):
         raise ValueError(f"{directory} is a full export (no lora/{LORA_WEIGHTS}) but the student is a LoRA: "
                          f"use a LoRA export, or a full student (which loads these weights)")
-    _, saved = read_lora(directory / "lora")
+    _, saved = read_lora(directory / "lora", lora_prefix(denoiser))
     want = {"r": int(rank if rank is not None else saved["r"]),
             "lora_alpha": float(alpha if alpha is not None else (rank if rank is not None else saved["lora_alpha"])),
             "target_modules": sorted(resolve_targets(_unet_of(denoiser), target_modules))}
