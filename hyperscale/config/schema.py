@@ -145,7 +145,7 @@ class OptimSection(Section):
 
 
 class MethodSection(Section):
-    """Base of every method's section; ``name`` selects the method in the registry."""
+    """Base of every method's section; ``name`` selects the method in the methods table."""
     name: str
 
 

@@ -1,6 +1,6 @@
 """Plain denoising training (DDPM, Ho et al. 2020, eq. 14) with optional Min-SNR
 weighting (Hang et al. 2023) and label dropout for classifier-free guidance
-(Ho & Salimans 2022). Trains the teacher; the first method in the registry."""
+(Ho & Salimans 2022). Trains the teacher."""
 from __future__ import annotations
 
 from typing import Literal

@@ -19,7 +19,7 @@ network is an EMA of the student (role ``target``, built and updated by the trai
 knows its stage. With one segment and ``edge`` targets this is LCM-style consistency
 distillation with the boundary at the clean end (``trailing``) or timestep 0 (``floor``).
 
-Roles: ``generator`` (trainable, a copy of the teacher, full or LoRA: ``build_role``),
+Roles (``Tscd.roles``): ``generator`` (trainable, a copy of the teacher, full or LoRA),
 ``teacher`` (frozen), ``target`` (frozen EMA of the generator; only with
 target_network = "ema"), ``discriminator`` (trainable critic, only with adversarial = true:
 a head on frozen teacher features, ``hyperscale.methods.adversarial``).

@@ -75,7 +75,7 @@ class Raising(nn.Module):
         raise AssertionError("this network must not be evaluated")
 
 
-# ---------------------------------------------------------------- registry, presets
+# ---------------------------------------------------------------- methods table, presets
 
 def test_new_methods_are_registered_and_presets_validate(tmp_path):
     assert {"tscd", "cd", "dmd", "feedback"} <= set(method_names())
