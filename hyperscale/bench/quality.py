@@ -68,7 +68,8 @@ def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int, desc:
     with torch.no_grad(), Progress(len(labels), desc, "samples", prefix="[bench]") as p:
         for i in range(0, len(labels), batch_size):
             out.append(fn(noise[i:i + batch_size], labels[i:i + batch_size]).clamp(-1, 1))
-            p.update(len(out[-1]), {"samples/s": p.done / max(p.elapsed(), 1e-9)})
+            done = i + len(out[-1])
+            p.set(done, {"samples/s": done / max(p.elapsed(), 1e-9)})
     return torch.cat(out), len(labels) / (time.perf_counter() - t0)
 
 

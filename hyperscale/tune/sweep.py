@@ -3,6 +3,7 @@
 and the best preset (``hyperscale.tune.report``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,7 @@ def run_sweep(sweep: SweepConfig, base: Path, evaluator, resume: bool = False, l
     ended = EndedTrials(exp_dir / "ended_trials.json")
     n = sweep.num_samples * grid_size(sweep)
     console = SweepConsole(sweep.name, n, max_steps, sweep.metric, sweep.mode)
+
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base_tree=resolved, evaluator=evaluator, metric=sweep.metric,
                              cpus=sweep.trial.cpus, gpus=sweep.trial.gpus),
@@ -79,8 +81,12 @@ def run_sweep(sweep: SweepConfig, base: Path, evaluator, resume: bool = False, l
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0), callbacks=[ended, console]),
         )
+    # Tune prints its experiment box and TensorBoard hint even at verbose=0: what Tune prints goes
+    # to <experiment>/logs/tune.log (SweepConsole draws on the stream it was made with)
+    (exp_dir / "logs").mkdir(parents=True, exist_ok=True)
     try:
-        results = tuner.fit()
+        with open(exp_dir / "logs" / "tune.log", "a") as tune_log, contextlib.redirect_stdout(tune_log):
+            results = tuner.fit()
     finally:
         SweepConsole.close_all()
     # read back from the file: a restored Tuner runs the callback instance pickled with its state
@@ -168,29 +174,32 @@ class SweepConsole(Callback):
         while cls.live:
             cls.live.pop().close()
 
-    def _show(self, trials, force: bool = False) -> None:
+    def _show(self, trials, force: bool = False, ended=None, reporting=None) -> None:
+        """``ended``: the trial whose end this is (Tune calls back before it marks the trial so);
+        ``reporting``: (trial, its new result), which Tune records after the callback."""
         if self.display is None:
             return
         finished = {"TERMINATED", "ERROR"}
-        done = sum(self.max_steps if t.status in finished else int((t.last_result or {}).get("step", 0))
-                   for t in trials)
+        is_over = lambda t: t is ended or t.status in finished  # noqa: E731
+        last = lambda t: reporting[1] if reporting and t is reporting[0] else (t.last_result or {})  # noqa: E731
+        done = sum(self.max_steps if is_over(t) else int(last(t).get("step", 0)) for t in trials)
         for t in trials:
-            value = (t.last_result or {}).get(self.metric)
+            value = last(t).get(self.metric)
             if value is not None and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
                 self.best = float(value)
-        fields = {"trials ended": f"{sum(t.status in finished for t in trials)}/{self.trials}",
-                  "running": sum(t.status == "RUNNING" for t in trials),
+        fields = {"trials ended": f"{sum(map(is_over, trials))}/{self.trials}",
+                  "running": sum(t.status == "RUNNING" and not is_over(t) for t in trials),
                   f"best {self.metric}": self.best}
         self.display.set(done, fields, force=force)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._show(trials)
+        self._show(trials, reporting=(trial, result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._show(trials, force=True)
+        self._show(trials, force=True, ended=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._show(trials, force=True)
+        self._show(trials, force=True, ended=trial)
 
     def on_step_end(self, iteration, trials, **info):
         if self.display is not None:

@@ -242,7 +242,7 @@ def test_the_sweep_display_counts_ended_trials_in_full_and_tracks_the_best_metri
 
     console = SweepConsole("sweep-x", trials=4, max_steps=10, metric="eval/fid", mode="min")
     trials = [Trial(status="RUNNING", last_result={"step": 2, "eval/fid": 300.0}),
-              Trial(status="TERMINATED", last_result={"step": 4, "eval/fid": 250.0}),  # stopped early
+              Trial(status="RUNNING", last_result={"step": 4, "eval/fid": 250.0}),  # stopped early, being ended
               Trial(status="PENDING", last_result={}), Trial(status="PENDING", last_result=None)]
     console.on_trial_complete(0, trials, trials[1])
     line = capsys.readouterr().out.strip()
