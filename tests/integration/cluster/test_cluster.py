@@ -305,7 +305,7 @@ def test_dockerfile_installs_cuda_torch_then_the_locked_stack():
 def test_image_holds_what_the_rayjob_runs():
     argv = shlex.split(rayjob()["spec"]["entrypoint"])
     cfg = load_config(REPO / argv[argv.index("--config") + 1])
-    needed = [argv[1], argv[argv.index("--config") + 1], "pyproject.toml", "hyperscale/config.py"]
+    needed = [argv[1], argv[argv.index("--config") + 1], "pyproject.toml", "hyperscale/config/schema.py"]
     teacher = cfg.model.pretrained_teacher_model
     if teacher and "://" not in teacher and (REPO / teacher).exists():
         needed.append(teacher)
@@ -448,7 +448,7 @@ def test_working_dir_package_has_the_code_and_not_the_bulk(tmp_path):
     create_package(str(REPO), pkg, include_gitignore=True,
                    excludes=ray_constants.get_runtime_env_default_excludes() + list(env.get("excludes", [])))
     names = set(zipfile.ZipFile(pkg).namelist())
-    for rel in ("jobs/distill.py", "jobs/configs/sim.yaml", "hyperscale/config.py", "pyproject.toml",
+    for rel in ("jobs/distill.py", "jobs/configs/sim.yaml", "hyperscale/config/schema.py", "pyproject.toml",
                 "assets/teacher/model.safetensors"):
         assert rel in names, f"the working_dir package lacks {rel}"
     for top in (".venv/", "runs/", "logs/", "docs/", ".git/"):
