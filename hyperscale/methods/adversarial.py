@@ -1,10 +1,11 @@
 """A small discriminator on frozen teacher features (SDXL-Lightning / PCM style, docs/algorithms.md §2.2).
 
 The frozen teacher's feature taps (its family's ``features``: for a UNet every down block's
-output and the mid block's output) are read on a noised sample; one light head per level
-(3x3 conv, SiLU, 1x1 conv to one logit map, spatial mean) turns each level into a logit, and
-the logits are summed: a multi-head patch discriminator. The teacher stays frozen (the trainer freezes its parameters); gradients reach
-the generator through the features' input. Losses are the hinge GAN pair.
+output and the mid block's output) are read on a noised sample; one light head per level (3x3
+conv, SiLU, 1x1 conv to one logit map, spatial mean) turns each level into a logit, and the
+logits are summed: a multi-head patch discriminator. The teacher stays frozen (the trainer
+freezes its parameters); gradients reach the generator through the features' input. Losses are
+the hinge GAN pair.
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ generator samples (the same DSM as SIM's fake score, ``scores.fake_score_dsm``),
 ``critic_steps`` times per generator update (DMD2: 5; DMD: 1).
 
 Regression (DMD's stabiliser, Hyper-SD's "MSE" [P]): MSE between G(z) and the teacher's ODE
-solution from the same z, computed online with ``regression_steps`` teacher DDIM steps. Optional reward hinge (``rewards``,
-the frozen role ``reward``), as Hyper-SD folds feedback into this stage [P].
+solution from the same z, computed online with ``regression_steps`` teacher DDIM steps. Optional
+reward hinge (``rewards``, the frozen role ``reward``), as Hyper-SD folds feedback into this
+stage [P].
 """
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ in the :class:`Session`: rank and world size, where a restarted run's checkpoint
 and where metrics and checkpoints are reported.
 
 The loop builds the roles the method declares (``Method.roles``; one DeepSpeed engine or plain
-torch optimizer per trainable role; the frozen teacher, EMA copies and reward models), restores a checkpoint, tells the method its global step (stage schedules),
-runs the generic two-player step, evaluates on a fixed sample set when given an evaluator
-(``train.eval_every``), and exports the generator (LoRA students as merged weights plus a
-diffusers/kohya LoRA).
+torch optimizer per trainable role; the frozen teacher, EMA copies and reward models), restores
+a checkpoint, tells the method its global step (stage schedules), runs the generic two-player
+step, evaluates on a fixed sample set when given an evaluator (``train.eval_every``), and
+exports the generator (LoRA students as merged weights plus a diffusers/kohya LoRA).
 """
 from __future__ import annotations
 
