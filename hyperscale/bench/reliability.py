@@ -32,7 +32,7 @@ from hyperscale.storage.local import REPO
 from hyperscale.methods.base import LossOut
 
 PRESET = REPO / "jobs" / "configs" / "teacher-tiny.yaml"
-STEP_LINE = re.compile(r"\[hyperscale\] step (\d+)/")
+STEP_LINE = re.compile(r"\b(\d+)/\d+ steps \(")  # a progress line: "<run>  3/12 steps (25%) ..."
 RESUMED = re.compile(r"resumed at step (\d+) from (.+)")
 
 
@@ -67,7 +67,15 @@ class Job:
         return rc
 
     def output(self) -> str:
-        return "".join(self.lines)
+        """The job's console, then what its processes logged in ``<run>/logs`` (the driver's log
+        and every Ray worker's, where the workers' warnings go; linked while the job runs)."""
+        parts = ["".join(self.lines)]
+        logs = self.out / "logs"
+        for root, _dirs, files in os.walk(logs, followlinks=True):
+            for name in sorted(files):
+                if name.endswith((".log", ".out", ".err")):
+                    parts.append((Path(root) / name).read_text(errors="replace"))
+        return "\n".join(parts)
 
     def tail(self, n: int = 3000) -> str:
         return self.output()[-n:]
@@ -198,7 +206,7 @@ def s3_outage(work: Path, outage_s: float = 3.0, steps: int = 12) -> dict:
             "samples_skipped": skipped,
             "notes": (f"S3 endpoint down {outage_s:.0f} s from about step {at}; {retries} S3 requests failed and were "
                       f"retried with backoff; no restart; corrupt/skipped samples counted in the final cursors"),
-            "_log": log, "_retries": retries}
+            "_log": log, "_retries": retries, "_outage_at_step": at}
 
 
 class PoisonedLoss:
