@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compare fields with torch.equal, not ==
 class Cond:
     labels: Tensor | None = None
     embeds: Tensor | None = None
