@@ -13,6 +13,7 @@ page to try it), ``/docs`` (OpenAPI). The generator deployment batches requests 
 
 import asyncio
 import hmac
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,11 +27,27 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from hyperscale.storage.local import absolute_local
+from hyperscale.storage.s3 import is_s3_url, list_objects, parse_s3_url
 from hyperscale.models.generation import GenerateRequest, ImageGenerator, Job, RequestError, to_base64
 from hyperscale.serve.page import PAGE
 from hyperscale.serve.settings import SERVE_THROUGHPUT_ENV, ServeSettings, parse_settings
 
+logger = logging.getLogger(__name__)
+
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+def adapter_names(adapters_dir: str) -> list[str]:
+    """The adapters a server offers: the sub-directories of ``adapters_dir`` (local), or the
+    first path component under an ``s3://`` prefix; entries starting with '.' are not adapters."""
+    if is_s3_url(adapters_dir):
+        bucket, prefix = parse_s3_url(adapters_dir.rstrip("/") + "/")
+        under = f"s3://{bucket}/{prefix}"
+        names = {o.url[len(under):].split("/", 1)[0] for o in list_objects(under)}
+    else:
+        root = Path(adapters_dir)
+        names = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    return sorted(n for n in names if n and not n.startswith("."))
 
 
 class HTTPProblem(Exception):
@@ -98,10 +115,15 @@ class GeneratorDeployment:
             return self.default
         if not self.s.adapters_dir:
             raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; this server has no adapters directory")
+        known = await asyncio.to_thread(adapter_names, self.s.adapters_dir)
+        if adapter not in known:  # names are the directory's entries and nothing else ('..' is none)
+            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; known: {', '.join(known) or 'none'}")
         try:
             return await self._adapter(adapter)
-        except (FileNotFoundError, NotADirectoryError) as e:
-            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown ({e})") from None
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            # the message of a load failure names server paths: the client gets the name only
+            logger.warning("adapter %r failed to load: %s", adapter, e)
+            raise HTTPProblem(404, f"adapter: '{adapter}' is not a loadable export") from None
 
     async def generate(self, body: dict) -> dict:
         """A validated request body -> {"status": 200, "images": [bytes], "seed", "model", ...} or an error."""
@@ -232,9 +254,7 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._auth(request)
-        adapters = []
-        if self.s.adapters_dir and "://" not in self.s.adapters_dir and Path(self.s.adapters_dir).is_dir():
-            adapters = sorted(p.name for p in Path(self.s.adapters_dir).iterdir() if p.is_dir())
+        adapters = await asyncio.to_thread(adapter_names, self.s.adapters_dir) if self.s.adapters_dir else []
         return {"default": await self.gen.describe.remote(), "adapters": adapters,
                 "auth": self.token is not None}
 

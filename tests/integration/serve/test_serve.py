@@ -110,7 +110,9 @@ BAD = [
     ("long prompt", dict(body={"prompt": "sneaker " * 100}), 422, "prompt"),
     ("no class", dict(body={"prompt": "a cat"}), 422, "no known class"),
     ("oversize body", dict(raw=json.dumps({"prompt": "x" * 5000}).encode()), 413, "over the limit"),
-    ("unknown adapter", dict(body={"class": 1, "adapter": "nope"}), 404, "nope"),
+    ("unknown adapter", dict(body={"class": 1, "adapter": "nope"}), 404, "known: hyper-lora, multistep"),
+    ("parent directory as adapter", dict(body={"class": 1, "adapter": ".."}), 404, "'..' is unknown"),
+    ("current directory as adapter", dict(body={"class": 1, "adapter": "."}), 404, "'.' is unknown"),
     ("bad adapter name", dict(body={"class": 1, "adapter": "../x"}), 422, "adapter"),
     ("missing token", dict(body={"class": 1}, token=None), 401, "missing"),
     ("wrong token", dict(body={"class": 1}, token="wrong"), 401, "wrong token"),
@@ -122,6 +124,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(se
     status, _, body = call(server, "/v1/generate", **kw)
     assert status == code, body
     assert words in json.loads(body)["error"]
+    assert "/tmp" not in body.decode() and str(REPO) not in body.decode()  # no server path in an answer
     assert call(server, "/v1/generate", {"class": 0, "seed": 1})[0] == 200
 
 
@@ -317,3 +320,24 @@ def test_batch_wait_follows_overlapping_requests(monkeypatch):
     assert load.overlapping()
     now[0] += 1.05  # a whole window without overlap
     assert not load.overlapping()
+
+
+def test_adapter_names_are_the_directory_entries_local_and_on_s3(tmp_path, moto):
+    """What a server offers as adapters: sub-directories (local) or first-level prefixes (s3://);
+    hidden entries and plain files are not adapters."""
+    from s3_server import BUCKET
+
+    from hyperscale.serve.app import adapter_names
+    from hyperscale.storage import s3
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "note.txt").write_text("not an adapter")
+    assert adapter_names(str(tmp_path)) == ["a", "b"]
+    assert adapter_names(str(tmp_path / "missing")) == []
+    for key in ("adapters/x/hyperscale_model.json", "adapters/y/lora/w.safetensors", "adapters/.tmp/z",
+                "adapterszzz/no"):
+        s3.put_text(f"s3://{BUCKET}/{key}", "{}")
+    assert adapter_names(f"s3://{BUCKET}/adapters") == ["x", "y"]
+    assert adapter_names(f"s3://{BUCKET}/adapters/") == ["x", "y"]
