@@ -256,15 +256,24 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             dist.broadcast_object_list(out, src=0)
         return out[0]
 
-    def out_of_time() -> bool:
-        """``train.max_minutes`` spent? Rank 0's clock decides for every rank."""
-        flag = [time.time() - t_start > 60 * t.max_minutes]
+    def rank0_says(flag: bool) -> bool:
+        """Rank 0's answer, for every rank (decisions on rank 0's clock)."""
+        out = [flag]
         if world > 1:
-            dist.broadcast_object_list(flag, src=0)
-        return flag[0]
+            dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+    def out_of_time() -> bool:
+        """``train.max_minutes`` spent?"""
+        return rank0_says(time.time() - t_start > 60 * t.max_minutes)
+
+    def checkpoint_due() -> bool:
+        """``train.checkpoint_every_minutes`` passed since the last checkpoint (or the start)?"""
+        return t.checkpoint_every_minutes > 0 and rank0_says(time.time() - t_ckpt >= 60 * t.checkpoint_every_minutes)
 
     cfg_yaml = to_yaml(cfg)
     t_start, step0, s0 = time.time(), counters.step, counters.samples
+    t_ckpt = t_start
     # what a run resumed at (or past) max_steps reports: where it stands, no new losses
     metrics: dict = timing | {"step": counters.step, "samples": counters.samples * world}
     while counters.step < t.max_steps:
@@ -275,7 +284,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
                 tracker.update(full)
         step = counters.step
         session.step_done(step)
-        is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
+        is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps or checkpoint_due()
         is_eval = evaluate is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
         if step % t.log_every == 0 or is_ckpt or is_eval:
             elapsed = time.time() - t_start
@@ -290,6 +299,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
                 training_step(step, t.max_steps, metrics, sps, eta)
         if is_ckpt:
             timing["time/checkpoint_save_s"] = save_checkpoint(step, metrics)
+            t_ckpt = time.time()
         elif step % t.log_every == 0 or is_eval:
             session.report(metrics)
         if t.max_minutes > 0 and step % t.log_every == 0 and step < t.max_steps and out_of_time():

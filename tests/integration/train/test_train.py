@@ -175,3 +175,23 @@ def test_the_training_loop_exports_the_ema_of_the_generator_after_every_step(tmp
         torch.testing.assert_close(ema[k].double(), w, rtol=1e-5, atol=1e-7, msg=k)
         assert torch.equal(raw[k], snapshots[-1][k])
     assert max((ema[k] - raw[k]).abs().max().item() for k in want) > 1e-4  # the average is not the last iterate
+
+
+@pytest.mark.parametrize("minutes,want", [(0.0, [4]), (1e-9, [1, 2, 3, 4])])
+def test_checkpoints_also_come_by_the_clock(tmp_path, minutes, want):
+    """train.checkpoint_every_minutes checkpoints whenever that much time passed since the last
+    one, between the step-based ones (here: every step, as 1e-9 minutes always passed); 0 is off.
+    The resume from a clock checkpoint is the ordinary exact resume."""
+    from hyperscale.train.checkpoint import meta_step
+    from hyperscale.train.launch import run_in_process
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "train.num_workers=1", "train.engine=torch",
+                                 "train.max_steps=4", "train.checkpoint_every=1000", "train.keep_checkpoints=10",
+                                 f"train.checkpoint_every_minutes={minutes}", "data.batch_size=4"])
+        assert run_in_process(cfg)["step"] == 4
+    finally:
+        torch.set_num_threads(threads)
+    steps = sorted(meta_step(p) for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps == want
