@@ -164,17 +164,29 @@ def find_latest(root: Where, run_id: str | None = None) -> Where | None:
     ``run_id``, only those written by that run (one ``run_training`` call)."""
     if is_remote(root):
         return _find_latest_s3(location(root), run_id)
-    best, best_step = None, -1
+    best, best_step, broken = None, -1, []
     for meta in Path(root).glob("**/" + META):
         d = meta.parent
-        if d.name.startswith(".tmp-") or problems(d):
+        if d.name.startswith(".tmp-"):
             continue
         info = json.loads(meta.read_text())
         if run_id is not None and info.get("run_id") != run_id:
             continue
-        if info.get("step", -1) > best_step:
+        wrong = problems(d)
+        if wrong:
+            broken.append((info.get("step", -1), d, wrong[0]))
+        elif info.get("step", -1) > best_step:
             best, best_step = d, info.get("step", -1)
+    _warn_skipped([b for b in broken if b[0] > best_step], best, best_step)
     return best
+
+
+def _warn_skipped(broken: list[tuple[int, Where, str]], chosen: Where | None, step: int) -> None:
+    """Say which newer checkpoints were incomplete (a truncated or half-written write) and which
+    one is used instead."""
+    for n, d, why in sorted(broken, key=lambda b: -b[0]):
+        instead = f"using {chosen} (step {step})" if chosen is not None else "no complete one to use"
+        print(f"[hyperscale] warning: checkpoint {d} (step {n}) is incomplete ({why}); {instead}", flush=True)
 
 
 def _find_latest_s3(root: str, run_id: str | None) -> str | None:
@@ -194,10 +206,15 @@ def _find_latest_s3(root: str, run_id: str | None) -> str | None:
         info = json.loads(s3.read_text(url))
         if run_id is None or info.get("run_id") == run_id:
             candidates.append((info.get("step", -1), d))
-    for _, d in sorted(candidates, reverse=True):
-        sizes = {u[len(d):]: n for u, n in objects.items() if u.startswith(d)}
-        if not _problems(*_s3_files(d, sizes)):
+    broken = []
+    for step, d in sorted(candidates, reverse=True):
+        sizes = {u[len(d):]: size for u, size in objects.items() if u.startswith(d)}
+        wrong = _problems(*_s3_files(d, sizes))
+        if not wrong:
+            _warn_skipped(broken, d.rstrip("/"), step)
             return d.rstrip("/")
+        broken.append((step, d.rstrip("/"), wrong[0]))
+    _warn_skipped(broken, None, -1)
     return None
 
 

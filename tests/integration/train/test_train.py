@@ -195,3 +195,28 @@ def test_checkpoints_also_come_by_the_clock(tmp_path, minutes, want):
         torch.set_num_threads(threads)
     steps = sorted(meta_step(p) for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert steps == want
+
+
+def test_a_truncated_latest_checkpoint_is_skipped_with_a_warning_naming_both(tmp_path, capsys):
+    """A half-written newest checkpoint (a file cut short, as by a node lost mid-write) is
+    detected; ``latest`` resumes from the previous complete one and says which and why."""
+    from hyperscale.train.checkpoint import STATE, meta_step
+    from hyperscale.train.launch import run_in_process
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "train.num_workers=1", "train.engine=torch",
+                                 "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+                                 "data.batch_size=4"])
+        run_in_process(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    root = tmp_path / "checkpoints"
+    newest = max((p for p in root.iterdir() if p.name.startswith("step_")), key=meta_step)
+    state = newest / STATE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    chosen = find_latest(root)
+    assert meta_step(chosen) == 2 and problems(newest)
+    said = capsys.readouterr().out
+    assert f"checkpoint {newest} (step 3) is incomplete" in said and f"using {chosen} (step 2)" in said, said
