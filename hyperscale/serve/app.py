@@ -50,6 +50,12 @@ def adapter_names(adapters_dir: str) -> list[str]:
     return sorted(n for n in names if n and not n.startswith("."))
 
 
+class UnknownAdapter(LookupError):
+    def __init__(self, known: list[str]):
+        super().__init__(", ".join(known))
+        self.known = known
+
+
 class HTTPProblem(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -101,7 +107,11 @@ class GeneratorDeployment:
         adapters_dir, lora_base = self.s.adapters_dir, self.s.lora_base
 
         async def load_adapter(name: str) -> ImageGenerator:
-            # serve.multiplexed keeps the most recently used max_adapters_per_replica of these
+            # serve.multiplexed keeps the most recently used max_adapters_per_replica of these, so
+            # the directory is listed on a miss only: names are its entries and nothing else
+            known = await asyncio.to_thread(adapter_names, adapters_dir)
+            if name not in known:
+                raise UnknownAdapter(known)
             return await asyncio.to_thread(ImageGenerator.load, f"{adapters_dir.rstrip('/')}/{name}", name,
                                            lora_base)
 
@@ -115,11 +125,10 @@ class GeneratorDeployment:
             return self.default
         if not self.s.adapters_dir:
             raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; this server has no adapters directory")
-        known = await asyncio.to_thread(adapter_names, self.s.adapters_dir)
-        if adapter not in known:  # names are the directory's entries and nothing else ('..' is none)
-            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; known: {', '.join(known) or 'none'}")
         try:
             return await self._adapter(adapter)
+        except UnknownAdapter as e:  # '.' and '..' are no entry either
+            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; known: {', '.join(e.known) or 'none'}") from None
         except (FileNotFoundError, NotADirectoryError, ValueError) as e:
             # the message of a load failure names server paths: the client gets the name only
             logger.warning("adapter %r failed to load: %s", adapter, e)
