@@ -95,7 +95,7 @@ class TrainSection(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)  # the generator's EMA (the "ema" export)
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
     checkpoint_every: int = Field(500, ge=1)
-    checkpoint_every_minutes: float = Field(0.0, ge=0)  # also checkpoint this often by the clock (0: off)
+    checkpoint_every_minutes: float = Field(0.0, ge=0)  # also checkpoint by the clock, at logged steps (0: off)
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(0, ge=0)  # in-loop quality evaluation every N steps (0: off) when given an evaluator (Tune)
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept

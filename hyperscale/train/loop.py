@@ -284,7 +284,9 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
                 tracker.update(full)
         step = counters.step
         session.step_done(step)
-        is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps or checkpoint_due()
+        # the clock is consulted at logged steps only: a broadcast per step would sync every rank
+        is_ckpt = (step % t.checkpoint_every == 0 or step == t.max_steps
+                   or (step % t.log_every == 0 and checkpoint_due()))
         is_eval = evaluate is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
         if step % t.log_every == 0 or is_ckpt or is_eval:
             elapsed = time.time() - t_start

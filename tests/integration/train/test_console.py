@@ -151,6 +151,14 @@ def _noise(text: str) -> list[str]:
     return [line for line in text.splitlines() if any(re.search(p, line) for p in NOISE)]
 
 
+def _console_of(out, teacher, *args) -> str:
+    """What a distill job that must succeed printed (stdout, then stderr)."""
+    p = subprocess.run(_cmd(out, teacher, *args), capture_output=True, text=True, timeout=300, env=_env())
+    console = p.stdout + p.stderr
+    assert p.returncode == 0, console[-4000:]
+    return console
+
+
 def _duplicates(text: str) -> list[str]:
     lines = [line for line in text.splitlines() if line.strip()]
     return sorted({line for line in lines if lines.count(line) > 1})
@@ -158,10 +166,7 @@ def _duplicates(text: str) -> list[str]:
 
 def test_a_ray_distill_console_is_one_clean_progress_display_and_the_logs_are_in_the_run_dir(tmp_path, teacher):
     out = tmp_path / "run"
-    p = subprocess.run(_cmd(out, teacher, "train.max_steps=6", "train.log_every=2", "train.checkpoint_every=6"),
-                       capture_output=True, text=True, timeout=300, env=_env())
-    console = p.stdout + p.stderr
-    assert p.returncode == 0, console[-4000:]
+    console = _console_of(out, teacher, "train.max_steps=6", "train.log_every=2", "train.checkpoint_every=6")
     assert _noise(console) == [], console
     assert _duplicates(console) == [], console
     progress_lines = [line for line in console.splitlines() if " steps (" in line]
@@ -221,10 +226,7 @@ def test_ctrl_c_ends_a_ray_run_with_one_line_that_says_how_to_resume(tmp_path, t
 
 def test_a_run_without_ray_shows_progress_and_keeps_deepspeed_off_the_console(tmp_path, teacher):
     out = tmp_path / "run"
-    p = subprocess.run(_cmd(out, teacher, "--no-ray", "train.num_workers=1", "train.max_steps=4"),
-                       capture_output=True, text=True, timeout=300, env=_env())
-    console = p.stdout + p.stderr
-    assert p.returncode == 0, console[-4000:]
+    console = _console_of(out, teacher, "--no-ray", "train.num_workers=1", "train.max_steps=4")
     # torch's own C++ warning that a network namespace without a resolvable hostname gets at
     # process-group set-up (written to fd 2 by libtorch; no Ray there, nor on a normal host)
     noise = [line for line in _noise(console) if "[c10d] The hostname of the client socket" not in line]

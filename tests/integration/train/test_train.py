@@ -189,7 +189,8 @@ def test_checkpoints_also_come_by_the_clock(tmp_path, minutes, want):
     try:
         cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "train.num_workers=1", "train.engine=torch",
                                  "train.max_steps=4", "train.checkpoint_every=1000", "train.keep_checkpoints=10",
-                                 f"train.checkpoint_every_minutes={minutes}", "data.batch_size=4"])
+                                 f"train.checkpoint_every_minutes={minutes}", "train.log_every=1",
+                                 "data.batch_size=4"])
         assert run_in_process(cfg)["step"] == 4
     finally:
         torch.set_num_threads(threads)
