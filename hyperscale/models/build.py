@@ -1,8 +1,12 @@
-"""Build denoisers from config sections and save/load them as exports
-(``model.safetensors`` + ``hyperscale_model.json``), loadable without the trainer or Ray.
+"""Build denoisers from config sections and save/load them as exports, loadable without the
+trainer or Ray: ``hyperscale_model.json`` (family, sampler, method notes) beside the family's
+weights (``model.safetensors`` for pixel families, a diffusers pipeline folder for text-to-image
+ones) and a model card (README.md).
 
-A model source is a local directory, a hub id (resolved through huggingface_hub,
-which honours HF_HUB_OFFLINE) or an ``s3://bucket/prefix`` (downloaded via boto3).
+A model source is a local directory (an export or a diffusers pipeline folder), a hub id
+(resolved through huggingface_hub, which honours HF_HUB_OFFLINE), an ``s3://bucket/prefix``
+(downloaded via boto3) or ``tiny:<family>`` (a tiny random pipeline built from config, for
+tests and the ``*-tiny`` presets; models/families/tiny.py).
 """
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from hyperscale.diffusion.schedule import Schedule, schedule_from_config
 from hyperscale.models.denoiser import BaseDenoiser
-from hyperscale.models.families import family_named, family_of
+from hyperscale.models.card import model_card
+from hyperscale.models.families import FAMILIES, family_named, family_of
+from hyperscale.models.families.text2image import PIPELINE_INDEX, pipeline_class_name
 from hyperscale.storage.local import atomic_dir
 
 EXPORT_META = "hyperscale_model.json"
@@ -35,12 +39,35 @@ def build_denoiser(model_section, schedule_section) -> BaseDenoiser:
 def save_denoiser(model: BaseDenoiser, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Atomic export: written to a temp dir beside the target, then renamed into place."""
     family = family_of(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "hyperscale-denoiser/1", "family": family.name} | family.describe(model) | {"extra": extra or {}}
     with atomic_dir(directory) as tmp:
-        save_file(state, str(tmp / EXPORT_WEIGHTS))
+        family.save(model, tmp, extra or {})
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
+        (tmp / "README.md").write_text(model_card(meta, tmp))
     return Path(directory)
+
+
+def tiny_pipeline_dir(name: str) -> Path:
+    """``tiny:<family>``: the family's tiny random pipeline, built once into the cache (under a
+    lock: Ray workers of one node may ask at the same time)."""
+    import fcntl
+
+    from hyperscale.storage.s3 import CACHE_ENV
+
+    family = family_named(name)
+    if not hasattr(family, "tiny_pipeline"):
+        raise ValueError(f"tiny:{name}: family {name} has no tiny test pipeline")
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hyperscale") / "tiny"
+    target = root / f"{name}-v1"
+    if (target / PIPELINE_INDEX).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / PIPELINE_INDEX).is_file():
+            with atomic_dir(target) as tmp:
+                family.tiny_pipeline().save_pretrained(str(tmp))
+    return target
 
 
 def resolve_source(source: str) -> Path:
@@ -53,27 +80,46 @@ def resolve_source(source: str) -> Path:
         from hyperscale.storage.s3 import cached_download
 
         return cached_download(source)
+    if source.startswith("tiny:"):
+        return tiny_pipeline_dir(source[len("tiny:"):])
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
-        raise FileNotFoundError(f"model source '{source}' is neither an export directory, "
-                                f"an s3:// prefix nor a hub id (owner/name)")
+        raise FileNotFoundError(f"model source '{source}' is neither an export or pipeline directory, "
+                                f"an s3:// prefix, tiny:<family> nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source))
+    try:
+        return Path(snapshot_download(source))
+    except Exception as err:  # offline, unknown repo, no access: say which and how to fix it
+        raise FileNotFoundError(f"model source '{source}': could not fetch it from the Hugging Face hub "
+                                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); offline "
+                                f"(HF_HUB_OFFLINE) or no network: download it once and pass the local folder "
+                                f"or an s3:// copy") from None
 
 
 def load_denoiser(source: str | os.PathLike, map_location: str = "cpu") -> BaseDenoiser:
     path = resolve_source(str(source))
     meta_path = path / EXPORT_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: no {EXPORT_META}; not a hyperscale export")
-    meta = json.loads(meta_path.read_text())
-    # exports written before families were named carry only the adapter of the class UNet
-    name = meta.get("family") or {"class_unet2d": "class_unet"}.get(meta.get("adapter"))
-    if name is None:
-        raise ValueError(f"{path}: unsupported adapter {meta.get('adapter')!r}")
-    model = family_named(name).from_description(meta)
-    model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS), device=map_location))
-    return model.eval()
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        # exports written before families were named carry only the adapter of the class UNet
+        name = meta.get("family") or {"class_unet2d": "class_unet"}.get(meta.get("adapter"))
+        if name is None:
+            raise ValueError(f"{path}: unsupported adapter {meta.get('adapter')!r}")
+        return family_named(name).load(path, meta).to(map_location).eval()
+    if (path / PIPELINE_INDEX).is_file():
+        return family_for_pipeline(path).load(path, None).to(map_location).eval()
+    raise FileNotFoundError(f"{path}: neither a hyperscale export (no {EXPORT_META}) nor a diffusers pipeline "
+                            f"folder (no {PIPELINE_INDEX})")
+
+
+def family_for_pipeline(path: Path):
+    """The family whose pipeline class a diffusers folder holds."""
+    cls = pipeline_class_name(path)
+    for family in FAMILIES.values():
+        if cls in getattr(family, "pipeline_classes", ()):
+            return family
+    known = sorted(c for f in FAMILIES.values() for c in getattr(f, "pipeline_classes", ()))
+    raise ValueError(f"{path}: a {cls}, which no model family handles (known pipelines: {', '.join(known)})")

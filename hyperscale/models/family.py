@@ -20,6 +20,7 @@ from hyperscale.models.cond import Cond
 
 class Family:
     name: ClassVar[str]
+    condition: ClassVar[str] = "labels"  # what it is conditioned on: "labels" (class ids) or "text" (prompts)
     bounded: ClassVar[bool] = True  # outputs are images in [-1, 1]: samplers and generators may clamp
     lora_prefix: ClassVar[str] = "unet"  # the module name LoRA files use (diffusers' pipeline component)
     denoiser_class: ClassVar[type]
@@ -37,11 +38,29 @@ class Family:
         raise NotImplementedError
 
     def from_description(self, meta: dict) -> nn.Module:
-        """An empty denoiser from ``describe``'s record; the weights are loaded by the caller."""
+        """An empty denoiser from ``describe``'s record; the weights are loaded by ``load``."""
         raise NotImplementedError
 
+    def save(self, denoiser: nn.Module, directory, extra: dict) -> None:
+        """Write the weights into the (temporary) export ``directory``; ``extra``: the sampler
+        and method notes (models/export.py). By default ``model.safetensors``."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+
+    def load(self, path, meta: dict | None) -> nn.Module:
+        """The exported denoiser in directory ``path`` (``meta``: its hyperscale_model.json, None for
+        a plain diffusers pipeline folder); by default ``from_description`` + model.safetensors."""
+        from safetensors.torch import load_file
+
+        model = self.from_description(meta)
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model
+
     # ---------------------------------------------------------------- conditions and shapes
-    def encode_condition(self, items: Tensor | Sequence[str], device=None) -> Cond:
+    def encode_condition(self, denoiser: nn.Module, items: Tensor | Sequence[str] | dict, device=None) -> Cond:
+        """Class labels, prompts or precomputed embeddings (a dict of tensors) -> ``Cond``."""
         raise NotImplementedError
 
     def null_condition(self, denoiser: nn.Module, n: int, device=None) -> Cond:
@@ -54,11 +73,11 @@ class Family:
     def sample_shape(self, denoiser: nn.Module) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def encode_images(self, images: Tensor) -> Tensor:
+    def encode_images(self, denoiser: nn.Module, images: Tensor) -> Tensor:
         """Images in [-1, 1] -> what the denoiser generates (latents; identity for pixel families)."""
         return images
 
-    def decode(self, x: Tensor) -> Tensor:
+    def decode(self, denoiser: nn.Module, x: Tensor) -> Tensor:
         """What the denoiser generates -> images in [-1, 1] (identity for pixel families)."""
         return x
 

@@ -118,8 +118,8 @@ def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
     family = family_of(model)
     labels = torch.arange(10).repeat_interleave(10) % len(family.class_names(model))
     z = torch.randn((len(labels),) + family.sample_shape(model), generator=torch.Generator().manual_seed(cfg.run.seed))
-    x = method.sample(model.eval(), z.to(device), family.encode_condition(labels, device))
-    save_grid(family.decode(x).clamp(-1, 1).float().cpu(), path, nrow=10)
+    x = method.sample(model.eval(), z.to(device), family.encode_condition(model, labels, device))
+    save_grid(family.decode(model, x).clamp(-1, 1).float().cpu(), path, nrow=10)
 
 
 def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path, rank: int) -> None:

@@ -32,7 +32,7 @@ def test_the_family_is_found_through_every_wrapper():
 def test_conditions_and_the_null_condition():
     _, den = _tiny()
     fam = family_of(den)
-    c = fam.encode_condition([3, 0, 1])
+    c = fam.encode_condition(den, [3, 0, 1])
     assert isinstance(c, Cond) and torch.equal(c.labels, torch.tensor([3, 0, 1])) and len(c) == 3
     assert torch.equal(fam.null_condition(den, 2).labels, torch.tensor([4, 4]))  # the null row of 4 classes
     assert fam.class_names(den) == ("class 0", "class 1", "class 2", "class 3")

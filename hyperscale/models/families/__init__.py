@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from hyperscale.models.families.class_unet import ClassUNet
+from hyperscale.models.families.sd import SD15, SDXL
 from hyperscale.models.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (ClassUNet(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (ClassUNet(), SD15(), SDXL())}
 
 
 def family_named(name: str) -> Family:

@@ -82,7 +82,11 @@ class ClassUNet(Family):
         sched = DiscreteVP(torch.tensor(meta["alphas_cumprod"], dtype=torch.float64))
         return ClassUNetDenoiser(sched, meta["unet"], meta["prediction_type"])
 
-    def encode_condition(self, items: Tensor | Sequence[int], device=None) -> Cond:
+    def encode_condition(self, denoiser: nn.Module, items: Tensor | Sequence[int], device=None) -> Cond:
+        if isinstance(items, Cond):
+            return items.to(device)
+        if isinstance(items, (dict, str)) or (isinstance(items, (list, tuple)) and items and isinstance(items[0], str)):
+            raise TypeError(f"family {self.name} is conditioned on class labels, not prompts or embeddings")
         labels = torch.as_tensor(items, dtype=torch.long)
         return Cond(labels=labels if device is None else labels.to(device))
 

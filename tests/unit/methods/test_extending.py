@@ -89,7 +89,7 @@ def test_the_family_example_round_trips_and_passes_the_method_contract(class_mlp
     assert torch.equal(fam.null_condition(den, 2).labels, torch.tensor([3, 3]))
     save_denoiser(den, tmp_path / "mlp")
     back = load_denoiser(tmp_path / "mlp")
-    x, t, y = torch.randn(4, 2), torch.tensor([5, 200, 600, 999]), fam.encode_condition([0, 1, 2, 0])
+    x, t, y = torch.randn(4, 2), torch.tensor([5, 200, 600, 999]), fam.encode_condition(None, [0, 1, 2, 0])
     with torch.no_grad():
         assert torch.equal(back(x, t, y), den(x, t, y))
     method, roles, frozen, batch = contract._setup("sim", model=MLP)  # SIM, data-free, on the new family

@@ -47,7 +47,7 @@ def _setup(name: str, overrides: dict | None = None, model: list[str] = TINY):
     gen = built.trainable[method.generator]
     family = family_of(gen)
     g = torch.Generator().manual_seed(1)
-    cond = family.encode_condition(torch.randint(0, len(family.class_names(gen)), (B,), generator=g))
+    cond = family.encode_condition(gen, torch.randint(0, len(family.class_names(gen)), (B,), generator=g))
     x0 = torch.rand((B,) + family.sample_shape(gen), generator=g) * 2 - 1
     batch = Batch(cond=cond, x0=x0 if method.batch == "data" else None)
     return method, built.trainable, built.frozen, batch

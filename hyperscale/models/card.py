@@ -1,0 +1,52 @@
+"""The model card (README.md) written into every export: what it is, how to sample it (the
+sampler the method trained it for, in diffusers' terms where the export is a pipeline folder),
+the teacher, the method and the figures the run measured."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _sampler_lines(extra: dict) -> list[str]:
+    gen, few = extra.get("generator"), extra.get("sampler")
+    lines = []
+    if extra.get("multi_step"):
+        lines.append("- one set of weights for 1 to 8 steps (Hyper-SD's unified LoRA)")
+    if gen:
+        lines.append(f"- 1 step: one network call at timestep {gen['timestep']} on "
+                     + ("x_t = sigma_t z" if gen["noise_input"] == "sigma" else "x_t = z (pure noise)"))
+    if few:
+        lines.append(f"- {few['num_steps']} steps of {few['name'].upper()} ({few['spacing']} spacing), "
+                     f"guidance scale {few['guidance_scale']:g}")
+    return lines or ["- the teacher's own sampler (no few-step training)"]
+
+
+def model_card(meta: dict, directory: Path) -> str:
+    extra = meta.get("extra", {})
+    family = meta.get("family", "?")
+    pipeline = (directory / "model_index.json").is_file()
+    steps = (1 if extra.get("generator") and not extra.get("multi_step")
+             else (extra.get("sampler") or {}).get("num_steps", 4))
+    guidance = (extra.get("sampler") or {}).get("guidance_scale", 1.0)
+    out = [f"# {extra.get('run', 'hyperscale student')}", "",
+           f"A {family} student distilled with hyperscale ({extra.get('method', 'unknown method')}"
+           f"{', teacher ' + extra['teacher'] if extra.get('teacher') else ''}).", "",
+           "## Sampling", *_sampler_lines(extra), ""]
+    if pipeline:
+        out += ["The folder is a diffusers pipeline whose scheduler config reproduces that sampler:", "",
+                "```python", "from diffusers import DiffusionPipeline",
+                "pipe = DiffusionPipeline.from_pretrained(PATH)",
+                f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale={guidance:g}"
+                + (f", eta={extra['sampler'].get('eta', 0.3)}" if (extra.get('sampler') or {}).get('name') == 'tcd' else "")
+                + ").images[0]", "```", ""]
+    else:
+        out += ["Load it with `hyperscale.models.build.load_denoiser(PATH)` (or Serve: `jobs/serve.py`).", ""]
+    if extra.get("lora"):
+        out += ["## LoRA", f"- diffusers layout: `{extra['lora']}` (`pipe.load_lora_weights(PATH + '/lora')`)",
+                "- kohya / ComfyUI keys with the true alpha: `lora/pytorch_lora_weights_kohya.safetensors`", ""]
+    metrics = extra.get("metrics") or {}
+    if metrics:
+        out += ["## Measured", *(f"- {k}: {v:.6g}" if isinstance(v, float) else f"- {k}: {v}"
+                                 for k, v in sorted(metrics.items())), ""]
+    if extra.get("step") is not None:
+        out += [f"Trained for {extra['step']} generator updates.", ""]
+    return "\n".join(out)

@@ -1,0 +1,92 @@
+"""Families ``sd15`` and ``sdxl``: UNet2DConditionModel latent diffusion (VP, eps or v).
+
+sd15: ``StableDiffusionPipeline`` (one CLIP text encoder; the UNet reads its last hidden states).
+sdxl: ``StableDiffusionXLPipeline`` (two CLIP text encoders, their hidden states concatenated,
+the second one's pooled projection, and the size / crop "time ids" (B, 6) of SDXL's
+micro-conditioning: original size, crop top-left, target size, here the training resolution
+uncropped). Real checkpoints and memory plans: docs/families.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hyperscale.models.cond import Cond
+from hyperscale.models.families import tiny
+from hyperscale.models.families.text2image import TextToImageFamily, UNetFeatures
+
+
+def _ddim(**kw):
+    from diffusers import DDIMScheduler
+
+    # steps_offset=1 and set_alpha_to_one=False as SD's own config (steps_offset=0 gets rewritten)
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, **kw)
+
+
+class SD15(UNetFeatures, TextToImageFamily):
+    name = "sd15"
+    backbone_name = "unet"
+    pipeline_classes = ("StableDiffusionPipeline",)
+
+    def encode_prompts(self, pipe, prompts: list[str], device) -> Cond:
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return Cond(embeds=embeds)
+
+    def null_prompt(self, pipe, device) -> Cond:
+        _, negative = pipe.encode_prompt([""], device, 1, True)
+        return Cond(embeds=negative)
+
+    def call(self, net: nn.Module, x_t: Tensor, model_t: Tensor, cond: Cond) -> Tensor:
+        return net(x_t, model_t, encoder_hidden_states=cond.embeds).sample
+
+    def tiny_pipeline(self):
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=8)
+        return StableDiffusionPipeline(vae=tiny.vae(), text_encoder=tiny.clip_text_encoder(), tokenizer=tiny.clip_tokenizer(),
+                                       unet=unet.eval(), scheduler=_ddim(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+
+class SDXL(UNetFeatures, TextToImageFamily):
+    name = "sdxl"
+    backbone_name = "unet"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+
+    def _time_ids(self, pipe, n: int) -> Tensor:
+        side = pipe.frontend_sample_size * pipe.vae_scale_factor
+        return torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(n, 1)
+
+    def encode_prompts(self, pipe, prompts: list[str], device) -> Cond:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+        return Cond(embeds=embeds, pooled=pooled, extra={"time_ids": self._time_ids(pipe, len(prompts)).to(embeds.device)})
+
+    def null_prompt(self, pipe, device) -> Cond:
+        _, negative, _, negative_pooled = pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
+        return Cond(embeds=negative, pooled=negative_pooled, extra={"time_ids": self._time_ids(pipe, 1).to(negative.device)})
+
+    def call(self, net: nn.Module, x_t: Tensor, model_t: Tensor, cond: Cond) -> Tensor:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
+        return net(x_t, model_t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+    def tiny_pipeline(self):
+        from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+        torch.manual_seed(0)
+        # cross attention reads both encoders' states (32 + 32); the added embedding takes the six
+        # time ids (8 each) and the second encoder's pooled projection (32)
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                    attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        return StableDiffusionXLPipeline(vae=tiny.vae(), text_encoder=tiny.clip_text_encoder(seed=1),
+                                         text_encoder_2=tiny.clip_text_encoder(projection=True, seed=2),
+                                         tokenizer=tiny.clip_tokenizer(), tokenizer_2=tiny.clip_tokenizer(),
+                                         unet=unet.eval(), scheduler=_ddim(timestep_spacing="leading"),
+                                         add_watermarker=False, force_zeros_for_empty_prompt=True)
