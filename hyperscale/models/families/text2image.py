@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from hyperscale.diffusion.schedule import DiscreteVP, Prediction, RectifiedFlow, Schedule
+from hyperscale.diffusion.schedule import DiscreteVP, Prediction, Schedule
 from hyperscale.models.cond import Cond, as_cond
 from hyperscale.models.denoiser import BaseDenoiser, unwrap
 from hyperscale.models.family import Family, feature_hooks
