@@ -23,6 +23,7 @@ or undecodable samples (and unreadable shard tails) are skipped and counted by a
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,19 +110,28 @@ def write_shards(image_set: ImageSet, pattern_dir: str | os.PathLike, prefix: st
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise ValueError("cannot write shards from an empty image set")
-    if maxcount < 1:
-        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
     if labels.min() < 0 or labels.max() >= len(class_names):
         raise ValueError(f"labels span [{labels.min()}, {labels.max()}] but there are "
                          f"{len(class_names)} class names")
-    out = Path(pattern_dir)
+    return write_sharded((_encode_sample(i, images[i], int(labels[i]), class_names)
+                          for i in range(len(images))), pattern_dir, prefix, maxcount)
+
+
+def write_sharded(encoded: Iterable[dict], out_dir: str | os.PathLike, prefix: str,
+                  maxcount: int) -> list[Path]:
+    """Write encoded samples ({__key__, ext: bytes}) as shards of ``maxcount``, in order.
+
+    Shard ``i`` is ``{prefix}-{i:06d}.tar`` in ``out_dir`` (created if missing), written
+    atomically once its samples are encoded (``encoded`` is read lazily, one shard at a
+    time). Returns the shard paths; no samples -> no shards.
+    """
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    out, samples, paths = Path(out_dir), iter(encoded), []
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for shard, start in enumerate(range(0, len(images), maxcount)):
-        stop = min(start + maxcount, len(images))
-        path = out / shard_name(prefix, shard)
-        _write_tar_atomically(path, (_encode_sample(i, images[i], int(labels[i]), class_names)
-                                     for i in range(start, stop)))
+    for first in samples:  # each turn: the first sample of the next shard
+        path = out / shard_name(prefix, len(paths))
+        _write_tar_atomically(path, itertools.chain([first], itertools.islice(samples, maxcount - 1)))
         paths.append(path)
     return paths
 
@@ -315,8 +325,13 @@ def shard_dataset(urls: str | os.PathLike | Sequence[str | os.PathLike], batch_s
                   shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False,
                   epoch_samples: int | None = None, split_by_node: bool = True,
                   split_by_worker: bool = True, drop_last: bool = False,
-                  max_consecutive_skips: int = 1000) -> ShardStream:
-    """Stream shards back as (images (B, 1, H, W) in [-1, 1], labels (B,)) batches.
+                  max_consecutive_skips: int = 1000,
+                  decode: Callable[[dict], Any] = decode_sample,
+                  collate: Callable[[list], Any] = collate,
+                  compatible: Callable[[Any, Any], None] | None = None) -> ShardStream:
+    """Stream shards back as (images (B, 1, H, W) in [-1, 1], labels (B,)) batches, or
+    in another sample format given by ``decode`` / ``collate`` / ``compatible`` (see
+    ``ShardStream``; ``hyperscale.data.captions`` streams caption shards this way).
 
     urls: a path, ``s3://`` URL, brace pattern (``/x/train-{000000..000003}.tar``,
         ``s3://bucket/x/train-{000000..000003}.tar``) or a list of them.
@@ -345,6 +360,7 @@ def shard_dataset(urls: str | os.PathLike | Sequence[str | os.PathLike], batch_s
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     _check_shards(urls, split_by_node, resampled, world_size)
     skipped = SkipCounter(max_consecutive=max_consecutive_skips)
-    return ShardStream(urls, partial(shard_samples, handler=skipped), decode_sample, collate,
+    return ShardStream(urls, partial(shard_samples, handler=skipped), decode, collate,
                        skipped, batch_size, shuffle_buffer, seed, resampled, epoch_samples,
-                       split_by_node, split_by_worker, drop_last, rank, world_size)
+                       split_by_node, split_by_worker, drop_last, rank, world_size,
+                       compatible=compatible)

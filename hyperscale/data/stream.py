@@ -111,7 +111,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     """An exactly resumable batch stream over shards (build it with
     ``hyperscale.data.shards.shard_dataset``, which supplies the sample format:
     ``read_shard(url)`` -> raw samples, ``decode(raw)`` -> sample, raising on corrupt
-    data, ``collate(samples)`` -> batch; ``skipped`` is the ``SkipCounter``).
+    data, ``collate(samples)`` -> batch; ``skipped`` is the ``SkipCounter``; optionally
+    ``compatible(first, sample)``, raising when ``sample`` may not share a batch with the
+    batch's first sample: it is then skipped and counted like a corrupt one).
 
     For image shards it yields (images float in [-1, 1] (B, 1, H, W), labels long (B,)).
     ``iter(stream)``
@@ -135,8 +137,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                  batch_size: int, shuffle_buffer: int = 0, seed: int = 0, resampled: bool = False,
                  epoch_samples: int | None = None, split_by_node: bool = True,
                  split_by_worker: bool = True, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1,
+                 compatible: Callable[[Any, Any], None] | None = None):
         self.urls, self.read_shard, self.decode, self.collate = urls, read_shard, decode, collate
+        self.compatible = compatible
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.resampled, self.drop_last = seed % 2**63, resampled, drop_last
         self.epoch_batches = None if epoch_samples is None else epoch_samples // batch_size
@@ -263,7 +267,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                                          "ranks or loader workers, or resampled=True"))
                 continue
             try:
-                samples.append(self.decode(raw))
+                sample = self.decode(raw)
+                if samples and self.compatible is not None:
+                    self.compatible(samples[0], sample)
+                samples.append(sample)
             except Exception as exn:  # noqa: BLE001 - any decode failure is a corrupt sample
                 exn.args = exn.args + (f"key={raw.get('__key__')} url={raw.get('__url__')}",)
                 self.skipped(exn)

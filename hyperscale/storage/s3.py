@@ -404,9 +404,14 @@ def put_text(url: str, text: str, retry: Retry | None = None) -> None:
     call(lambda: s3.put_object(Bucket=bucket, Key=key, Body=text.encode()), url, retry)
 
 
-def read_text(url: str, retry: Retry | None = None) -> str:
+def read_bytes(url: str, retry: Retry | None = None) -> bytes:
+    """One whole object (a prompt file, a config); streamed with retries and resume."""
     with open_object(url, retry) as f:
-        return f.read().decode()
+        return f.read()
+
+
+def read_text(url: str, retry: Retry | None = None) -> str:
+    return read_bytes(url, retry).decode()
 
 
 def delete_objects(urls: list[str], retry: Retry | None = None) -> None:
