@@ -69,10 +69,12 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    """Training data (data-free methods read only the labels)."""
-    dataset: Literal["fashion_mnist"] = "fashion_mnist"
+    """Training data (data-free methods read only the conditions: class labels or prompts)."""
+    dataset: Literal["fashion_mnist"] = "fashion_mnist"  # the in-memory set when no shards are given
     root: Optional[str] = None  # IDX directory; None = Debian's location
-    train_shards_path_or_url: Optional[str] = None  # WebDataset shards (brace expansion)
+    train_shards_path_or_url: Optional[str] = None  # WebDataset shards (brace expansion): class-label or caption shards
+    prompts: Optional[str] = None  # prompt file (.txt/.jsonl/.parquet, local or s3://) for data-free text-to-image runs; None: the Fashion-MNIST class prompts
+    resolution: Optional[int] = Field(None, ge=8)  # image side for text-to-image data; None: the teacher's native size
     split: Literal["train", "test"] = "train"
     batch_size: int = Field(64, ge=1)  # per worker
 

@@ -18,7 +18,7 @@ from hyperscale.diffusion.schedule import Schedule, schedule_from_config
 from hyperscale.models.denoiser import BaseDenoiser
 from hyperscale.models.card import model_card
 from hyperscale.models.families import FAMILIES, family_named, family_of
-from hyperscale.models.families.text2image import PIPELINE_INDEX, pipeline_class_name
+from hyperscale.models.families.text2image import PIPELINE_INDEX, pipeline_class_name, quiet_libraries
 from hyperscale.storage.local import atomic_dir
 
 EXPORT_META = "hyperscale_model.json"
@@ -65,6 +65,7 @@ def tiny_pipeline_dir(name: str) -> Path:
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / PIPELINE_INDEX).is_file():
+            quiet_libraries()
             with atomic_dir(target) as tmp:
                 family.tiny_pipeline().save_pretrained(str(tmp))
     return target

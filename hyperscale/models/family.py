@@ -73,6 +73,10 @@ class Family:
     def sample_shape(self, denoiser: nn.Module) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def image_side(self, denoiser: nn.Module) -> int:
+        """The side in pixels of the images the denoiser's samples decode to."""
+        return int(self.sample_shape(denoiser)[-1])
+
     def encode_images(self, denoiser: nn.Module, images: Tensor) -> Tensor:
         """Images in [-1, 1] -> what the denoiser generates (latents; identity for pixel families)."""
         return images

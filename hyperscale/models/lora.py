@@ -114,11 +114,11 @@ class LoraDenoiser(nn.Module):
 
     @property
     def unet(self) -> nn.Module:
-        return self.inner.unet
+        return _unet_of(self.inner)
 
     @property
     def unet_config(self):
-        return self.inner.unet_config
+        return getattr(self.inner, "unet_config", None)
 
     # -- trainable parameters: the adapter only
     def requires_grad_(self, requires_grad: bool = True) -> "LoraDenoiser":
@@ -133,7 +133,7 @@ class LoraDenoiser(nn.Module):
         """peft-format LoRA weights keyed by UNet module path (``...to_q.lora_A.weight``)."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach() for k, v in get_peft_model_state_dict(self.inner.unet).items()}
+        return {k: v.detach() for k, v in get_peft_model_state_dict(_unet_of(self.inner)).items()}
 
 
 def make_lora_config(rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None,

@@ -35,12 +35,14 @@ from hyperscale.methods import build_method
 from hyperscale.methods.roles import Roles, build_roles
 from hyperscale.storage.local import location, staged_dir
 from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
+from hyperscale.models.denoiser import unwrap
 from hyperscale.models.ema import EMA
 from hyperscale.models.families import family_of
 from hyperscale.models.lora import save_student
 from hyperscale.train import checkpoint as ckpt
 from hyperscale.train import engines
 from hyperscale.train.step import Role, StepCounters, broadcast_from_rank0, two_player_step
+from hyperscale.train.text2image_data import grid_prompts, text2image_stream, to_model_inputs
 
 # (generator sample function (z, labels) -> x0, global step) -> metrics such as "eval/fid"
 Evaluator = Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int], dict]
@@ -76,7 +78,13 @@ def build_modules(cfg: Config, method, device: torch.device) -> Roles:
     def load_teacher() -> nn.Module:
         if not cfg.model.pretrained_teacher_model:
             raise ValueError(f"method '{cfg.method.name}' needs model.pretrained_teacher_model")
-        return load_denoiser(cfg.model.pretrained_teacher_model)
+        teacher = load_denoiser(cfg.model.pretrained_teacher_model)
+        found = family_of(teacher).name
+        if found != cfg.model.family:
+            raise ValueError(f"model.pretrained_teacher_model={cfg.model.pretrained_teacher_model} is a {found} model "
+                             f"but the config says model.family={cfg.model.family}: use a {cfg.model.family} teacher "
+                             f"or set model.family={found}")
+        return teacher
 
     def prepare(_name: str, module: nn.Module) -> nn.Module:
         module = module.to(device)
@@ -96,29 +104,41 @@ def build_modules(cfg: Config, method, device: torch.device) -> Roles:
             roles.frozen[name] = engines.cast_parameters_(roles.frozen[name].to(device), precision)
         elif spec.kind == "frozen":
             roles.frozen[name] = roles.frozen[name].to(device)
+    frontend = getattr(unwrap(roles.trainable[method.generator], lambda m: hasattr(m, "frontend")), "frontend", None)
+    if frontend is not None:  # text encoders and VAE, shared by every role: frozen, low precision where asked
+        frontend.to(device, precision)
     return roles
 
 
-def build_stream(cfg: Config, method, num_classes: int, rank: int,
-                 world: int) -> InMemoryStream | LabelStream | ShardStream:
+def build_stream(cfg: Config, method, model: nn.Module, rank: int, world: int):
+    """Batches of (x0 or None, conditions) for the method: class labels or prompts only for data-free
+    methods; otherwise shards (class-label or caption shards) or the in-memory Fashion-MNIST set
+    (as captioned images for a text-to-image family: text2image_data)."""
+    d, family = cfg.data, family_of(model)
+    if family.condition == "text":
+        return text2image_stream(cfg, method, model, rank, world)
     if method.batch == "conditions":  # data-free: class labels only
-        return LabelStream(cfg.data.batch_size, num_classes, rank, seed=cfg.run.seed)
-    if cfg.data.train_shards_path_or_url:  # local or s3:// shards, split by rank (read from torch.distributed)
-        return shard_dataset(cfg.data.train_shards_path_or_url, cfg.data.batch_size, seed=cfg.run.seed)
-    images, labels = load_fashion_mnist(cfg.data.split, cfg.data.root).tensors()
-    return InMemoryStream(images, labels, cfg.data.batch_size, rank, world, seed=cfg.run.seed)
+        return LabelStream(d.batch_size, len(family.class_names(model)), rank, seed=cfg.run.seed)
+    if d.train_shards_path_or_url:  # local or s3:// shards, split by rank (read from torch.distributed)
+        return shard_dataset(d.train_shards_path_or_url, d.batch_size, seed=cfg.run.seed)
+    images, labels = load_fashion_mnist(d.split, d.root).tensors()
+    return InMemoryStream(images, labels, d.batch_size, rank, world, seed=cfg.run.seed)
 
 
 @torch.no_grad()
 def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
-    """10 x 10 samples from the (EMA) generator, one class per row, fixed seed."""
+    """10 x 10 samples from the (EMA) generator, fixed seed: one class per row, or for a
+    text-to-image family one grid prompt per row (text2image_data.grid_prompts)."""
     from hyperscale.eval.images import save_grid
 
     device = next(model.parameters()).device
     family = family_of(model)
-    labels = torch.arange(10).repeat_interleave(10) % len(family.class_names(model))
-    z = torch.randn((len(labels),) + family.sample_shape(model), generator=torch.Generator().manual_seed(cfg.run.seed))
-    x = method.sample(model.eval(), z.to(device), family.encode_condition(model, labels, device))
+    if family.condition == "text":
+        items = [p for p in grid_prompts(cfg) for _ in range(10)]
+    else:
+        items = torch.arange(10).repeat_interleave(10) % len(family.class_names(model))
+    z = torch.randn((len(items),) + family.sample_shape(model), generator=torch.Generator().manual_seed(cfg.run.seed))
+    x = method.sample(model.eval(), z.to(device), family.encode_condition(model, items, device))
     save_grid(family.decode(model, x).clamp(-1, 1).float().cpu(), path, nrow=10)
 
 
@@ -203,7 +223,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
     timing = {"time/engine_init_s": time.perf_counter() - t0}
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
     family = family_of(modules[gen_name])
-    stream = build_stream(cfg, method, len(family.class_names(modules[gen_name])), rank, world)
+    stream = build_stream(cfg, method, modules[gen_name], rank, world)
     counters = StepCounters()
 
     with restore_source(session, t, paths) as (path, where):
@@ -222,8 +242,8 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             print(f"[hyperscale] resumed at step {counters.step} from {where}", flush=True)
 
     def next_batch() -> Batch:
-        x, y = next(stream)
-        return Batch(cond=family.encode_condition(y), x0=x).to(device)
+        x, y = to_model_inputs(next(stream), family, modules[gen_name], device)
+        return Batch(cond=family.encode_condition(modules[gen_name], y, device), x0=x).to(device)
 
     def save_checkpoint(step: int, metrics: dict) -> float:
         """Every rank writes its shards into its own temp dir and reports it; Ray merges them."""

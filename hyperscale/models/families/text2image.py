@@ -37,6 +37,22 @@ DIFFUSERS_PREDICTION = {"epsilon": Prediction.eps, "v_prediction": Prediction.v,
 DEFAULT_PROMPT_CACHE = 4096  # prompts whose embeddings stay cached per process
 
 
+def quiet_libraries() -> None:
+    """diffusers / transformers progress bars and advisory warnings off (loading bars per component,
+    "torchvision not installed", fp32-module hints): the console shows hyperscale's own progress.
+    HYPERSCALE_LIBRARY_LOGS=1 keeps them."""
+    import os
+
+    if os.environ.get("HYPERSCALE_LIBRARY_LOGS") == "1":
+        return
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for log in (dlog, tlog):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+
+
 class Frontend:
     """The frozen tokenizers, text encoders and VAE of one pipeline folder (module docstring)."""
 
@@ -56,6 +72,7 @@ class Frontend:
     def pipe(self):
         """The pipeline without its denoiser (loaded on first use), every part frozen in eval mode."""
         if self._pipe is None:
+            quiet_libraries()
             from diffusers import DiffusionPipeline
 
             pipe = DiffusionPipeline.from_pretrained(str(self.path), **{self.family.backbone_name: None})
@@ -225,6 +242,7 @@ class TextToImageFamily(Family):
         """The denoiser of a diffusers pipeline folder; the frontend loads lazily from the same folder."""
         import importlib
 
+        quiet_libraries()
         path = Path(path)
         cls_name = pipeline_class_name(path)
         if cls_name not in self.pipeline_classes:
@@ -271,7 +289,7 @@ class TextToImageFamily(Family):
             t = spec.one_step.timestep
             if spec.one_step.noise_input.value == "sigma":
                 s = float(denoiser.schedule.sigma_ve(torch.tensor([t]))[0])
-                return EulerDiscreteScheduler(**keep, use_karras_sigmas=True, sigma_min=s, sigma_max=s,
+                return EulerDiscreteScheduler(**keep, use_karras_sigmas=True, sigma_min=s, sigma_max=s, steps_offset=1,
                                               timestep_spacing="trailing", final_sigmas_type="zero")
             return DDIMScheduler(**keep, timestep_spacing="leading", steps_offset=int(t), set_alpha_to_one=True,
                                  clip_sample=False)
@@ -319,6 +337,10 @@ class TextToImageFamily(Family):
         size = cfg.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (int(cfg.in_channels),) + size
+
+    def image_side(self, denoiser: nn.Module) -> int:
+        frontend = inner(denoiser).frontend
+        return frontend.sample_size * int(frontend.pipe.vae_scale_factor)
 
     def encode_images(self, denoiser: nn.Module, images: Tensor) -> Tensor:
         return inner(denoiser).frontend.encode_images(images)
