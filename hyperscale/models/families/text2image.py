@@ -270,10 +270,10 @@ class TextToImageFamily(Family):
     # ---------------------------------------------------------------- exports
     def export_scheduler(self, denoiser: T2IDenoiser, extra: dict):
         """The diffusers scheduler whose pipeline call reproduces the export's sampler (models/export.py):
-        - a 1-step call on x_t = sigma_t z at t (SIM): Euler at the single VE level sigma~_t (the
-          pipeline starts from sigma~ z and feeds the network sigma~ z / sqrt(1 + sigma~^2) = sigma_t z);
-        - a 1-step call on x_t = z at t (DMD): DDIM with the one timestep t ("leading" spacing,
-          ``steps_offset`` t) and abar = 1 after it;
+        - a 1-step call at t: Euler at the single VE level sigma~_t (Karras sigmas with sigma_min =
+          sigma_max); "trailing" spacing starts from sigma~ z, which the pipeline feeds the network as
+          sigma~ z / sqrt(1 + sigma~^2) = sigma_t z (SIM's x_t = sigma_t z), "leading" from
+          sqrt(1 + sigma~^2) z, fed as z (DMD's x_t = z);
         - a few-step sampler: TCD (pass ``eta``) or DDIM with its spacing, abar = 1 at the end;
         - nothing declared: the teacher's scheduler."""
         from diffusers import DDIMScheduler, EulerDiscreteScheduler, TCDScheduler
@@ -286,17 +286,17 @@ class TextToImageFamily(Family):
         keep["prediction_type"] = {v: k for k, v in DIFFUSERS_PREDICTION.items()}[denoiser.prediction_type]
         spec = SamplerSpec.from_extra(extra)
         if spec.is_one_step_generator:
-            t = spec.one_step.timestep
-            if spec.one_step.noise_input.value == "sigma":
-                s = float(denoiser.schedule.sigma_ve(torch.tensor([t]))[0])
-                return EulerDiscreteScheduler(**keep, use_karras_sigmas=True, sigma_min=s, sigma_max=s, steps_offset=1,
-                                              timestep_spacing="trailing", final_sigmas_type="zero")
-            return DDIMScheduler(**keep, timestep_spacing="leading", steps_offset=int(t), set_alpha_to_one=True,
-                                 clip_sample=False)
+            call = spec.one_step
+            s = float(denoiser.schedule.sigma_ve(torch.tensor([call.timestep]))[0])
+            return EulerDiscreteScheduler(**keep, use_karras_sigmas=True, sigma_min=s, sigma_max=s, steps_offset=1,
+                                          timestep_spacing="trailing" if call.noise_input.value == "sigma" else "leading",
+                                          final_sigmas_type="zero")
         if spec.few_step is not None:
+            # steps_offset 1: SD pipelines rewrite any other value; TCD and trailing DDIM do not read it
             if spec.few_step.name == "tcd":
-                return TCDScheduler(**keep)
-            return DDIMScheduler(**keep, timestep_spacing=spec.few_step.spacing, set_alpha_to_one=True, clip_sample=False)
+                return TCDScheduler(**keep, steps_offset=1)
+            return DDIMScheduler(**keep, timestep_spacing=spec.few_step.spacing, set_alpha_to_one=True, clip_sample=False,
+                                 steps_offset=1)
         return denoiser.frontend.pipe.scheduler
 
     def save(self, denoiser: nn.Module, directory, extra: dict) -> None:
