@@ -44,7 +44,7 @@ from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hyperscale.storage import s3
-from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, to_model_range
+from hyperscale.data.fashion_mnist import CLASS_NAMES, PROMPT_TEMPLATES, ImageSet, to_model_range
 from hyperscale.data.stream import ShardStream
 from hyperscale.storage.local import atomic_file
 
@@ -57,7 +57,7 @@ _TAR_MTIME = 0.0         # fixed member mtime: the same input gives byte-identic
 
 
 def prompt_for(class_name: str) -> str:
-    return f"a photo of a {class_name}"
+    return PROMPT_TEMPLATES[0].replace("{c}", class_name)
 
 
 # ----------------------------------------------------------------------------- writing
