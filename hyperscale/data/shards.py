@@ -1,4 +1,6 @@
-"""WebDataset shards for class-conditional image sets: writing and streaming.
+"""WebDataset shards for class-conditional image sets: writing and streaming; the shard
+machinery (writing, URLs, the skip counter, the resumable stream) is shared with caption
+shards (``hyperscale.data.captions``), which bring their own sample format.
 
 Format (WebDataset, Aizman et al. 2019): POSIX tar files ``{prefix}-{000000}.tar``
 holding ``maxcount`` samples each; one sample is the group of members that share a
@@ -293,7 +295,7 @@ def _open_shards(shards: Iterable[dict], handler: SkipCounter) -> Iterator[dict]
 
 
 def shard_samples(url: str, handler: SkipCounter) -> Iterator[dict]:
-    """Raw samples {__key__, __url__, png, json, txt} of one shard, in file order.
+    """Raw samples {__key__, __url__, <extension>: bytes, ...} of one shard, in file order.
 
     Stages: open (URL -> bytes), tar members, grouped by key; errors go to ``handler``.
     """
@@ -348,6 +350,8 @@ def shard_dataset(urls: str | os.PathLike | Sequence[str | os.PathLike], batch_s
     split_by_worker: the same across DataLoader workers.
     drop_last: drop the partial batch at the end of a pass (``iter`` only; ``next``
         never gives partial batches).
+    decode, collate, compatible: the sample format (``ShardStream``); the defaults are
+        this module's class-label samples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
