@@ -1,4 +1,5 @@
-"""Fashion-MNIST from the standard IDX files (Xiao et al. 2017; MIT licence).
+"""Fashion-MNIST from the standard IDX files (Xiao et al. 2017; MIT licence), and its
+class names as text (prompts, captions) for the text-to-image data paths.
 
 Default location is Debian's ``dataset-fashion-mnist`` package
 (``/usr/share/datasets/fashion-mnist``); any directory holding the four
@@ -11,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +21,8 @@ from torch import Tensor
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                "sandal", "shirt", "sneaker", "bag", "ankle boot")
+# Caption / prompt templates; "{c}" is the class name. The first is the shards' caption.
+PROMPT_TEMPLATES = ("a photo of a {c}", "a picture of a {c}", "a {c} on a plain background")
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -87,3 +91,32 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
     return ImageSet(images, labels.astype(np.int64))
+
+
+def class_prompts(templates: Sequence[str] = PROMPT_TEMPLATES[:1],
+                  class_names: Sequence[str] = CLASS_NAMES) -> list[str]:
+    """Every template filled with every class name, template by template."""
+    if not templates or any("{c}" not in t for t in templates):
+        raise ValueError(f"templates must be non-empty and each hold '{{c}}' for the class name, "
+                         f"got {list(templates)}")
+    return [t.replace("{c}", name) for t in templates for name in class_names]
+
+
+def caption_samples(image_set: ImageSet, channels: int = 3, size: int = 32,
+                    class_names: Sequence[str] = CLASS_NAMES) -> Iterator[dict]:
+    """Sample dicts for ``hyperscale.data.captions.write_caption_shards``: each image padded
+    with black to ``size`` x ``size`` (28 -> 32: -1 in model range), grayscale (channels=1)
+    or RGB (3); caption ``PROMPT_TEMPLATES[0]`` of its class; meta its label and class."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    h, w = image_set.images.shape[1:]
+    if size < max(h, w):
+        raise ValueError(f"size {size} is smaller than the images ({h}x{w})")
+    top, left = (size - h) // 2, (size - w) // 2
+    pad = ((top, size - h - top), (left, size - w - left))
+    for image, label in zip(image_set.images, image_set.labels):
+        image = np.pad(image, pad)  # zeros: black
+        name = class_names[int(label)]
+        yield {"image": image if channels == 1 else np.repeat(image[:, :, None], 3, axis=2),
+               "caption": PROMPT_TEMPLATES[0].replace("{c}", name),
+               "meta": {"label": int(label), "class_name": name}}

@@ -1,4 +1,6 @@
-"""WebDataset shards for class-conditional image sets: writing and streaming.
+"""WebDataset shards for class-conditional image sets: writing and streaming; the shard
+machinery (writing, URLs, the skip counter, the resumable stream) is shared with caption
+shards (``hyperscale.data.captions``), which bring their own sample format.
 
 Format (WebDataset, Aizman et al. 2019): POSIX tar files ``{prefix}-{000000}.tar``
 holding ``maxcount`` samples each; one sample is the group of members that share a
@@ -44,7 +46,7 @@ from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hyperscale.storage import s3
-from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, to_model_range
+from hyperscale.data.fashion_mnist import CLASS_NAMES, PROMPT_TEMPLATES, ImageSet, to_model_range
 from hyperscale.data.stream import ShardStream
 from hyperscale.storage.local import atomic_file
 
@@ -57,7 +59,7 @@ _TAR_MTIME = 0.0         # fixed member mtime: the same input gives byte-identic
 
 
 def prompt_for(class_name: str) -> str:
-    return f"a photo of a {class_name}"
+    return PROMPT_TEMPLATES[0].replace("{c}", class_name)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -293,7 +295,7 @@ def _open_shards(shards: Iterable[dict], handler: SkipCounter) -> Iterator[dict]
 
 
 def shard_samples(url: str, handler: SkipCounter) -> Iterator[dict]:
-    """Raw samples {__key__, __url__, png, json, txt} of one shard, in file order.
+    """Raw samples {__key__, __url__, <extension>: bytes, ...} of one shard, in file order.
 
     Stages: open (URL -> bytes), tar members, grouped by key; errors go to ``handler``.
     """
@@ -348,6 +350,8 @@ def shard_dataset(urls: str | os.PathLike | Sequence[str | os.PathLike], batch_s
     split_by_worker: the same across DataLoader workers.
     drop_last: drop the partial batch at the end of a pass (``iter`` only; ``next``
         never gives partial batches).
+    decode, collate, compatible: the sample format (``ShardStream``); the defaults are
+        this module's class-label samples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

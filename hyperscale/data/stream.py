@@ -1,5 +1,6 @@
-"""Exactly resumable batch streams: from an in-memory set, from WebDataset shards, and
-class labels only (data-free methods).
+"""Exactly resumable batch streams: from an in-memory set, from WebDataset shards (any
+sample format: class-label or caption shards), and class labels only (data-free methods;
+prompts are ``hyperscale.data.prompts.PromptStream``).
 
 Each keeps a small cursor (counters, or the state of its own RNG), so ``state_dict()``
 / ``load_state_dict()`` restore a stream that yields exactly what the uninterrupted one
@@ -115,7 +116,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``compatible(first, sample)``, raising when ``sample`` may not share a batch with the
     batch's first sample: it is then skipped and counted like a corrupt one).
 
-    For image shards it yields (images float in [-1, 1] (B, 1, H, W), labels long (B,)).
+    For class-label shards it yields (images float in [-1, 1] (B, 1, H, W), labels long
+    (B,)); for caption shards (``hyperscale.data.captions``) ``CaptionBatch`` es.
     ``iter(stream)``
     gives the rest of the current epoch (one pass over this rank's shards, or
     ``epoch_samples`` worth of batches); ``next(stream)`` gives batches forever, across
