@@ -11,6 +11,7 @@ import torch
 from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_euler, sample_tcd
 from hyperscale.models.build import load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.export import FewStep
 from hyperscale.models.families import family_of
 from hyperscale.models.generator import export_sampler
 
@@ -27,18 +28,27 @@ def our_images(den, spec, z, prompts=PROMPTS, steps: int | None = None, guidance
                eta: float = 0.3) -> torch.Tensor:
     """Images in [0, 1] from the project's sampler for an export's SamplerSpec."""
     fam = family_of(den)
+    few = _few(spec)
     cond = fam.encode_condition(den, prompts)
     model = CFGDenoiser(den, guidance) if guidance != 1.0 else den
     if spec.is_one_step_generator:
         x = one_step(model, z, cond, spec.one_step.timestep, spec.one_step.noise_input)
-    elif spec.few_step is not None and spec.few_step.name == "tcd":
-        x = sample_tcd(model, z, cond, steps or spec.few_step.num_steps, eta=eta,
-                       generator=torch.Generator().manual_seed(1))
+    elif few.name == "tcd":
+        x = sample_tcd(model, z, cond, steps or few.num_steps, eta=eta, generator=torch.Generator().manual_seed(1))
     elif den.schedule.__class__.__name__ == "RectifiedFlow":
-        x = sample_euler(model, z, cond, steps or spec.few_step.num_steps)
+        x = sample_euler(model, z, cond, steps or few.num_steps)
     else:
-        x = sample_ddim(model, z, cond, steps or spec.few_step.num_steps, spacing=spec.few_step.spacing)
+        x = sample_ddim(model, z, cond, steps or few.num_steps, spacing=few.spacing)
     return ((fam.decode(den, x) + 1) / 2).clamp(0, 1)
+
+
+def _few(spec) -> FewStep:
+    """The export's few-step sampler; a unified (multi-step) export without one samples with TCD."""
+    return spec.few_step or FewStep("tcd", 4)
+
+
+def _steps(spec) -> int:
+    return 1 if spec.is_one_step_generator else _few(spec).num_steps
 
 
 @torch.no_grad()
@@ -57,7 +67,7 @@ def check_export(export: str | Path, prompts=PROMPTS, guidance: float = 1.0, **p
     den = load_denoiser(export)
     spec = export_sampler(export)
     z = latents(den, len(prompts))
-    steps = 1 if spec.is_one_step_generator else spec.few_step.num_steps
+    steps = _steps(spec)
     ours = our_images(den, spec, z, prompts, guidance=guidance)
     theirs = diffusers_images(DiffusionPipeline.from_pretrained(str(export)), z, prompts, steps, guidance, **pipe_kwargs)
     diff = (ours - theirs).abs().max().item()
@@ -74,7 +84,7 @@ def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, **pipe_
     den = load_denoiser(export)
     spec = export_sampler(export)
     z = latents(den, len(prompts))
-    steps = 1 if spec.is_one_step_generator else spec.few_step.num_steps
+    steps = _steps(spec)
     merged = DiffusionPipeline.from_pretrained(str(export))
     want = diffusers_images(merged, z, prompts, steps, **pipe_kwargs)
     out = {}

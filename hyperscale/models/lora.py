@@ -325,7 +325,12 @@ def init_student(denoiser: nn.Module, source: str | os.PathLike, lora: bool, ran
                 else "")
         raise FileNotFoundError(f"{directory} is not a student export (no {EXPORT_META}){hint}")
     _check_same_base(denoiser, directory)
-    weights = load_file(str(directory / EXPORT_WEIGHTS))
+    if (directory / EXPORT_WEIGHTS).is_file():
+        weights = load_file(str(directory / EXPORT_WEIGHTS))
+    else:  # a pipeline-folder export (text-to-image families): its network's weights, under the denoiser's keys
+        from hyperscale.models.build import load_denoiser
+
+        weights = load_denoiser(directory).state_dict()
     if not lora:
         result = denoiser.load_state_dict(weights, strict=False)
         if result.missing_keys or result.unexpected_keys:

@@ -274,7 +274,8 @@ class TextToImageFamily(Family):
           sigma_max); "trailing" spacing starts from sigma~ z, which the pipeline feeds the network as
           sigma~ z / sqrt(1 + sigma~^2) = sigma_t z (SIM's x_t = sigma_t z), "leading" from
           sqrt(1 + sigma~^2) z, fed as z (DMD's x_t = z);
-        - a few-step sampler: TCD (pass ``eta``) or DDIM with its spacing, abar = 1 at the end;
+        - a few-step sampler: TCD (pass ``eta``) or DDIM with its spacing, abar = 1 at the end; a
+          multi-step (unified) export without one: TCD;
         - nothing declared: the teacher's scheduler."""
         from diffusers import DDIMScheduler, EulerDiscreteScheduler, TCDScheduler
 
@@ -297,6 +298,8 @@ class TextToImageFamily(Family):
                 return TCDScheduler(**keep, steps_offset=1)
             return DDIMScheduler(**keep, timestep_spacing=spec.few_step.spacing, set_alpha_to_one=True, clip_sample=False,
                                  steps_offset=1)
+        if spec.multi_step:  # Hyper-SD's unified LoRA: TCD at any step count
+            return TCDScheduler(**keep, steps_offset=1)
         return denoiser.frontend.pipe.scheduler
 
     def save(self, denoiser: nn.Module, directory, extra: dict) -> None:

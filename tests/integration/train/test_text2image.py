@@ -1,0 +1,58 @@
+"""Text-to-image families end to end through Ray Train with 2 workers (DeepSpeed ZeRO-2 on CPU):
+SIM, DMD and TSCD (a LoRA student) on tiny pipelines built from config, and the unified Hyper-SD
+pipeline (TSCD -> DMD into one LoRA); every export reloads with diffusers' own API and gives the
+project's images (tests/t2i_checks.py)."""
+import json
+
+import pytest
+import torch
+
+from t2i_checks import check_export, check_lora_export
+from hyperscale.config import load_config
+from hyperscale.storage.local import REPO
+
+CONFIGS = REPO / "jobs" / "configs"
+METHODS = {"sim": "sd15-sim-tiny.yaml", "dmd": "sd15-dmd-tiny.yaml", "tscd": "sd15-hypersd-tiny.yaml"}
+
+
+def _train(preset: str, out, family: str, *overrides: str) -> dict:
+    from hyperscale.train.launch import run_training
+
+    cfg = load_config(CONFIGS / preset, [f"run.output_dir={out}", f"model.family={family}",
+                                         f"model.pretrained_teacher_model=tiny:{family}", *overrides])
+    return run_training(cfg)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_method_trains_on_2_workers_and_exports_for_diffusers(ray_cluster, tmp_path, family):
+    for method, preset in METHODS.items():
+        out = tmp_path / method
+        metrics = _train(preset, out, family, "train.max_steps=2", "train.checkpoint_every=2")
+        assert metrics["step"] == 2 and torch.isfinite(torch.tensor(metrics["loss/generator"])), method
+        export = out / "export" / "ema"
+        assert json.loads((export / "hyperscale_model.json").read_text())["family"] == family
+        check_export(export)
+        if method == "tscd":  # the LoRA student: diffusers' loaders and the kohya file
+            check_lora_export(export, f"tiny:{family}")
+
+
+def test_unified_hypersd_pipeline_on_sd15(ray_cluster, tmp_path):
+    from hyperscale.pipeline.run import load_pipeline, run_pipeline
+    from hyperscale.train.launch import run_training
+
+    pipe = load_pipeline(CONFIGS / "sd15-hypersd-pipeline-tiny.yaml", [f"run.output_dir={tmp_path / 'run'}"])
+    summary = run_pipeline(pipe, run_training)
+    assert [p["name"] for p in summary["phases"]] == ["tscd", "dmd"]
+    unified = tmp_path / "run" / "unified"
+    meta = json.loads((unified / "hyperscale_model.json").read_text())["extra"]
+    assert meta["multi_step"] and meta["pipeline"]["phases"] == ["tscd", "dmd"]
+    sched = json.loads((unified / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "TCDScheduler"  # one LoRA for 1 to 8 steps, sampled with TCD
+    check_export(unified)
+    check_lora_export(unified, "tiny:sd15")
+
+
+def test_a_teacher_of_another_family_is_a_clear_error(ray_cluster, tmp_path):
+    with pytest.raises(Exception, match="is a sdxl model but the config says model.family=sd15"):
+        _train("sd15-sim-tiny.yaml", tmp_path / "run", "sd15", "model.pretrained_teacher_model=tiny:sdxl",
+               "train.max_steps=1")
