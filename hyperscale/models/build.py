@@ -47,6 +47,22 @@ def save_denoiser(model: BaseDenoiser, directory: str | os.PathLike, extra: dict
     return Path(directory)
 
 
+def set_sampler(directory: str | os.PathLike, extra: dict) -> None:
+    """Rewrite an export's sampler in place (metadata ``extra``, model card and, for a pipeline
+    folder, the scheduler that reproduces it): the Hyper-SD pipeline's unified export."""
+    directory = Path(directory)
+    meta = json.loads((directory / EXPORT_META).read_text()) | {"extra": extra}
+    if (directory / PIPELINE_INDEX).is_file():
+        family = family_named(meta["family"])
+        scheduler = family.export_scheduler(family.load(directory, meta), extra)
+        scheduler.save_pretrained(str(directory / "scheduler"))
+        index = json.loads((directory / PIPELINE_INDEX).read_text())
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]  # the class from_pretrained builds
+        (directory / PIPELINE_INDEX).write_text(json.dumps(index, indent=2))
+    (directory / EXPORT_META).write_text(json.dumps(meta, indent=1))
+    (directory / "README.md").write_text(model_card(meta, directory))
+
+
 def tiny_pipeline_dir(name: str) -> Path:
     """``tiny:<family>``: the family's tiny random pipeline, built once into the cache (under a
     lock: Ray workers of one node may ask at the same time)."""

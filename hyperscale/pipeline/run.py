@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hyperscale.config import Config, ConfigError, format_errors, load_config, parse_override, read_mapping, to_yaml
 from hyperscale.storage.local import REPO, absolute_local, atomic_dir, atomic_file
-from hyperscale.models.build import EXPORT_META, EXPORT_WEIGHTS
+from hyperscale.models.build import EXPORT_META, EXPORT_WEIGHTS, set_sampler
 from hyperscale.models.export import SamplerSpec
 from hyperscale.models.lora import LORA_WEIGHTS, export_has_lora
 
@@ -383,8 +383,7 @@ def write_unified(pipe: Pipeline, records: list[dict]) -> dict:
         # (DMD's), which ImageGenerator and the bench use when it is there
         extra = SamplerSpec.from_extra(meta.get("extra", {})).unified().to_extra()
         extra["pipeline"] = {"name": pipe.run.name, "phases": [p.name for p in pipe.phases], "chain": pipe.chain}
-        meta["extra"] = extra
-        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
+        set_sampler(tmp, extra)  # a pipeline folder's scheduler follows (TCD)
         (tmp / PIPELINE_RECORD).write_text(json.dumps(summary, indent=1, default=float))
     return summary
 
