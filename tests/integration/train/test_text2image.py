@@ -23,24 +23,46 @@ def _train(preset: str, out, family: str, *overrides: str) -> dict:
     return run_training(cfg)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+# what diffusers' pipeline call needs beyond the defaults, per family
+PIPE_KWARGS = {"pixart": {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 16}}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart"])
 def test_every_method_trains_on_2_workers_and_exports_for_diffusers(ray_cluster, tmp_path, family):
+    kwargs = PIPE_KWARGS.get(family, {})
     for method, preset in METHODS.items():
         out = tmp_path / method
         metrics = _train(preset, out, family, "train.max_steps=2", "train.checkpoint_every=2")
         assert metrics["step"] == 2 and torch.isfinite(torch.tensor(metrics["loss/generator"])), method
         export = out / "export" / "ema"
         assert json.loads((export / "hyperscale_model.json").read_text())["family"] == family
-        check_export(export)
-        if method == "tscd":  # the LoRA student: diffusers' loaders and the kohya file
-            check_lora_export(export, f"tiny:{family}")
+        check_export(export, **kwargs)
+        if method == "tscd" and family != "pixart":  # the LoRA student: diffusers' loaders and the kohya file
+            check_lora_export(export, f"tiny:{family}", **kwargs)
+        elif method == "tscd":  # no LoRA loader for PixArt in diffusers: hyperscale's peft loader
+            _check_peft_lora(export, family)
 
 
-def test_unified_hypersd_pipeline_on_sd15(ray_cluster, tmp_path):
+def _check_peft_lora(export, family: str) -> None:
+    from hyperscale.models.build import load_denoiser
+    from hyperscale.models.lora import load_lora
+
+    merged = load_denoiser(export)
+    lora = load_lora(load_denoiser(f"tiny:{family}"), export / "lora")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    cond = merged.frontend.encode(["a photo of a bag", "a photo of a coat"])
+    with torch.no_grad():
+        assert (merged(x, t, cond) - lora(x, t, cond)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unified_hypersd_pipeline(ray_cluster, tmp_path, family):
     from hyperscale.pipeline.run import load_pipeline, run_pipeline
     from hyperscale.train.launch import run_training
 
-    pipe = load_pipeline(CONFIGS / "sd15-hypersd-pipeline-tiny.yaml", [f"run.output_dir={tmp_path / 'run'}"])
+    pipe = load_pipeline(CONFIGS / "sd15-hypersd-pipeline-tiny.yaml",
+                         [f"run.output_dir={tmp_path / 'run'}", f"model.family={family}",
+                          f"model.pretrained_teacher_model=tiny:{family}"])
     summary = run_pipeline(pipe, run_training)
     assert [p["name"] for p in summary["phases"]] == ["tscd", "dmd"]
     unified = tmp_path / "run" / "unified"
@@ -49,7 +71,7 @@ def test_unified_hypersd_pipeline_on_sd15(ray_cluster, tmp_path):
     sched = json.loads((unified / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "TCDScheduler"  # one LoRA for 1 to 8 steps, sampled with TCD
     check_export(unified)
-    check_lora_export(unified, "tiny:sd15")
+    check_lora_export(unified, f"tiny:{family}")
 
 
 def test_a_teacher_of_another_family_is_a_clear_error(ray_cluster, tmp_path):
