@@ -1,5 +1,5 @@
 """Tiny random exports shared by the generation and serving tests (``from tiny_exports import
-tiny_exports``; tests/ is on the import path through its conftest)."""
+tiny_exports, tiny_text_exports``; tests/ is on the import path through its conftest)."""
 import copy
 
 import torch
@@ -25,3 +25,28 @@ def tiny_exports(root):
                 p.normal_(0, 0.2)
     save_lora(lora, root / "lora")
     return root / "one-step", root / "multi-step"
+
+
+def tiny_text_exports(root):
+    """Exports of the tiny random sd15 pipeline (``tiny:sd15``): ``one-step`` (a SIM-like 1-step
+    generator at sigma~ = 2.5, x_t = sigma_t z), ``multi-step`` (a Hyper-SD-like unified export,
+    TCD) and ``lora-student`` (a LoRA student of it, non-zero LoRA, ``save_student``'s layout:
+    merged weights + ``lora/``). Returns a dict of their paths."""
+    from hyperscale.models.build import load_denoiser
+    from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
+    from hyperscale.models.lora import save_student
+
+    den = load_denoiser("tiny:sd15")
+    t = den.schedule.timestep_for_sigma_ve(2.5)
+    paths = {"one-step": root / "one-step", "multi-step": root / "multi-step", "lora-student": root / "lora-student"}
+    save_denoiser(den, paths["one-step"], SamplerSpec(one_step=OneStepCall(t, "sigma")).to_extra())
+    multi = SamplerSpec(few_step=FewStep("tcd", 4)).unified().to_extra()
+    save_denoiser(den, paths["multi-step"], multi)
+    torch.manual_seed(1)
+    lora = apply_lora(copy.deepcopy(den), rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_student(lora, paths["lora-student"], multi)
+    return paths
