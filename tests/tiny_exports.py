@@ -50,3 +50,24 @@ def tiny_text_exports(root):
                 p.normal_(0, 0.5)
     save_student(lora, paths["lora-student"], multi)
     return paths
+
+
+def reference_one_step(source, prompt: str, seed: int, shape=(4, 8, 8)):
+    """What our sampler gives a 1-step text export for (prompt, seed): the family's decode of
+    ``one_step`` at the export's call on the seed's noise, (1, 3, H, W) in [-1, 1]."""
+    from hyperscale.diffusion.sampling import one_step
+    from hyperscale.models.build import load_denoiser
+    from hyperscale.models.families import family_of
+    from hyperscale.models.generator import export_sampler
+
+    den = load_denoiser(source)
+    fam, call = family_of(den), export_sampler(source).one_step
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
+    with torch.no_grad():
+        x = one_step(den, z, fam.encode_condition(den, [prompt]), call.timestep, call.noise_input)
+        return fam.decode(den, x).clamp(-1, 1)
+
+
+def to_pixels(x):
+    """An image (3, H, W) in [-1, 1] -> (H, W, 3) int16 pixel levels, as the server encodes them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy().astype("int16")

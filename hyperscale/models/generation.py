@@ -21,8 +21,8 @@ Two kinds of export are served:
   (``extra.multi_step``) also names the 1-step call its DMD phase trained (``extra.generator``):
   TCD at 1 step is that call.
 
-Determinism: image ``i`` of a request (prompt-major for a list of prompts) with seed ``s`` is drawn from its own
-``torch.Generator`` seeded ``s + i`` (initial noise and every sampler draw), so the same
+Determinism: image ``i`` of a request with seed ``s`` (prompt-major for a list of prompts) is
+drawn from its own ``torch.Generator`` seeded ``s + i`` (initial noise and every sampler draw), so the same
 request gives the same images whatever it is batched with (bit for bit at an equal batch
 shape; a different batch size changes only float rounding in the kernels, ~1e-6).
 """

@@ -74,11 +74,17 @@ class SizeRule:
         d = inner(denoiser)
         with _ENCODE_LOCK:  # loads the frontend on first use
             factor = int(d.frontend.pipe.vae_scale_factor)
+        return cls.latent(shape, factor, getattr(d.net, "num_upsamplers", None))
+
+    @classmethod
+    def latent(cls, shape: tuple[int, ...], factor: int, num_upsamplers: int | None) -> "SizeRule":
+        """Latent sample ``shape`` (C, h, w) at ``factor`` pixels per latent; a UNet with
+        ``num_upsamplers`` takes latent sides that are multiples of max(8, 2 ** num_upsamplers),
+        half to twice the native side; None (not a UNet): the native size only."""
         h, w = shape[-2] * factor, shape[-1] * factor
-        ups = getattr(d.net, "num_upsamplers", None)
-        if ups is None:
+        if num_upsamplers is None:
             return cls((h, w), (h,), (w,), factor, shape[0])
-        step = max(8, 2 ** int(ups)) * factor
+        step = max(8, 2 ** int(num_upsamplers)) * factor
 
         def sides(native: int) -> tuple[int, ...]:
             lo, hi = max(step, -(-(native // 2) // step) * step), 2 * native // step * step

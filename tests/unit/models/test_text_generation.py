@@ -8,21 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from hyperscale.diffusion.sampling import one_step, sample_tcd
-from hyperscale.models.build import load_denoiser
+from hyperscale.diffusion.sampling import sample_tcd
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.families import family_of
 from hyperscale.models.families.text2image import inner
 from hyperscale.models.generation import GenerateRequest, ImageGenerator, Limits, RequestError
-from hyperscale.models.generator import export_sampler
-from tiny_exports import tiny_text_exports
+from hyperscale.models.text_generation import SizeRule
+from tiny_exports import reference_one_step, tiny_text_exports, to_pixels
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    torch.set_num_threads(1)
     return tiny_text_exports(tmp_path_factory.mktemp("t2i"))
 
 
@@ -44,21 +42,8 @@ def noise(seed: int, shape=(4, 8, 8)) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
 
 
-def reference_one_step(source, prompt: str, seed: int, shape=(4, 8, 8)) -> torch.Tensor:
-    """What our sampler gives: the family's decode of ``one_step`` at the export's call."""
-    den = load_denoiser(source)
-    fam, call = family_of(den), export_sampler(source).one_step
-    with torch.no_grad():
-        x = one_step(den, noise(seed, shape), fam.encode_condition(den, [prompt]), call.timestep, call.noise_input)
-        return fam.decode(den, x).clamp(-1, 1)
-
-
 def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
-
-
-def to_pixels(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy().astype(np.int16)
 
 
 def test_describe_says_family_prompts_sizes_and_steps(one, multi):
@@ -100,6 +85,18 @@ def test_sizes_are_the_models_and_others_are_refused_naming_them(one, paths):
     for bad, field in [({"height": 48}, "height: 48"), ({"width": 128}, "width: 128"), ({"height": 16}, "height: 16")]:
         with pytest.raises(RequestError, match=f"{field} is not a size .* one of 32, 64"):
             one.prepare(req(prompt="a coat", **bad), Limits())
+
+
+def test_size_rules_of_real_checkpoints():
+    """SD1.5 (latent 64, VAE x8, 3 upsamplers): multiples of 64 from 256 to 1024; SDXL (latent
+    128): 512 to 2048; a network that is no UNet: its native size only."""
+    sd15 = SizeRule.latent((4, 64, 64), 8, 3)
+    assert sd15.default == (512, 512) and sd15.heights == tuple(range(256, 1025, 64)) == sd15.widths
+    assert SizeRule.latent((4, 128, 128), 8, 3).heights == tuple(range(512, 2049, 64))
+    assert SizeRule.latent((4, 64, 64), 8, None).heights == (512,)
+    with pytest.raises(RequestError, match=r"height: 500 .* one of 256\.\.1024 in steps of 64"):
+        sd15.sample_shape(req(prompt="a coat", height=500), "sd")
+    assert sd15.sample_shape(req(prompt="a coat", height=768, width=512), "sd") == (4, 96, 64)
 
 
 BAD = [
