@@ -3,7 +3,8 @@
     serve run hyperscale.serve.app:build_app generator=assets/sim-generator
     serve deploy jobs/configs/serve.yaml          # or: python jobs/serve.py
 
-Routes: ``POST /v1/generate`` (JSON in; base64 JSON or raw PNG/JPEG out), ``GET /v1/models``,
+Routes: ``POST /v1/generate`` (JSON in; base64 JSON or raw PNG/JPEG out; a class or prompts, as the
+model takes: ``hyperscale.models.generation``), ``GET /v1/models``,
 ``GET /healthz`` (process up), ``GET /readyz`` (model loaded and answering), ``GET /`` (a
 page to try it), ``/docs`` (OpenAPI). The generator deployment batches requests dynamically
 (``serve.batch``; the batch size counts images) and multiplexes named adapters
@@ -135,7 +136,8 @@ class GeneratorDeployment:
             raise HTTPProblem(404, f"adapter: '{adapter}' is not a loadable export") from None
 
     async def generate(self, body: dict) -> dict:
-        """A validated request body -> {"status": 200, "images": [bytes], "seed", "model", ...} or an error."""
+        """A validated request body -> {"status": 200, "images": [bytes], "format", "seed", "model", and
+        the class ("class", "class_name") or the prompts ("prompts", "height", "width")} or an error."""
         try:
             req = GenerateRequest.model_validate(body)
             model = await self._model(req.adapter)
@@ -156,8 +158,8 @@ class GeneratorDeployment:
         else:
             images = await asyncio.to_thread(self._run, [(model, job)])
             images = images[0]
-        return {"status": 200, "images": images, "seed": job.seed, "model": model.name, "class": job.label,
-                "class_name": model.class_names[job.label], "format": req.format}
+        return {"status": 200, "images": images, "format": req.format, "seed": job.seed, "model": model.name,
+                **model.result_fields(job)}
 
     @staticmethod
     def _run(items: list[tuple[ImageGenerator, Job]]) -> list[list[bytes]]:
@@ -173,7 +175,7 @@ class GeneratorDeployment:
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005,
-                 batch_size_fn=lambda items: sum(job.req.num_images for _, job in items))
+                 batch_size_fn=lambda items: sum(job.count for _, job in items))
     async def _generate_batched(self, items: list[tuple[ImageGenerator, Job]]) -> list[list[bytes]]:
         # the network runs off the event loop, so the next batch forms while this one computes
         return await asyncio.to_thread(self._run, items)
@@ -181,7 +183,8 @@ class GeneratorDeployment:
 
 api = FastAPI(title="hyperscale", version="0.1.0",
               description="1-step and few-step image generation with distilled diffusion models "
-                          "(SIM, Hyper-SD). POST /v1/generate; see the schema below.")
+                          "(SIM, Hyper-SD), class-conditional or text-to-image. POST /v1/generate; GET "
+                          "/v1/models says what the model takes (classes or prompts) and its sizes.")
 
 
 @api.exception_handler(RequestValidationError)
@@ -274,12 +277,13 @@ class Ingress:
         out = await handle.generate.remote(body.model_dump(by_alias=True, exclude_unset=True))
         if out["status"] != 200:
             return _error(out["status"], out["error"])
-        headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"], "X-Class": out["class_name"]}
+        headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"]}
+        if "class_name" in out:  # prompts may not fit a header (latin-1): the JSON body has them
+            headers["X-Class"] = out["class_name"]
         if body.response == "image":
             return Response(out["images"][0], media_type=MEDIA[out["format"]], headers=headers)
-        return JSONResponse({"images": [to_base64(b) for b in out["images"]], "format": out["format"],
-                             "seed": out["seed"], "model": out["model"], "class": out["class"],
-                             "class_name": out["class_name"]}, headers=headers)
+        fields = {k: v for k, v in out.items() if k not in ("status", "images")}
+        return JSONResponse({"images": [to_base64(b) for b in out["images"]], **fields}, headers=headers)
 
 
 def build_app(args: dict | None = None):

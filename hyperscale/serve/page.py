@@ -1,4 +1,5 @@
-"""The page at ``/``: pick a class or type a prompt, see the images (no external assets)."""
+"""The page at ``/``: pick a class or type a prompt (a text-to-image model: any prompt), see the
+images (no external assets)."""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hyperscale</title>
@@ -10,9 +11,9 @@ PAGE = """<!doctype html>
  #status{color:#555;min-height:1.4em} .err{color:#b00020}
 </style></head><body>
 <h1>hyperscale</h1>
-<p>Images from the distilled generator this server hosts. Pick a class or type a prompt that names one.</p>
+<p id="intro">Images from the distilled generator this server hosts. Pick a class or type a prompt that names one.</p>
 <form id="form">
- <label>class <select id="class"><option value="">(from prompt)</option></select></label>
+ <label id="class-label">class <select id="class"><option value="">(from prompt)</option></select></label>
  <label>prompt <input id="prompt" placeholder="a photo of a sneaker" maxlength="256"></label><br>
  <label>images <input id="num" type="number" min="1" max="16" value="4" style="width:4rem"></label>
  <label>seed <input id="seed" type="number" min="0" placeholder="random" style="width:7rem"></label>
@@ -37,6 +38,11 @@ async function loadClasses() {
       const o = document.createElement("option"); o.value = i; o.textContent = name; $("class").appendChild(o);
     });
     if (m.default.kind === "one-step") $("steps").disabled = true;
+    if (m.default.takes === "prompts") {  // a text-to-image model: free prompts, no class list
+      $("class-label").style.display = "none";
+      $("prompt").placeholder = "a photo of a red bag";
+      $("intro").textContent = "Images from the distilled text-to-image generator this server hosts. Type a prompt.";
+    }
   } catch (e) {}
 }
 $("form").addEventListener("submit", async ev => {
@@ -54,9 +60,9 @@ $("form").addEventListener("submit", async ev => {
   $("images").innerHTML = "";
   out.images.forEach(b64 => {
     const img = document.createElement("img"); img.src = "data:image/" + out.format + ";base64," + b64;
-    img.alt = out.class_name; img.className = "generated"; $("images").appendChild(img);
+    img.alt = out.class_name || out.prompts[0]; img.className = "generated"; $("images").appendChild(img);
   });
-  $("status").textContent = out.images.length + " x " + out.class_name + ", seed " + out.seed + ", " +
+  $("status").textContent = out.images.length + " x " + (out.class_name || out.prompts[0]) + ", seed " + out.seed + ", " +
     Math.round(performance.now() - t0) + " ms";
 });
 if (!$("token").value) loadClasses();

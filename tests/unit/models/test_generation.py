@@ -160,3 +160,17 @@ def test_sampler_spec_reads_and_writes_the_shipped_export_keys():
     assert not unified.is_one_step_generator and unified.to_extra()["multi_step"] is True
     assert unified.one_step_at(1, "tcd") == OneStepCall(999) and unified.one_step_at(1, "ddim") is None
     assert unified.one_step_at(2, "tcd") is None and tscd.one_step_at(1, "tcd") is None
+
+
+def test_class_models_describe_themselves_and_refuse_text_only_fields(exports):
+    """The model-info record says what a class model takes; height / width are its one size;
+    prompt lists and negative prompts are for text-to-image models."""
+    gen, lim = ImageGenerator.load(exports[0]), Limits()
+    d = gen.describe()
+    assert d["family"] == "class_unet" and d["takes"] == "classes" and d["default_steps"] == 1
+    assert d["sizes"] == {"default": [28, 28], "heights": [28], "widths": [28]}
+    assert gen.prepare(req(**{"class": 1, "height": 28, "width": 28}), lim).settings[0] == (1, 28, 28)
+    for bad, match in [({"height": 32}, "height: 32 is not a size"), ({"prompt": ["a bag"]}, "list of prompts"),
+                       ({"negative_prompt": "a bag"}, "negative_prompt")]:
+        with pytest.raises(RequestError, match=match):
+            gen.prepare(req(**{"class": 1, **bad}), lim)
