@@ -82,3 +82,23 @@ def test_bad_sources_get_clear_errors(tmp_path, monkeypatch):
         family_named("sd15").load(resolve_source("tiny:sdxl"), None)
     with pytest.raises(ValueError, match="unknown model family 'nope'"):
         resolve_source("tiny:nope")
+
+
+def test_sdxl_at_another_size_conditions_on_that_size():
+    """SDXL's size time ids follow the latent size (as the pipeline's height/width do)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from hyperscale.diffusion.sampling import sample_ddim
+
+    den = load_denoiser("tiny:sdxl")
+    fam = family_of(den)
+    pipe = DiffusionPipeline.from_pretrained(str(resolve_source("tiny:sdxl")))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(0))
+    ref = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, latents=z.clone(), height=64, width=48,
+               output_type="pt").images
+    with torch.no_grad():
+        x = sample_ddim(den, z, fam.encode_condition(den, PROMPTS[:1]), 2, spacing="trailing")
+        ours = ((fam.decode(den, x) + 1) / 2).clamp(0, 1)
+    assert (ref - ours).abs().max() < 1e-5

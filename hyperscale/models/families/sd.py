@@ -71,7 +71,14 @@ class SDXL(UNetFeatures, TextToImageFamily):
         return Cond(embeds=negative, pooled=negative_pooled, extra={"time_ids": self._time_ids(pipe, 1).to(negative.device)})
 
     def call(self, net: nn.Module, x_t: Tensor, model_t: Tensor, cond: Cond) -> Tensor:
-        added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
+        ids = cond.extra["time_ids"]
+        native = float(net.config.sample_size)
+        if x_t.shape[-1] != native or x_t.shape[-2] != native:  # another size than the prompt cache's native one
+            factor = ids[:, 4:5] / native  # pixels per latent
+            h, w = x_t.shape[-2] * factor, x_t.shape[-1] * factor
+            default = (ids[:, 0:1] == ids[:, 4:5]) & (ids[:, 2:3] == 0)  # size ids we made, not a shard's own
+            ids = torch.where(default, torch.cat([h, w, torch.zeros_like(h), torch.zeros_like(h), h, w], 1), ids)
+        added = {"text_embeds": cond.pooled, "time_ids": ids}
         return net(x_t, model_t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
 
     def tiny_pipeline(self):
