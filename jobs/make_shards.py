@@ -1,7 +1,7 @@
 """Write Fashion-MNIST as training data: class-label shards, caption shards or a prompt file.
 
     python jobs/make_shards.py --split train --out DIR [--maxcount N] [--root IDX_DIR]
-    python jobs/make_shards.py --kind captions --out DIR [--channels 1|3] [--split ...]
+    python jobs/make_shards.py --kind captions --out DIR [--channels 1|3] [--split ...] [--precompute PIPELINE]
     python jobs/make_shards.py --kind prompts --out DIR [--format txt|jsonl|parquet]
                                [--all-templates | --template "a sketch of a {c}" ...]
 
@@ -9,7 +9,9 @@ labels (the default): WebDataset shards with each image's class label (``shard_d
 captions: LAION-style caption shards (``caption_shard_dataset``): the images padded with
 black to 32x32, grayscale or RGB, captioned "a photo of a {class name}".
 Both print the shards' brace pattern (e.g. ``DIR/train-{000000..000059}.tar``), which is
-what the data config's shard URL takes.
+what the data config's shard URL takes. ``--precompute PIPELINE`` (a pipeline folder, hub id,
+``s3://`` or ``tiny:<family>``) also stores each sample's VAE latents and text embeddings, which
+the trainer then uses instead of running the VAE and text encoders.
 prompts: the class prompts for data-free text-to-image methods (``prompt_stream``) in
 ``DIR/prompts.{format}``, one per class and template; prints the file's path. It needs no
 dataset.
@@ -22,19 +24,24 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperscale.data.captions import write_caption_shards  # noqa: E402
-from hyperscale.data.fashion_mnist import (PROMPT_TEMPLATES, caption_samples,  # noqa: E402
+from hyperscale.data.fashion_mnist import (PROMPT_TEMPLATES, ImageSet, caption_samples,  # noqa: E402
                                            class_prompts, load_fashion_mnist)
 from hyperscale.data.prompts import write_prompts  # noqa: E402
 from hyperscale.data.shards import shard_pattern, write_shards  # noqa: E402
 
 
 def make_captions(args: argparse.Namespace, encode: Callable | None = None) -> list[Path]:
-    """Caption shards of the split. HOOK for precomputed latents / text embeddings:
-    ``encode(images, captions) -> (latents, text_dict)`` per batch (see
-    ``hyperscale.data.captions.precompute``); a ``--precompute PIPELINE`` flag that builds
-    it from the model layer is to be wired here by that layer's owner (hyperscale/data
-    must not import hyperscale.models)."""
+    """Caption shards of the split, with precomputed latents / text embeddings when ``encode``
+    (``encode(images, captions) -> (latents, text_dict)`` per batch, see
+    ``hyperscale.data.captions.precompute``) or ``--precompute PIPELINE`` is given."""
+    if encode is None and getattr(args, "precompute", None):
+        from hyperscale.models.build import load_denoiser
+        from hyperscale.models.families.text2image import shard_encoder
+
+        encode = shard_encoder(load_denoiser(args.precompute))
     images = load_fashion_mnist(args.split, root=args.root)
+    if args.limit:
+        images = ImageSet(images.images[:args.limit], images.labels[:args.limit])
     return write_caption_shards(caption_samples(images, channels=args.channels), args.out,
                                 prefix=args.split, maxcount=args.maxcount, encode=encode)
 
@@ -51,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
                     "(default: HYPERSCALE_FMNIST_ROOT or /usr/share/datasets/fashion-mnist)")
     ap.add_argument("--channels", type=int, choices=(1, 3), default=3,
                     help="captions: grayscale (1) or RGB (3) images")
+    ap.add_argument("--limit", type=int, default=0, help="captions: only the split's first N images (0: all)")
+    ap.add_argument("--precompute", default=None, metavar="PIPELINE",
+                    help="captions: also store VAE latents and text embeddings from this text-to-image "
+                    "pipeline (folder, hub id, s3:// or tiny:<family>)")
     ap.add_argument("--format", choices=("txt", "jsonl", "parquet"), default="txt",
                     help="prompts: the file format")
     templates = ap.add_mutually_exclusive_group()

@@ -355,6 +355,26 @@ class TextToImageFamily(Family):
         return inner(denoiser).net
 
 
+def shard_encoder(denoiser: nn.Module, batch_size: int = 64):
+    """``encode(images, captions) -> (latents, text)`` for caption shards with precomputed fields
+    (hyperscale/data/captions.py ``precompute``): VAE latents of the uint8 images (H, W[, 3]) at their
+    stored size, and the text conditions by field name (embeds, pooled, mask, SDXL's time_ids)."""
+    import numpy as np
+
+    d = inner(denoiser)
+
+    @torch.no_grad()
+    def encode(images, captions):
+        arr = np.stack([im if im.ndim == 3 else np.repeat(im[..., None], 3, 2) for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = d.frontend.encode_images(x).cpu().numpy().astype(np.float32)
+        cond = d.frontend.encode(captions)
+        text = {name.removeprefix("extra."): v.cpu().numpy() for name, v in cond._items()}
+        return latents, text
+
+    return encode
+
+
 class UNetFeatures:
     """Adversarial-head taps of a UNet2DConditionModel: every down block's output, then the mid block's."""
 

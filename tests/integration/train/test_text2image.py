@@ -78,3 +78,30 @@ def test_a_teacher_of_another_family_is_a_clear_error(ray_cluster, tmp_path):
     with pytest.raises(Exception, match="is a sdxl model but the config says model.family=sd15"):
         _train("sd15-sim-tiny.yaml", tmp_path / "run", "sd15", "model.pretrained_teacher_model=tiny:sdxl",
                "train.max_steps=1")
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_tscd_trains_on_caption_shards(tmp_path, precompute):
+    """Caption shards written by jobs/make_shards.py (with the tiny SD1.5's latents and text
+    embeddings stored when ``precompute``) feed TSCD; one worker in process."""
+    import subprocess
+    import sys
+
+    from hyperscale.data.captions import caption_shard_dataset
+
+    cmd = [sys.executable, str(REPO / "jobs/make_shards.py"), "--kind", "captions", "--out", str(tmp_path / "shards"),
+           "--maxcount", "12", "--limit", "24"] + (["--precompute", "tiny:sd15"] if precompute else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pattern = p.stdout.strip().splitlines()[-1]
+    batch = next(iter(caption_shard_dataset(pattern, 4, resolution=32, shuffle_buffer=0)))
+    assert (batch.latents is not None) == precompute and (batch.text is not None) == precompute
+    if precompute:
+        assert batch.latents.shape == (4, 4, 8, 8) and batch.text["embeds"].shape[0] == 4
+    cfg = load_config(CONFIGS / "sd15-hypersd-tiny.yaml",
+                      [f"run.output_dir={tmp_path / 'run'}", f"data.train_shards_path_or_url={pattern}",
+                       "train.num_workers=1", "train.engine=torch", "train.max_steps=2", "train.checkpoint_every=2"])
+    from hyperscale.train.launch import run_in_process
+
+    metrics = run_in_process(cfg)
+    assert metrics["step"] == 2 and torch.isfinite(torch.tensor(metrics["loss/generator"]))
