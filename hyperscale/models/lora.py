@@ -133,7 +133,7 @@ class LoraDenoiser(nn.Module):
         """peft-format LoRA weights keyed by UNet module path (``...to_q.lora_A.weight``)."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach() for k, v in get_peft_model_state_dict(self.inner.unet).items()}
+        return {k: v.detach() for k, v in get_peft_model_state_dict(_unet_of(self.inner)).items()}
 
 
 def make_lora_config(rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None,
