@@ -59,3 +59,12 @@ def test_distillation_losses_are_finite_and_train(method, overrides):
 @pytest.mark.parametrize("method,overrides", [METHODS[0], METHODS[1], METHODS[3]], ids=["sim", "dmd", "tscd"])
 def test_method_exports_sample_as_the_method_does(method, overrides, tmp_path):
     assert check_method_export("sd3", method, overrides, tmp_path, CALL) < ATOL
+
+
+def test_no_kohya_file_for_sd3(tmp_path):
+    """diffusers reads no kohya file for SD3 (a lora_unet_ file loads as nothing), so none is written."""
+    from flow_family_checks import lora_student
+    from hyperscale.models.lora import KOHYA_WEIGHTS, LORA_WEIGHTS, save_lora
+
+    save_lora(lora_student("sd3", ["to_q"]), tmp_path, kohya=True)
+    assert (tmp_path / LORA_WEIGHTS).is_file() and not (tmp_path / KOHYA_WEIGHTS).exists()

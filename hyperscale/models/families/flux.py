@@ -79,6 +79,12 @@ class Flux(FlowFamily, TextToImageFamily):
                   return_dict=False)[0]
         return pipe._unpack_latents(out, H, W, 1)  # scale factor 1: H, W are latent sides already
 
+    def kohya_state_dict(self, denoiser: nn.Module, state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+        """BFL module names, which kohya's sd-scripts, ComfyUI and diffusers' FLUX reader use (flux_kohya.py)."""
+        from hyperscale.models.families.flux_kohya import bfl_state_dict
+
+        return bfl_state_dict(self.backbone(denoiser), state, alpha)
+
     def feature_channels(self, denoiser: nn.Module) -> list[int]:
         raise NotImplementedError(f"family {self.name} has no adversarial feature taps yet (method.adversarial=false)")
 

@@ -40,6 +40,11 @@ class SD3(FlowFamily, TextToImageFamily):
         return net(hidden_states=x_t, timestep=model_t, encoder_hidden_states=cond.embeds,
                    pooled_projections=cond.pooled, return_dict=False)[0]
 
+    def kohya_state_dict(self, denoiser: nn.Module, state: dict, alpha: float) -> None:
+        """None: diffusers 0.42 reads no kohya file for SD3 (SD3LoraLoaderMixin loads diffusers/peft keys only;
+        a ``lora_unet_`` file loads silently as nothing), so none is written."""
+        return None
+
     def feature_channels(self, denoiser: nn.Module) -> list[int]:
         raise NotImplementedError(f"family {self.name} has no adversarial feature taps yet (method.adversarial=false)")
 
