@@ -124,7 +124,8 @@ def method_roles(name: str, method_name: str, overrides: dict):
     cond = family_of(gen).encode_condition(gen, PROMPTS)
     x0 = None
     if method.batch == "data":  # TSCD trains on data latents: encoded images
-        x0 = family_of(gen).encode_images(gen, torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1)
+        pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+        x0 = family_of(gen).encode_images(gen, pixels)
     return method, built.trainable, built.frozen, Batch(cond=cond, x0=x0)
 
 

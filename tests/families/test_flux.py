@@ -11,6 +11,7 @@ from flow_family_checks import (ATOL, PROMPTS, check_exports_reproduce_our_sampl
                                 check_lora_files_load_in_diffusers, check_losses_train, check_method_export,
                                 lora_student, noise, pipeline, pipeline_images, teacher)
 from hyperscale.models.build import tiny_pipeline_dir
+from hyperscale.models.cond import Cond
 from hyperscale.models.families import family_of
 
 
@@ -47,10 +48,9 @@ def test_prompt_conditions_and_the_null_condition():
 def test_guidance_is_an_input_of_the_distilled_transformer():
     den = teacher("flux")
     cond, z, t = family_of(den).encode_condition(den, PROMPTS), noise(den), torch.tensor([0.6, 0.6])
+    at = lambda g: Cond(embeds=cond.embeds, pooled=cond.pooled, extra={"guidance": torch.full((2,), g)})  # noqa: E731
     with torch.no_grad():
-        default = den(z, t, cond)
-        same = den(z, t, cond.__class__(embeds=cond.embeds, pooled=cond.pooled, extra={"guidance": torch.full((2,), 3.5)}))
-        other = den(z, t, cond.__class__(embeds=cond.embeds, pooled=cond.pooled, extra={"guidance": torch.full((2,), 1.0)}))
+        default, same, other = den(z, t, cond), den(z, t, at(3.5)), den(z, t, at(1.0))
     assert torch.equal(default, same) and (default - other).abs().max() > 1e-4
 
 
@@ -80,7 +80,8 @@ def test_method_exports_sample_as_the_method_does(method, overrides, tmp_path):
 # "transformer." prefix, so load_lora_weights drops them: the images are checked on block layers,
 # the conversion on every layer.
 BLOCK_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "to_out.0", "add_k_proj",
-                 "to_add_out", "ff.net.0.proj", "ff_context.net.2", "norm1.linear", "single_transformer_blocks.0.proj_out"]
+                 "to_add_out", "ff.net.0.proj", "ff_context.net.2", "norm1.linear",
+                 "single_transformer_blocks.0.proj_out"]
 OUTER_TARGETS = ["x_embedder", "context_embedder", "proj_out", "norm_out.linear"]
 
 
@@ -151,5 +152,5 @@ def test_kohya_fused_single_block_layer_gives_the_same_update():
     torch.testing.assert_close(fused, torch.cat(parts + [torch.zeros(mlp.out_features, mlp.in_features)]),
                                rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="no BFL kohya name"):
-        bfl_state_dict(net, {"pos_embed.lora_A.weight": torch.zeros(1, 1), "pos_embed.lora_B.weight": torch.zeros(1, 1)},
-                       1.0)
+        bfl_state_dict(net, {"pos_embed.lora_A.weight": torch.zeros(1, 1),
+                             "pos_embed.lora_B.weight": torch.zeros(1, 1)}, 1.0)

@@ -96,8 +96,8 @@ class Flux(FlowFamily, TextToImageFamily):
         net = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                      pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
         vae = tiny.vae(quant_convs=False, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE factors
         return FluxPipeline(transformer=net.eval(), scheduler=scheduler, vae=vae,
                             text_encoder=tiny.clip_text_encoder(seed=1), tokenizer=tiny.clip_tokenizer(),

@@ -199,7 +199,7 @@ def test_flow_segment_tops_are_the_euler_samplers_times(k, spacing):
     segs = seg.segments_of(sched, k, "trailing", "grid", 50)
     t = torch.tensor(times, dtype=torch.float64)
     assert torch.equal(segs.top(t), t)  # a sampler time is its segment's top ...
-    assert torch.equal(segs.lower_edge(t), torch.tensor(times[1:] + [0.0], dtype=torch.float64))  # ... the next its edge
+    assert torch.equal(segs.lower_edge(t), torch.tensor(times[1:] + [0.0], dtype=torch.float64))  # the next: its edge
 
 
 def test_flow_segments_keep_teacher_steps_and_targets_inside():
