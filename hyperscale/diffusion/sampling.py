@@ -156,7 +156,13 @@ def clipped_pair(x_t: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Ten
     """(x0, eps) for a DDIM step, as DDIMScheduler.step: x0 from eps, clamped to [-1, 1] with
     ``clip_x0``; ``use_clipped_model_output`` re-derives eps from the clamped x0 (diffusers'
     flag of that name; guided-diffusion's DDIM always does), so the pair stays consistent."""
-    x0 = predict_x0(x_t, eps, alpha_t, sigma_t)
+    return clip_pair(x_t, predict_x0(x_t, eps, alpha_t, sigma_t), eps, alpha_t, sigma_t, clip_x0,
+                     use_clipped_model_output)
+
+
+def clip_pair(x_t: Tensor, x0: Tensor, eps: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float,
+              clip_x0: bool = False, use_clipped_model_output: bool = False) -> tuple[Tensor, Tensor]:
+    """``clipped_pair`` on an (x0, eps) pair already predicted (``predict_pair``)."""
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         if use_clipped_model_output:
@@ -210,10 +216,13 @@ def _eps(denoiser, x: Tensor, t, cond) -> Tensor:
 
 def predict_pair(denoiser, x: Tensor, t, cond) -> tuple[Tensor, Tensor]:
     """(x0, eps) of the denoiser at (x, t) from one call in its native parameterisation, so a
-    flow model at sigma = 1 (alpha = 0) never divides by alpha."""
-    native = denoiser.prediction_type
+    flow model at sigma = 1 (alpha = 0) never divides by alpha. t: one time for the batch, or
+    per-sample times (B,). For an eps-native denoiser this is exactly eps and DDIM's x0 (a
+    denoiser that declares no ``prediction_type`` is asked for eps)."""
+    native = getattr(denoiser, "prediction_type", Prediction.eps)
     a, s = denoiser.schedule.alpha_sigma(t)
-    pred = denoiser(x, _times(t, x), cond, out=native)
+    tb = t if isinstance(t, Tensor) and t.ndim == 1 else _times(t, x)
+    pred = denoiser(x, tb, cond, out=native)
     eps, x0 = to_eps_x0(pred, x, bcast(a, x), bcast(s, x), native)
     return (predict_x0(x, eps, a, s) if x0 is None else x0), eps
 
@@ -235,7 +244,8 @@ def ddim_walk(denoiser, x: Tensor, cond, moves: Sequence[tuple], eta: float = 0.
     sched = denoiser.schedule
     for i, (t, s) in enumerate(moves):
         at, to = _alpha_sigma(sched, t), _alpha_sigma(sched, s, final_alpha_cumprod)
-        x0, eps = clipped_pair(x, _eps(denoiser, x, t, cond), *at, clip_x0, use_clipped_model_output)
+        # the native pair: also defined where alpha = 0 (a flow model at t = 1)
+        x0, eps = clip_pair(x, *predict_pair(denoiser, x, t, cond), *at, clip_x0, use_clipped_model_output)
         if eta > 0:
             x = affine_jump(x0, eps, *to, ddim_sigma(*at, *to, eta), _randn(x, generator))
         else:
@@ -323,11 +333,15 @@ def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
 
 
 def flow_times(num_steps: int, schedule) -> list[float]:
-    """Descending times of an n-step Euler sampler on a rectified-flow schedule, as
-    FlowMatchEulerDiscreteScheduler.set_timesteps(n) (static shift): unshifted times evenly
-    spaced from 1 to the shifted sigma of the first grid step (diffusers shifts that end twice)."""
+    """Descending times of an n-step Euler sampler on a rectified-flow schedule, by its
+    ``spacing``: "linspace" as FlowMatchEulerDiscreteScheduler.set_timesteps(n) (static shift):
+    unshifted times evenly spaced from 1 to the shifted sigma of the first grid step (diffusers
+    shifts that end twice), SD3's pipeline; "trailing": 1, (n-1)/n, ..., 1/n, the sigmas FLUX's
+    pipeline passes (then shifted like every time)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if getattr(schedule, "spacing", "linspace") == "trailing":
+        return np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
     sigma_min = float(schedule.alpha_sigma(0)[1])
     return np.linspace(1.0, sigma_min, num_steps).tolist()
 

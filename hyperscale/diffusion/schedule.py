@@ -186,12 +186,21 @@ class DiscreteVP(Schedule):
 
 class RectifiedFlow(Schedule):
     """x_t = (1 - sigma) x_0 + sigma eps with sigma = shift t / (1 + (shift - 1) t) (SD3's
-    time shift; shift 1 is the plain linear path). The network's timestep is 1000 sigma."""
+    time shift; shift 1 is the plain linear path). The network's timestep is 1000 sigma.
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+    ``spacing``: the times of the family's n-step Euler sampler (``sampling.flow_times``), as its
+    pipeline calls FlowMatchEulerDiscreteScheduler: "linspace" (SD3: the scheduler's own grid,
+    unshifted times from 1 to its smallest training sigma) or "trailing" (FLUX: the pipeline
+    passes sigmas 1, (n-1)/n, ..., 1/n)."""
+
+    SPACINGS = ("linspace", "trailing")
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, spacing: str = "linspace"):
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
-        self.shift, self._T = float(shift), int(num_train_timesteps)
+        if spacing not in self.SPACINGS:
+            raise ValueError(f"rectified-flow spacing must be one of {self.SPACINGS}, got {spacing!r}")
+        self.shift, self._T, self.spacing = float(shift), int(num_train_timesteps), spacing
 
     @property
     def num_train_timesteps(self) -> int:

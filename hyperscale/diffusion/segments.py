@@ -32,7 +32,15 @@ edge (``edge``, PCM / Hyper-SD's figure) or uniform on the integers in [e, t_{n-
 (``random``, the CTM-style soft target of §2.2 [P]). At t_end == t the move is the identity
 (the boundary condition f(x, t, t) = x), which ``move`` returns exactly.
 
-Shapes: t and friends are (B,) long tensors; x is (B, ...).
+Rectified flow (SD3, FLUX). The same segments over continuous time (``flow_segment_edges``):
+the segment tops are the times of the student's k-step Euler sampler on the schedule's own grid
+(``sampling.flow_times``; 1, (k-1)/k, ..., 1/k for FLUX's trailing grid), the bottom edge is
+t = 0 (clean data), and the teacher's step is its Euler step, the move of its (x0, eps) pair
+(``move_pair``; a DDIM jump is the same move written with eps). Times are float64 tensors; the
+skipping-step grid is the integer one at t = (i + 1) / T, the teacher steps s / T. Only the
+``trailing`` edge rule exists there.
+
+Shapes: t and friends are (B,) long tensors (float64 times on flow); x is (B, ...).
 """
 from __future__ import annotations
 
@@ -41,9 +49,11 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from hyperscale.diffusion.sampling import ddim_jump
+from dataclasses import dataclass
+
+from hyperscale.diffusion.sampling import affine_jump, flow_times, predict_x0
 from hyperscale.diffusion.sampling import renoise as forward_kernel
-from hyperscale.diffusion.schedule import Schedule
+from hyperscale.diffusion.schedule import RectifiedFlow, Schedule
 
 
 class EdgeRule(str, Enum):
@@ -87,10 +97,14 @@ def segment_index(t: Tensor, k: int, num_train_timesteps: int = 1000,
         raise ValueError(f"timesteps must lie in [0, {T})")
     edges = segment_edges(k, T, rule).to(t.device)
     if EdgeRule(rule) is EdgeRule.trailing:
-        # segment j = (e_j, e_{j+1}]: the number of tops e_1..e_k strictly below t
-        return torch.searchsorted(edges[1:], t, right=False)
+        return _trailing_index(edges, t)
     # segment j = [e_j, e_{j+1}): the number of lower edges e_1..e_{k-1} at or below t
     return torch.searchsorted(edges[1:-1], t, right=True)
+
+
+def _trailing_index(edges: Tensor, t: Tensor) -> Tensor:
+    """Segment j = (e_j, e_{j+1}] of each t: the number of tops e_1..e_k strictly below t."""
+    return torch.searchsorted(edges[1:], t, right=False)
 
 
 def segment_lower_edge(t: Tensor, k: int, num_train_timesteps: int = 1000,
@@ -141,21 +155,85 @@ def teacher_prev(t: Tensor, skip: int, lower_edge: Tensor) -> Tensor:
 
 def target_time(t_prev: Tensor, lower_edge: Tensor, rule: TargetRule | str = "edge",
                 generator: torch.Generator | None = None) -> Tensor:
-    """t_end per sample: the lower edge, or uniform on the integers of [e, t_{n-1}]."""
+    """t_end per sample: the lower edge, or uniform on the integers of [e, t_{n-1}] (on
+    [e, t_{n-1}] for continuous times)."""
     if TargetRule(rule) is TargetRule.edge:
         return lower_edge.clone()
-    span = (t_prev - lower_edge + 1).to(torch.float64)
+    continuous = t_prev.is_floating_point()
+    span = (t_prev - lower_edge + (0 if continuous else 1)).to(torch.float64)
     u = torch.rand(t_prev.shape, generator=generator, dtype=torch.float64,
                    device=t_prev.device if generator is None else generator.device).to(t_prev.device)
+    if continuous:
+        return lower_edge + u * span
     return lower_edge + torch.clamp((u * span).floor().long(), max=(t_prev - lower_edge))
+
+
+# ---------------------------------------------------------------- one schedule's segments
+
+def flow_segment_edges(k: int, schedule: RectifiedFlow) -> Tensor:
+    """The k + 1 edges (ascending, float64 times) of k segments on a flow schedule: 0, then the
+    k-step Euler sampler's times from the lowest to t = 1 (module docstring)."""
+    _check(k, schedule.num_train_timesteps)
+    return torch.tensor([0.0] + flow_times(k, schedule)[::-1], dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The k segments of one schedule's time axis (``segments_of``): where TSCD draws t_n, how far
+    the teacher steps and each time's segment. Integer grid indices on a discrete schedule, float64
+    times on rectified flow."""
+    k: int
+    T: int
+    rule: EdgeRule
+    allowed: Tensor  # every t_n that may be drawn, ascending
+    skip: int | float  # the teacher's step
+    edges: Tensor | None = None  # flow: ``flow_segment_edges``; None: the integer rules above
+
+    def lower_edge(self, t: Tensor) -> Tensor:
+        if self.edges is None:
+            return segment_lower_edge(t, self.k, self.T, self.rule)
+        edges = self.edges.to(t.device)
+        return edges[_trailing_index(edges, t)]
+
+    def top(self, t: Tensor) -> Tensor:
+        if self.edges is None:
+            return segment_top(t, self.k, self.T, self.rule)
+        edges = self.edges.to(t.device)
+        return edges[_trailing_index(edges, t) + 1]
+
+
+def segments_of(schedule: Schedule, k: int, rule: EdgeRule | str = "trailing",
+                timesteps: TimestepRule | str = "grid", num_ddim_timesteps: int = 50) -> Segments:
+    """k segments of ``schedule``: on the DDPM grid (the functions above), or over continuous time
+    on rectified flow (``flow_segment_edges``; the same candidate grid, as times)."""
+    T, rule = schedule.num_train_timesteps, EdgeRule(rule)
+    if not isinstance(schedule, RectifiedFlow):
+        return Segments(k, T, rule, trainable_timesteps(k, T, rule, timesteps, num_ddim_timesteps),
+                        skip_size(num_ddim_timesteps, T))
+    if rule is not EdgeRule.trailing:
+        raise ValueError(f"edge rule {rule.value!r} is defined on the DDPM grid only; on rectified flow the "
+                         f"segments end at the Euler sampler's times (method.edges=trailing)")
+    edges = flow_segment_edges(k, schedule)
+    cand = schedule.time(skip_grid(num_ddim_timesteps, T) if TimestepRule(timesteps) is TimestepRule.grid
+                         else torch.arange(T, dtype=torch.long))
+    keep = cand > edges[_trailing_index(edges, cand)]
+    if not keep.any():
+        raise ValueError(f"no trainable time for k = {k} with this grid")
+    return Segments(k, T, rule, cand[keep], skip_size(num_ddim_timesteps, T) / T, edges)
 
 
 def move(schedule: Schedule, x_t: Tensor, eps: Tensor, t: Tensor, t_end: Tensor) -> Tensor:
     """DDIM jump of the point x_t (B, ...) with its eps prediction from t to t_end <= t
     (f(x_t, t, t_end), the TCD/PCM consistency function); exactly x_t where t_end == t."""
     at = tuple(v.to(x_t.device) for v in schedule.alpha_sigma(t))
+    return move_pair(schedule, x_t, predict_x0(x_t, eps, *at), eps, t, t_end)
+
+
+def move_pair(schedule: Schedule, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor, t_end: Tensor) -> Tensor:
+    """``move`` with the prediction as an (x0, eps) pair (``sampling.predict_pair``): also where
+    alpha_t = 0 (a flow model at t = 1); on a flow path it is the Euler step t -> t_end."""
     to = tuple(v.to(x_t.device) for v in schedule.alpha_sigma(t_end))
-    out = ddim_jump(x_t, eps, at, to)
+    out = affine_jump(x0, eps, *to)
     same = (t_end == t).to(x_t.device).reshape((-1,) + (1,) * (x_t.ndim - 1))
     return torch.where(same, x_t, out)
 

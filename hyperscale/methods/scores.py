@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from hyperscale.config.schema import MethodSection
-from hyperscale.diffusion.schedule import Prediction
+from hyperscale.diffusion.schedule import Prediction, RectifiedFlow
 from hyperscale.diffusion.timedist import TimeDist
 from hyperscale.methods.base import LossOut
 from hyperscale.models.cond import cond_len
@@ -32,12 +32,18 @@ def fake_score_dsm(fake_score, x0: Tensor, cond, times: TimeDist,
                    weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0) -> LossOut:
     """Denoising score matching of the online fake score on (detached) generator samples x0
     (B, ...) with the teacher's own loss: eps-MSE, t drawn from ``times`` (DMD2: uniform on the
-    grid, docs/algorithms.md §1.5 / §2.4), optional Min-SNR weighting. Per-sample (B,)."""
+    grid, docs/algorithms.md §1.5 / §2.4), optional Min-SNR weighting. Per-sample (B,).
+    On rectified flow the teacher's loss is the flow-matching MSE on v = eps - x0 (SD3, FLUX):
+    eps-MSE / alpha^2, which, unlike eps-MSE, still trains the model at t = 1."""
     sched = fake_score.schedule
+    flow = isinstance(sched, RectifiedFlow)
+    if flow and weighting == "min_snr":
+        raise ValueError("fake_weighting 'min_snr' weights an eps loss on a VP schedule; a rectified-flow "
+                         "fake score trains with the flow-matching loss: use fake_weighting=uniform")
     t = times.draw(sched, x0.shape[0], x0.device)
     eps = torch.randn_like(x0)
-    eps_hat = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.eps)
-    mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
+    pred = fake_score(sched.add_noise(x0, eps, t), t, cond, out=Prediction.flow if flow else Prediction.eps)
+    mse = (pred - (eps - x0 if flow else eps)).pow(2).flatten(1).mean(1)
     per = mse
     if weighting == "min_snr":
         # eps-loss weight min(SNR, gamma) / SNR (Min-SNR, eq. 8)

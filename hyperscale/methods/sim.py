@@ -45,7 +45,7 @@ class SimConfig(MethodSection):
     divergence: Divergence = "sg"  # "sg": L_SIM, the paper's; "full": L_SIM + d(y) (module docstring)
     variant: Literal["sim", "sid"] = "sim"  # "sid": SiD's generator loss in place of SIM's, a baseline (§1.3)
     sid_alpha: float = 1.2  # SiD's alpha for variant "sid" (SiD's shipped value)
-    init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1)
+    init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1); flow exports: .inf
     teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher only, fake score unguided; 1.0 = none (§1.7)
     teacher_clip_x0: bool = False  # clamp the teacher's x0-prediction D_phi to [-1, 1] (§1.12)
     fake_clip_x0: bool = False  # clamp the fake score's D_psi too, in y and the Stein term (§1.12)
@@ -121,9 +121,10 @@ class Sim(Method):
         return self.generate(generator, z, cond)
 
     def sampler(self, generator) -> SamplerSpec:
-        """How the exported weights sample: one call at the grid step nearest sigma~_init, x_t = sigma_t z."""
+        """How the exported weights sample: one call at the grid step nearest sigma~_init (a
+        continuous time on rectified flow: 1.0 for init_sigma .inf, x_t = z), x_t = sigma_t z."""
         t = generator.schedule.timestep_for_sigma_ve(self.config.init_sigma)
-        return SamplerSpec(one_step=OneStepCall(int(t), NoiseInput.sigma))
+        return SamplerSpec(one_step=OneStepCall(t, NoiseInput.sigma))
 
     def _samples(self, generator, cond: Tensor) -> Tensor:
         return self.generate(generator, generator_noise(generator, cond), cond)

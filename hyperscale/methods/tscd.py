@@ -35,8 +35,8 @@ from torch import Tensor
 
 from hyperscale.config.schema import Section
 from hyperscale.diffusion import segments as seg
-from hyperscale.diffusion.sampling import NoiseInput, sample_ddim
-from hyperscale.diffusion.schedule import Prediction
+from hyperscale.diffusion.sampling import NoiseInput, predict_pair, sample_ddim, sample_euler
+from hyperscale.diffusion.schedule import RectifiedFlow
 from hyperscale.methods.adversarial import build_discriminator, discriminate, hinge_d, hinge_g
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.scores import StudentSection, build_student, check_student
@@ -135,27 +135,29 @@ class Tscd(Method):
 
     # ---------------------------------------------------------------- the pair
     def consistency_pair(self, x0: Tensor, cond, *, generator, teacher, target) -> dict[str, Tensor]:
-        """Student prediction and its target, both at t_end (B, ...), and the timesteps (B,)."""
+        """Student prediction and its target, both at t_end (B, ...), and the timesteps (B,) (times
+        on a flow schedule, where every move is the Euler step of the network's (x0, eps) pair)."""
         cfg, sched = self.config, teacher.schedule
-        T, k, B, dev = sched.num_train_timesteps, self.segments, x0.shape[0], x0.device
-        allowed = seg.trainable_timesteps(k, T, cfg.edges, cfg.timesteps, cfg.num_ddim_timesteps).to(dev)
+        B, dev = x0.shape[0], x0.device
+        segs = seg.segments_of(sched, self.segments, cfg.edges, cfg.timesteps, cfg.num_ddim_timesteps)
+        allowed = segs.allowed.to(dev)
         t_n = allowed[torch.randint(len(allowed), (B,), device=dev)]
-        edge = seg.segment_lower_edge(t_n, k, T, cfg.edges)
-        t_prev = seg.teacher_prev(t_n, seg.skip_size(cfg.num_ddim_timesteps, T), edge)
+        edge = segs.lower_edge(t_n)
+        t_prev = seg.teacher_prev(t_n, segs.skip, edge)
         t_end = seg.target_time(t_prev, edge, cfg.target)
         x_tn = sched.add_noise(x0, torch.randn_like(x0), t_n)
         with torch.no_grad():
             guided = CFGDenoiser(teacher, cfg.teacher_guidance_scale) if cfg.teacher_guidance_scale != 1.0 else teacher
-            # the teacher's DDIM ODE step t_n -> t_{n-1}, inside the segment
-            x_prev = seg.move(sched, x_tn, guided(x_tn, t_n, cond, out=Prediction.eps), t_n, t_prev)
+            # the teacher's ODE step (DDIM; Euler on flow) t_n -> t_{n-1}, inside the segment
+            x_prev = seg.move_pair(sched, x_tn, *predict_pair(guided, x_tn, t_n, cond), t_n, t_prev)
             if bool((t_end < t_prev).any()):
-                eps_tgt = target(x_prev, t_prev.clamp(min=0), cond, out=Prediction.eps)
-                tgt = seg.move(sched, x_prev, eps_tgt, t_prev, t_end)  # = x_prev where t_end == t_prev
+                pair = predict_pair(target, x_prev, t_prev.clamp(min=0), cond)
+                tgt = seg.move_pair(sched, x_prev, *pair, t_prev, t_end)  # = x_prev where t_end == t_prev
             else:
                 tgt = x_prev
-        pred = seg.move(sched, x_tn, generator(x_tn, t_n, cond, out=Prediction.eps), t_n, t_end)
+        pred = seg.move_pair(sched, x_tn, *predict_pair(generator, x_tn, t_n, cond), t_n, t_end)
         return {"pred": pred, "target": tgt.detach(), "x_t": x_tn, "x_prev": x_prev, "t_n": t_n, "t_prev": t_prev,
-                "t_end": t_end, "edge": edge, "top": seg.segment_top(t_n, k, T, cfg.edges)}
+                "t_end": t_end, "edge": edge, "top": segs.top(t_n)}
 
     def _target_net(self, generator, target):
         if self.config.target_network == "online":
@@ -216,13 +218,18 @@ class Tscd(Method):
 
     # ---------------------------------------------------------------- sampling / export
     def sample(self, generator, z: Tensor, cond: Tensor) -> Tensor:
-        """k-step DDIM, trailing spacing (k = the current stage's segments): the N-step LoRA sampler."""
+        """k-step DDIM, trailing spacing (k = the current stage's segments): the N-step LoRA sampler;
+        on rectified flow k-step Euler on the schedule's grid, whose steps land on the segment edges."""
+        if isinstance(generator.schedule, RectifiedFlow):
+            return sample_euler(generator, z, cond, self.segments)
         return sample_ddim(generator, z, cond, self.segments, spacing="trailing")
 
     def sampler(self, generator) -> SamplerSpec:
-        k, T = self.segments, generator.schedule.num_train_timesteps
-        # one trailing DDIM step from T - 1 is one x0 call on z: at k = 1 a 1-step generator
-        return SamplerSpec(one_step=OneStepCall(T - 1, NoiseInput.unit) if k == 1 else None,
-                           few_step=FewStep("ddim", k, "trailing", 1.0),
+        sched = generator.schedule
+        k, T = self.segments, sched.num_train_timesteps
+        few = (FewStep("euler", k, sched.spacing, 1.0) if isinstance(sched, RectifiedFlow)
+               else FewStep("ddim", k, "trailing", 1.0))
+        # one trailing DDIM (or Euler) step from T - 1 (t = 1) is one x0 call on z: at k = 1 a 1-step generator
+        return SamplerSpec(one_step=OneStepCall(T - 1, NoiseInput.unit) if k == 1 else None, few_step=few,
                            notes={"tscd": {"segments": k, "stage": self.stage, "edges": self.config.edges.value,
                                            "student": self.config.student}})

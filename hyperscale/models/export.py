@@ -28,8 +28,9 @@ class OneStepCall:
 
 @dataclass(frozen=True)
 class FewStep:
-    """The few-step sampler a method trained the weights for."""
-    name: Literal["ddim", "tcd"] = "ddim"
+    """The few-step sampler a method trained the weights for ("euler": flow families' sampler,
+    ``sampling.sample_euler``, whose grid is the schedule's ``spacing``)."""
+    name: Literal["ddim", "tcd", "euler"] = "ddim"
     num_steps: int = 4
     spacing: str = "trailing"
     guidance_scale: float = 1.0

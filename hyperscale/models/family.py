@@ -90,6 +90,14 @@ class Family:
         """The network LoRA layers go on."""
         raise NotImplementedError
 
+    def kohya_state_dict(self, denoiser: nn.Module, state: dict[str, Tensor], alpha: float) -> dict[str, Tensor] | None:
+        """The LoRA ``state`` (peft keys relative to the backbone) under kohya / ComfyUI keys, with
+        the true alpha: ``lora_unet_<diffusers path>`` by default; None where no kohya reader
+        exists for the family (``save_lora`` then writes the diffusers file only)."""
+        from hyperscale.models.lora import kohya_state_dict
+
+        return kohya_state_dict(state, alpha)
+
     def feature_channels(self, denoiser: nn.Module) -> list[int]:
         raise NotImplementedError
 

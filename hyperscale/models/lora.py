@@ -13,7 +13,9 @@ Files (the layout diffusers writes with ``save_lora_weights`` and reads with
   ``lora_adapter_metadata`` = JSON of the ``LoraConfig`` fields prefixed ``unet.``
   (r, lora_alpha, target_modules, ...), so the scale alpha / r survives the round trip.
 - optional ``pytorch_lora_weights_kohya.safetensors``: kohya / ComfyUI / A1111 keys
-  ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+  ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` in the family's
+  layout (``Family.kohya_state_dict``: FLUX uses BFL module names; SD3 has none, as diffusers
+  has no kohya reader for it).
 
 diffusers' ``load_lora_weights`` is a pipeline API for UNet2DConditionModel / SD; a
 ``UNet2DModel`` has no LoRA loader mixin, so ``load_lora`` here reads the same file and
@@ -198,10 +200,23 @@ def save_lora(model: LoraDenoiser, directory: str | os.PathLike, kohya: bool = F
     with atomic_file(directory / LORA_WEIGHTS) as tmp:
         save_file({f"{prefix}.{k}": v for k, v in state.items()}, str(tmp),
                   metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
-    if kohya:
+    keys = _kohya_keys(model, state) if kohya else None
+    if keys is not None:
         with atomic_file(directory / KOHYA_WEIGHTS) as tmp:
-            save_file(kohya_state_dict(state, model.lora_config.lora_alpha), str(tmp), metadata={"format": "pt"})
+            save_file(keys, str(tmp), metadata={"format": "pt"})
     return directory
+
+
+def _kohya_keys(model: LoraDenoiser, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """The family's kohya layout of ``state`` (``Family.kohya_state_dict``; None: the family has none)."""
+    from hyperscale.models.families import family_of
+
+    alpha = model.lora_config.lora_alpha
+    try:
+        family = family_of(model)
+    except TypeError:  # a bare UNet held by a test harness
+        return kohya_state_dict(state, alpha)
+    return family.kohya_state_dict(model, state, alpha)
 
 
 def read_lora(source: str | os.PathLike, prefix: str = PREFIX) -> tuple[dict[str, Tensor], dict]:

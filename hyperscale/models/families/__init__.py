@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from hyperscale.models.families.class_unet import ClassUNet
+from hyperscale.models.families.flux import Flux
 from hyperscale.models.families.pixart import PixArt
 from hyperscale.models.families.sd import SD15, SDXL
+from hyperscale.models.families.sd3 import SD3
 from hyperscale.models.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (ClassUNet(), SD15(), SDXL(), PixArt())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (ClassUNet(), SD15(), SDXL(), PixArt(), SD3(), Flux())}
 
 
 def family_named(name: str) -> Family:

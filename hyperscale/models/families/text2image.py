@@ -211,8 +211,9 @@ class TextToImageFamily(Family):
         """The network's raw prediction at its own timestep."""
         raise NotImplementedError
 
-    def schedule_of(self, scheduler_config: dict, net: nn.Module) -> Schedule:
-        """The training noise schedule a scheduler config describes."""
+    def schedule_of(self, scheduler_config: dict, net: nn.Module, latent_size: int) -> Schedule:
+        """The training noise schedule a scheduler config describes (``latent_size``: the latent
+        side the pipeline generates at, for resolution-dependent schedules)."""
         from diffusers import DDPMScheduler
 
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -229,6 +230,11 @@ class TextToImageFamily(Family):
     def tiny_pipeline(self):
         """A tiny random pipeline of this family, from config (families/tiny.py)."""
         raise NotImplementedError
+
+    def latent_size(self, net: nn.Module, path: Path) -> int:
+        """The latent side the pipeline generates at by default: the network's ``sample_size``."""
+        size = net.config.sample_size
+        return int(size if isinstance(size, int) else size[0])
 
     # ---------------------------------------------------------------- loading
     def check_pipeline(self, pipe, path: Path):
@@ -253,9 +259,9 @@ class TextToImageFamily(Family):
         net_cls = getattr(importlib.import_module(library), cls)
         net = net_cls.from_pretrained(str(path / self.backbone_name)).eval()
         sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        size = net.config.sample_size
-        return T2IDenoiser(self, self.schedule_of(sched_cfg, net), self.prediction_of(sched_cfg), net,
-                           Frontend(self, path, size if isinstance(size, int) else size[0]))
+        size = self.latent_size(net, path)
+        return T2IDenoiser(self, self.schedule_of(sched_cfg, net, size), self.prediction_of(sched_cfg), net,
+                           Frontend(self, path, size))
 
     def load(self, path: Path, meta: dict | None) -> nn.Module:  # models.build.load_denoiser
         den = self.load_pipeline_denoiser(path)

@@ -177,3 +177,59 @@ def test_stage_at():
     assert seg.stage_at(10 ** 9, [1000] * 4) == 3
     with pytest.raises(ValueError):
         seg.stage_at(-1, steps)
+
+
+# --- rectified flow: segments over continuous time ------------------------------------------
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_flow_segment_tops_are_the_euler_samplers_times(k, spacing):
+    """Every step of the student's k-step Euler sampler starts on a segment top and lands on the
+    next lower edge; FLUX's trailing grid gives the edges j / k."""
+    from hyperscale.diffusion.sampling import flow_times
+    from hyperscale.diffusion.schedule import RectifiedFlow
+
+    sched = RectifiedFlow(3.0, spacing=spacing)
+    edges = seg.flow_segment_edges(k, sched)
+    times = flow_times(k, sched)
+    assert edges.dtype == torch.float64 and edges[0] == 0 and edges[-1] == 1 and len(edges) == k + 1
+    assert torch.equal(edges[1:].flip(0), torch.tensor(times, dtype=torch.float64))
+    if spacing == "trailing":
+        torch.testing.assert_close(edges, torch.arange(k + 1, dtype=torch.float64) / k)
+    segs = seg.segments_of(sched, k, "trailing", "grid", 50)
+    t = torch.tensor(times, dtype=torch.float64)
+    assert torch.equal(segs.top(t), t)  # a sampler time is its segment's top ...
+    assert torch.equal(segs.lower_edge(t), torch.tensor(times[1:] + [0.0], dtype=torch.float64))  # the next: its edge
+
+
+def test_flow_segments_keep_teacher_steps_and_targets_inside():
+    from hyperscale.diffusion.schedule import RectifiedFlow
+
+    sched = RectifiedFlow(3.0, spacing="trailing")
+    segs = seg.segments_of(sched, 4, "trailing", "grid", 10)
+    # the skipping-step grid as times (i + 1) / T, i = 99, 199, ..., 999 (none sits on its own lower edge)
+    torch.testing.assert_close(segs.allowed, torch.arange(1, 11, dtype=torch.float64) / 10)
+    assert segs.skip == 0.1
+    t_n = segs.allowed.repeat(50)
+    edge = segs.lower_edge(t_n)
+    t_prev = seg.teacher_prev(t_n, segs.skip, edge)
+    t_end = seg.target_time(t_prev, edge, "random", generator=torch.Generator().manual_seed(0))
+    assert t_end.dtype == torch.float64 and (edge <= t_end).all() and (t_end <= t_prev).all() and (t_prev < t_n).all()
+    assert (segs.top(t_n) >= t_n).all() and (t_end > edge).any()
+    with pytest.raises(ValueError, match="trailing"):
+        seg.segments_of(sched, 4, "floor")
+
+
+def test_move_pair_is_the_euler_step_and_exact_on_a_straight_path():
+    """With the true pair, a flow move lands on (1 - sigma) x0 + sigma eps at any t_end, from t = 1
+    (alpha = 0) too; t_end == t returns the input."""
+    from hyperscale.diffusion.schedule import RectifiedFlow
+
+    sched = RectifiedFlow(3.0)
+    g = torch.Generator().manual_seed(4)
+    x0, eps = (torch.randn(3, 2, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([1.0, 0.5, 0.3], dtype=torch.float64)
+    t_end = torch.tensor([0.25, 0.0, 0.3], dtype=torch.float64)
+    out = seg.move_pair(sched, sched.add_noise(x0, eps, t), x0, eps, t, t_end)
+    torch.testing.assert_close(out[:2], sched.add_noise(x0, eps, t_end)[:2], rtol=0, atol=1e-12)
+    assert torch.equal(out[2], sched.add_noise(x0, eps, t)[2])
