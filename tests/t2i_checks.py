@@ -54,10 +54,14 @@ def _steps(spec) -> int:
 @torch.no_grad()
 def diffusers_images(pipe, z, prompts=PROMPTS, steps: int = 1, guidance: float = 1.0, eta: float = 0.3,
                      **kwargs) -> torch.Tensor:
+    """``kwargs``: the family's fixed pipeline arguments; ``pack`` turns our latents (B, C, H, W) into
+    the pipeline's (FLUX), ``guidance_scale`` there overrides ``guidance`` (FLUX's embedded guidance)."""
     pipe.set_progress_bar_config(disable=True)
-    extra = {"eta": eta, "generator": torch.Generator().manual_seed(1)} if type(pipe.scheduler).__name__ == "TCDScheduler" else {}
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=z.clone(), output_type="pt",
-                **extra, **kwargs).images
+    call = {"guidance_scale": guidance} | kwargs
+    latents = call.pop("pack")(z.clone()) if "pack" in call else z.clone()
+    if type(pipe.scheduler).__name__ == "TCDScheduler":
+        call |= {"eta": eta, "generator": torch.Generator().manual_seed(1)}
+    return pipe(prompts, num_inference_steps=steps, latents=latents, output_type="pt", **call).images
 
 
 def check_export(export: str | Path, prompts=PROMPTS, guidance: float = 1.0, **pipe_kwargs) -> float:
@@ -75,7 +79,7 @@ def check_export(export: str | Path, prompts=PROMPTS, guidance: float = 1.0, **p
     return diff
 
 
-def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, **pipe_kwargs) -> dict:
+def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, kohya: bool = True, **pipe_kwargs) -> dict:
     """A LoRA student's export: the teacher pipeline + ``load_lora_weights(export/lora)`` (and then
     ``fuse_lora``) and + the kohya file give the merged export's images."""
     from diffusers import DiffusionPipeline
@@ -88,7 +92,10 @@ def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, **pipe_
     merged = DiffusionPipeline.from_pretrained(str(export))
     want = diffusers_images(merged, z, prompts, steps, **pipe_kwargs)
     out = {}
-    for name, weight in (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "pytorch_lora_weights_kohya.safetensors")):
+    files = (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "pytorch_lora_weights_kohya.safetensors"))
+    for name, weight in files:
+        if not (export / "lora" / weight).is_file() or (name == "kohya" and not kohya):
+            continue  # sd3: diffusers reads no kohya file, none is written
         pipe = DiffusionPipeline.from_pretrained(str(resolve_source(teacher)), scheduler=merged.scheduler)
         pipe.load_lora_weights(str(export / "lora"), weight_name=weight)
         out[name] = (diffusers_images(pipe, z, prompts, steps, **pipe_kwargs) - want).abs().max().item()

@@ -29,7 +29,7 @@ from torch import nn
 from hyperscale.config import Config, role_train, to_yaml
 from hyperscale.data.fashion_mnist import load_fashion_mnist
 from hyperscale.data.shards import shard_dataset
-from hyperscale.data.stream import InMemoryStream, LabelStream, ShardStream
+from hyperscale.data.stream import InMemoryStream, LabelStream
 from hyperscale.methods.base import Batch
 from hyperscale.methods import build_method
 from hyperscale.methods.roles import Roles, build_roles
