@@ -43,7 +43,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_tcd
+from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_euler, sample_tcd
+from hyperscale.diffusion.schedule import RectifiedFlow
 from hyperscale.models.build import EXPORT_META, load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.export import SamplerSpec
@@ -73,7 +74,8 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1)
     seed: Optional[int] = Field(None, ge=0, lt=MAX_SEED, description="omitted: a random seed, returned")
     steps: Optional[int] = Field(None, ge=1, description="omitted: the model's default")
-    sampler: Optional[Literal["tcd", "ddim"]] = Field(None, description="multi-step models only")
+    sampler: Optional[Literal["tcd", "ddim", "euler"]] = Field(
+        None, description="multi-step models only: tcd or ddim (VP models), euler (rectified flow)")
     eta: Optional[float] = Field(None, ge=0, le=1, description="TCD gamma; multi-step models only")
     guidance_scale: Optional[float] = Field(None, ge=1, le=20, description="CFG; multi-step models only")
     height: Optional[int] = Field(None, ge=1, description="pixels, one of the model's heights (GET /v1/models)")
@@ -191,6 +193,7 @@ class ImageGenerator:
         self.denoiser = model.denoiser if one_step else model
         self.shape = sample_shape(self.denoiser)
         self.family = family_of(self.denoiser)
+        self.flow = isinstance(self.denoiser.schedule, RectifiedFlow)  # SD3 / FLUX: Euler on the flow path
         self.text = TextConditions(self.denoiser, self.family, self.shape) if self.family.condition == "text" else None
         self.sizes = self.text.sizes if self.text is not None else SizeRule.native(self.shape)
 
@@ -229,7 +232,7 @@ class ImageGenerator:
              "classes": list(self.class_names), "sizes": self.sizes.describe(),
              "default_steps": 1 if self.one_step else self.default_steps}
         if not self.one_step:
-            d |= {"samplers": ["tcd", "ddim"], "default_eta": self.default_eta, "default_guidance_scale": 1.0,
+            d |= {"samplers": ["euler"] if self.flow else ["tcd", "ddim"], "default_eta": self.default_eta, "default_guidance_scale": 1.0,
                   "negative_prompt": self.text is not None}
         if self.sampler.multi_step and self.sampler.one_step is not None:
             d["one_step_call"] = self.sampler.one_step.to_json()
@@ -255,9 +258,12 @@ class ImageGenerator:
                 raise RequestError(f"steps: '{self.name}' is a 1-step generator; steps must be 1")
             sampling = (1,)
         else:
-            sampler = req.sampler or "tcd"
-            if sampler == "ddim" and req.eta is not None:
-                raise RequestError("eta: applies to the tcd sampler; ddim here is deterministic (eta 0)")
+            sampler = req.sampler or ("euler" if self.flow else "tcd")
+            if (sampler == "euler") != self.flow:
+                raise RequestError(f"sampler: '{self.name}' samples with " + ("euler (a rectified-flow model)"
+                                   if self.flow else "tcd or ddim; euler is for rectified-flow models"))
+            if sampler != "tcd" and req.eta is not None:
+                raise RequestError(f"eta: applies to the tcd sampler; {sampler} here is deterministic (eta 0)")
             eta = self.default_eta if req.eta is None else req.eta
             sampling = (req.steps or self.default_steps, sampler, eta if sampler == "tcd" else 0.0,
                         req.guidance_scale or 1.0)
@@ -308,6 +314,8 @@ class ImageGenerator:
         call = self.sampler.one_step_at(steps, sampler)
         if call is not None:
             return one_step(den, z, cond, call.timestep, call.noise_input)
+        if sampler == "euler":
+            return sample_euler(den, z, cond, steps)
         if sampler == "ddim":
             return sample_ddim(den, z, cond, steps, spacing="trailing", clip_x0=self.family.bounded)
         return sample_tcd(den, z, cond, steps, eta=eta, generator=gens)

@@ -151,3 +151,25 @@ def test_lora_adapter_applies_to_its_base_and_shares_its_frontend(paths, multi):
     student = ImageGenerator.load(paths["lora-student"])  # the same LoRA, merged by save_student
     torch.testing.assert_close(x, student.generate([student.prepare(r, Limits())])[0], rtol=1e-4, atol=1e-4)
     assert (x - multi.generate([multi.prepare(r, Limits())])[0]).abs().max() > 1e-3  # the LoRA changes images
+
+
+def test_a_rectified_flow_export_samples_with_euler(tmp_path):
+    """SD3 (tiny): multi-step requests run Euler on the flow path (the exported sampler), tcd is refused."""
+    from hyperscale.diffusion.sampling import sample_euler
+    from hyperscale.models.build import load_denoiser, save_denoiser
+    from hyperscale.models.export import FewStep, SamplerSpec
+    from hyperscale.models.families import family_of
+
+    den = load_denoiser("tiny:sd3")
+    save_denoiser(den, tmp_path / "sd3", SamplerSpec(few_step=FewStep("euler", 2, den.schedule.spacing)).to_extra())
+    gen = ImageGenerator.load(tmp_path / "sd3")
+    assert gen.describe()["samplers"] == ["euler"]
+    job = gen.prepare(req(prompt="a photo of a bag", seed=3, steps=2), Limits())
+    x = gen.generate([job])[0]
+    fam = family_of(den)
+    with torch.no_grad():
+        z = torch.randn(fam.sample_shape(den), generator=torch.Generator().manual_seed(3))[None]
+        ref = fam.decode(den, sample_euler(den, z, fam.encode_condition(den, ["a photo of a bag"]), 2)).clamp(-1, 1)
+    assert (x - ref).abs().max() < 1e-5
+    with pytest.raises(RequestError, match="samples with euler"):
+        gen.prepare(req(prompt="a bag", sampler="tcd"), Limits())
