@@ -28,7 +28,7 @@ def our_images(den, spec, z, prompts=PROMPTS, steps: int | None = None, guidance
                eta: float = 0.3) -> torch.Tensor:
     """Images in [0, 1] from the project's sampler for an export's SamplerSpec."""
     fam = family_of(den)
-    few = _few(spec)
+    few = _few(spec, den)
     cond = fam.encode_condition(den, prompts)
     model = CFGDenoiser(den, guidance) if guidance != 1.0 else den
     if spec.is_one_step_generator:
@@ -42,13 +42,15 @@ def our_images(den, spec, z, prompts=PROMPTS, steps: int | None = None, guidance
     return ((fam.decode(den, x) + 1) / 2).clamp(0, 1)
 
 
-def _few(spec) -> FewStep:
-    """The export's few-step sampler; a unified (multi-step) export without one samples with TCD."""
-    return spec.few_step or FewStep("tcd", 4)
+def _few(spec, den) -> FewStep:
+    """The export's few-step sampler; a unified (multi-step) export without one samples with TCD
+    (Euler on a rectified-flow schedule)."""
+    flow = den.schedule.__class__.__name__ == "RectifiedFlow"
+    return spec.few_step or (FewStep("euler", 4, den.schedule.spacing) if flow else FewStep("tcd", 4))
 
 
-def _steps(spec) -> int:
-    return 1 if spec.is_one_step_generator else _few(spec).num_steps
+def _steps(spec, den) -> int:
+    return 1 if spec.is_one_step_generator else _few(spec, den).num_steps
 
 
 @torch.no_grad()
@@ -71,7 +73,7 @@ def check_export(export: str | Path, prompts=PROMPTS, guidance: float = 1.0, **p
     den = load_denoiser(export)
     spec = export_sampler(export)
     z = latents(den, len(prompts))
-    steps = _steps(spec)
+    steps = _steps(spec, den)
     ours = our_images(den, spec, z, prompts, guidance=guidance)
     theirs = diffusers_images(DiffusionPipeline.from_pretrained(str(export)), z, prompts, steps, guidance, **pipe_kwargs)
     diff = (ours - theirs).abs().max().item()
@@ -88,7 +90,7 @@ def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, kohya: 
     den = load_denoiser(export)
     spec = export_sampler(export)
     z = latents(den, len(prompts))
-    steps = _steps(spec)
+    steps = _steps(spec, den)
     merged = DiffusionPipeline.from_pretrained(str(export))
     want = diffusers_images(merged, z, prompts, steps, **pipe_kwargs)
     out = {}

@@ -12,7 +12,7 @@ from hyperscale.config import load_config
 from hyperscale.storage.local import REPO
 
 CONFIGS = REPO / "jobs" / "configs"
-METHODS = {"sim": "sd15-sim-tiny.yaml", "dmd": "sd15-dmd-tiny.yaml", "tscd": "sd15-hypersd-tiny.yaml"}
+METHODS = {"sim": "sd15-sim-tiny.yaml", "dmd": "sd15-dmd-tiny.yaml", "tscd": "sd15-tscd-tiny.yaml"}
 
 
 def _train(preset: str, out, family: str, *overrides: str) -> dict:
@@ -68,9 +68,7 @@ def test_unified_hypersd_pipeline(ray_cluster, tmp_path, family):
     from hyperscale.pipeline.run import load_pipeline, run_pipeline
     from hyperscale.train.launch import run_training
 
-    pipe = load_pipeline(CONFIGS / "sd15-hypersd-pipeline-tiny.yaml",
-                         [f"run.output_dir={tmp_path / 'run'}", f"model.family={family}",
-                          f"model.pretrained_teacher_model=tiny:{family}"])
+    pipe = load_pipeline(CONFIGS / f"{family}-hypersd-tiny.yaml", [f"run.output_dir={tmp_path / 'run'}"])
     summary = run_pipeline(pipe, run_training)
     assert [p["name"] for p in summary["phases"]] == ["tscd", "dmd"]
     unified = tmp_path / "run" / "unified"
@@ -106,10 +104,37 @@ def test_tscd_trains_on_caption_shards(tmp_path, precompute):
     assert (batch.latents is not None) == precompute and (batch.text is not None) == precompute
     if precompute:
         assert batch.latents.shape == (4, 4, 8, 8) and batch.text["embeds"].shape[0] == 4
-    cfg = load_config(CONFIGS / "sd15-hypersd-tiny.yaml",
+    cfg = load_config(CONFIGS / "sd15-tscd-tiny.yaml",
                       [f"run.output_dir={tmp_path / 'run'}", f"data.train_shards_path_or_url={pattern}",
                        "train.num_workers=1", "train.engine=torch", "train.max_steps=2", "train.checkpoint_every=2"])
     from hyperscale.train.launch import run_in_process
 
     metrics = run_in_process(cfg)
     assert metrics["step"] == 2 and torch.isfinite(torch.tensor(metrics["loss/generator"]))
+
+
+TWINS = {"sd15-sim", "sd15-hypersd", "sdxl-dmd", "sdxl-hypersd", "pixart-sim", "sd3-hypersd", "flux-hypersd"}
+
+
+def test_every_text_to_image_preset_has_a_tiny_twin():
+    real = {p.stem for p in CONFIGS.glob("*.yaml")
+            if p.stem.split("-")[0] in ("sd15", "sdxl", "pixart", "sd3", "flux") and not p.stem.endswith("-tiny")}
+    assert real == TWINS and all((CONFIGS / f"{name}-tiny.yaml").is_file() for name in real)
+
+
+@pytest.mark.parametrize("twin", ["sdxl-dmd-tiny", "pixart-sim-tiny", "sd3-hypersd-tiny", "flux-hypersd-tiny"])
+def test_tiny_twins_run(tmp_path, twin):
+    """The twins the Ray tests above do not run (sd15-sim-tiny: the ray job submit test; sd15- and
+    sdxl-hypersd-tiny: the unified pipeline test), one worker in process, to their exports."""
+    from hyperscale.pipeline.run import is_pipeline_file, load_pipeline, run_pipeline
+    from hyperscale.train.launch import run_in_process
+
+    local = [f"run.output_dir={tmp_path / 'run'}", "train.num_workers=1", "train.engine=torch"]
+    if is_pipeline_file(CONFIGS / f"{twin}.yaml"):
+        run_pipeline(load_pipeline(CONFIGS / f"{twin}.yaml", local), run_in_process)
+        export = tmp_path / "run" / "unified"
+    else:
+        run_in_process(load_config(CONFIGS / f"{twin}.yaml", local + ["train.max_steps=2"]))
+        export = tmp_path / "run" / "export" / "ema"
+    family = json.loads((export / "hyperscale_model.json").read_text())["family"]
+    check_export(export, **PIPE_KWARGS.get(family, {}))
