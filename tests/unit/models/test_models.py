@@ -62,9 +62,9 @@ def test_export_round_trip_is_exact_and_atomic(model, tmp_path):
 
 
 def test_loading_a_non_export_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a hyperscale export"):
+    with pytest.raises(FileNotFoundError, match="neither a hyperscale export .* nor a diffusers pipeline folder"):
         load_denoiser(tmp_path)
-    with pytest.raises(FileNotFoundError, match="neither an export directory"):
+    with pytest.raises(FileNotFoundError, match="neither an export or pipeline directory"):
         load_denoiser(str(tmp_path / "missing"))
 
 
