@@ -52,8 +52,8 @@ def set_sampler(directory: str | os.PathLike, extra: dict) -> None:
     folder, the scheduler that reproduces it): the Hyper-SD pipeline's unified export."""
     directory = Path(directory)
     meta = json.loads((directory / EXPORT_META).read_text()) | {"extra": extra}
-    if (directory / PIPELINE_INDEX).is_file():
-        family = family_named(meta["family"])
+    family = family_named(meta.get("family") or "class_unet")
+    if (directory / PIPELINE_INDEX).is_file() and hasattr(family, "export_scheduler"):
         scheduler = family.export_scheduler(family.load(directory, meta), extra)
         scheduler.save_pretrained(str(directory / "scheduler"))
         index = json.loads((directory / PIPELINE_INDEX).read_text())

@@ -23,7 +23,10 @@ def _sampler_lines(extra: dict) -> list[str]:
 def model_card(meta: dict, directory: Path) -> str:
     extra = meta.get("extra", {})
     family = meta.get("family", "?")
-    pipeline = (directory / "model_index.json").is_file()
+    from hyperscale.models.families import FAMILIES
+
+    family_obj = FAMILIES.get(family)
+    pipeline = (directory / "model_index.json").is_file() and getattr(family_obj, "condition", "") == "text"
     steps = (1 if extra.get("generator") and not extra.get("multi_step")
              else (extra.get("sampler") or {}).get("num_steps", 4))
     guidance = (extra.get("sampler") or {}).get("guidance_scale", 1.0)
@@ -39,7 +42,11 @@ def model_card(meta: dict, directory: Path) -> str:
                 + (f", eta={extra['sampler'].get('eta', 0.3)}" if (extra.get('sampler') or {}).get('name') == 'tcd' else "")
                 + ").images[0]", "```", ""]
     else:
-        out += ["Load it with `hyperscale.models.build.load_denoiser(PATH)` (or Serve: `jobs/serve.py`).", ""]
+        out += ["Load it with `hyperscale.models.build.load_denoiser(PATH)` (or Serve: `jobs/serve.py`)."]
+        if (directory / "unet").is_dir():
+            out += ["diffusers reads the network too: `UNet2DModel.from_pretrained(PATH, subfolder=\"unet\")` "
+                    "(call it with `class_labels`) and `DDIMScheduler.from_pretrained(PATH, subfolder=\"scheduler\")`."]
+        out += [""]
     if extra.get("lora"):
         out += ["## LoRA", f"- diffusers layout: `{extra['lora']}` (`pipe.load_lora_weights(PATH + '/lora')`)",
                 "- kohya / ComfyUI keys with the true alpha: `lora/pytorch_lora_weights_kohya.safetensors`", ""]

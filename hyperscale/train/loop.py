@@ -142,7 +142,8 @@ def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
     save_grid(family.decode(model, x).clamp(-1, 1).float().cpu(), path, nrow=10)
 
 
-def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path, rank: int) -> None:
+def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path, rank: int,
+           metrics: dict | None = None) -> None:
     """Collective: consolidate the generator (every rank's shard) into one export, loadable
     without DeepSpeed: export/ema and export/raw (fp32 master weights), samples.png. A LoRA
     student is saved as merged weights plus its LoRA (diffusers and kohya keys) in ``lora/``.
@@ -150,7 +151,10 @@ def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path
     raw = gen.full_state_dict()
     if rank != 0:
         return
-    meta = method.sampler(ema.model).to_extra()
+    # the model card's facts (models/card.py): what made it, from what, and the last logged losses
+    measured = {k: float(v) for k, v in (metrics or {}).items() if k.startswith("loss/")}
+    meta = method.sampler(ema.model).to_extra() | {"run": cfg.run.name, "method": cfg.method.name,
+                                                   "teacher": cfg.model.pretrained_teacher_model, "metrics": measured}
     with staged_dir(Path(export_dir).parent, last=(EXPORT_META,)) as run_dir:
         out = run_dir / Path(export_dir).name
         save_student(ema.model, out / "ema", meta | {"step": step, "ema_decay": cfg.train.ema_decay})
@@ -331,7 +335,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
                 print(f"[hyperscale] train.max_minutes={t.max_minutes:g} spent at step {step}: exporting", flush=True)
             break
 
-    export(method, roles[gen_name], ema, cfg, counters.step, paths.export_dir, rank)
+    export(method, roles[gen_name], ema, cfg, counters.step, paths.export_dir, rank, metrics)
     if world > 1:
         dist.barrier()
     return metrics

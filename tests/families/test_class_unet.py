@@ -65,3 +65,22 @@ def test_features_stop_before_the_decoder():
     assert [f.shape[1] for f in feats] == fam.feature_channels(den) == [8, 16, 16] and not called
     unet = den.unet
     assert all(not b._forward_hooks for b in list(unet.down_blocks) + [unet.mid_block])  # hooks removed
+
+
+def test_the_export_is_also_a_diffusers_folder(tmp_path):
+    """UNet2DModel.from_pretrained(export, subfolder="unet") is the same network; the scheduler
+    folder holds the same noise schedule (DDIM trailing, as the project's sampler)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+
+    from hyperscale.models.build import save_denoiser
+
+    _, den = _tiny()
+    save_denoiser(den, tmp_path / "export")
+    unet = UNet2DModel.from_pretrained(tmp_path / "export", subfolder="unet")
+    sched = DDIMScheduler.from_pretrained(tmp_path / "export", subfolder="scheduler")
+    assert torch.allclose(sched.alphas_cumprod.double(), den.schedule.alphas_cumprod, atol=1e-6)
+    x, t, y = torch.randn(2, *family_of(den).sample_shape(den)), torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, class_labels=y).sample, den.unet(x, t, class_labels=y).sample)
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "export")).__name__ == "DDIMPipeline"
+    assert "UNet2DModel.from_pretrained" in (tmp_path / "export" / "README.md").read_text()

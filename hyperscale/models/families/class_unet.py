@@ -73,6 +73,24 @@ class ClassUNet(Family):
                           m.num_classes, m.attention_levels, m.dropout)
         return ClassUNetDenoiser(schedule, cfg, m.prediction_type)
 
+    def save(self, denoiser: nn.Module, directory, extra: dict) -> None:
+        """model.safetensors (hyperscale's loader) and a diffusers folder beside it: ``unet/``
+        (UNet2DModel.from_pretrained(path, subfolder="unet")), ``scheduler/`` (DDIM on the same
+        betas, trailing, abar 1 at the end) and model_index.json (DDIMPipeline loads it; sampling
+        needs the class labels DDIMPipeline does not pass, so sample with hyperscale)."""
+        from diffusers import DDIMPipeline, DDIMScheduler
+
+        super().save(denoiser, directory, extra)
+        d = _inner(denoiser)
+        abar = d.schedule.alphas_cumprod.double()
+        betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        kind = {Prediction.eps: "epsilon", Prediction.v: "v_prediction", Prediction.x0: "sample"}.get(d.prediction_type)
+        if kind is None:
+            return  # a prediction type diffusers' schedulers do not name: the hyperscale files only
+        scheduler = DDIMScheduler(num_train_timesteps=len(abar), trained_betas=betas.tolist(), prediction_type=kind,
+                                  timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=True, steps_offset=1)
+        DDIMPipeline(unet=d.unet, scheduler=scheduler).save_pretrained(str(directory), safe_serialization=True)
+
     def describe(self, denoiser: nn.Module) -> dict:
         d = _inner(denoiser)
         return {"adapter": "class_unet2d", "prediction_type": d.prediction_type.value, "unet": d.unet_config,
