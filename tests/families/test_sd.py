@@ -102,3 +102,18 @@ def test_sdxl_at_another_size_conditions_on_that_size():
         x = sample_ddim(den, z, fam.encode_condition(den, PROMPTS[:1]), 2, spacing="trailing")
         ours = ((fam.decode(den, x) + 1) / 2).clamp(0, 1)
     assert (ref - ours).abs().max() < 1e-5
+
+
+def test_a_pipeline_folder_loads_from_s3(moto):
+    """model.pretrained_teacher_model=s3://...: the folder is downloaded once into the cache and
+    loads as the local one (network weights and prompt conditions equal)."""
+    from s3_server import BUCKET
+    from hyperscale.storage import s3
+
+    local = resolve_source("tiny:sd15")
+    s3.upload_dir(local, f"s3://{BUCKET}/teachers/sd15")
+    den, ref = load_denoiser(f"s3://{BUCKET}/teachers/sd15"), load_denoiser(local)
+    assert family_of(den).name == "sd15"
+    assert all(torch.equal(a, b) for a, b in zip(den.state_dict().values(), ref.state_dict().values()))
+    assert torch.equal(family_of(den).encode_condition(den, PROMPTS).embeds,
+                       family_of(ref).encode_condition(ref, PROMPTS).embeds)
