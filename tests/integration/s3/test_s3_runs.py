@@ -34,7 +34,9 @@ def test_model_export_from_s3(moto, tmp_path):
         model = build_denoiser(cfg.model, cfg.schedule)
         save_denoiser(model, tmp_path / f"export{seed}", {"seed": seed})
         uploaded = s3.upload_dir(tmp_path / f"export{seed}", url + "/")
-        assert sorted(uploaded) == [f"{url}/hyperscale_model.json", f"{url}/model.safetensors"]
+        local = tmp_path / f"export{seed}"
+        assert sorted(uploaded) == sorted(f"{url}/{p.relative_to(local).as_posix()}" for p in local.rglob("*") if p.is_file())
+        assert {f"{url}/hyperscale_model.json", f"{url}/model.safetensors", f"{url}/README.md"} <= set(uploaded)
         loaded = load_denoiser(url)
         state = loaded.state_dict()
         assert state.keys() == model.state_dict().keys()
