@@ -307,7 +307,8 @@ def sample_lcm(denoiser, noise: Tensor, cond, num_steps: int, original_inference
 def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
                original_inference_steps: int | None = 50, generator: Generators = None,
                timesteps: list[int] | Tensor | None = None, callback: Callback | None = None) -> Tensor:
-    """TCD (gamma = eta) from x_T = noise (B, ...), as TCDScheduler.
+    """TCD (gamma = eta) from x_T = noise (B, ...), as TCDScheduler (on a continuous schedule:
+    ``_tcd_continuous``, over the Euler sampler's times).
 
     Step t -> t_prev: DDIM jump to s = floor((1 - eta) t_prev), then, when eta > 0 and not the
     last step, re-noise s -> t_prev with fresh noise. The last step has t_prev = 0, so, as in
@@ -315,6 +316,8 @@ def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     sched = denoiser.schedule
+    if getattr(sched, "continuous", False):
+        return _tcd_continuous(denoiser, noise, cond, num_steps, eta, generator, callback)
     ts = _grid(timesteps, num_steps, original_inference_steps, sched.num_train_timesteps)
     x = noise
     for i, t in enumerate(ts):
@@ -326,6 +329,28 @@ def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
         x0 = predict_x0(x, eps, *sched.alpha_sigma(t))
         x = affine_jump(x0, eps, *sched.alpha_sigma(s))
         if eta > 0 and not last:  # TCD eq. 19 (SSS): back up to t_prev with fresh noise
+            x = renoise(x, sched.alpha_sigma(s), sched.alpha_sigma(t_prev), _randn(x, generator))
+        if callback is not None:
+            callback(SamplerStep(i, t, x, x0))
+    return x
+
+
+def _tcd_continuous(denoiser, noise: Tensor, cond, num_steps: int, eta: float, generator: Generators,
+                    callback: Callback | None) -> Tensor:
+    """TCD on a continuous (rectified-flow) schedule, over the Euler sampler's times: step t -> t_prev
+    jumps with the model's (x0, eps) pair to s = (1 - eta) t_prev, then re-noises s -> t_prev with
+    fresh noise (not on the last step). eta = 0 is the Euler sampler; eta = 1 is
+    FlowMatchEulerDiscreteScheduler(stochastic_sampling=True): x0, then fresh noise at sigma_next."""
+    sched = denoiser.schedule
+    ts = flow_times(num_steps, sched)
+    x = noise
+    for i, t in enumerate(ts):
+        last = i + 1 == len(ts)
+        t_prev = 0.0 if last else float(ts[i + 1])
+        s = (1 - eta) * t_prev
+        x0, eps = predict_pair(denoiser, x, t, cond)
+        x = affine_jump(x0, eps, *sched.alpha_sigma(s))
+        if eta > 0 and not last:
             x = renoise(x, sched.alpha_sigma(s), sched.alpha_sigma(t_prev), _randn(x, generator))
         if callback is not None:
             callback(SamplerStep(i, t, x, x0))

@@ -75,7 +75,7 @@ class GenerateRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, lt=MAX_SEED, description="omitted: a random seed, returned")
     steps: Optional[int] = Field(None, ge=1, description="omitted: the model's default")
     sampler: Optional[Literal["tcd", "ddim", "euler"]] = Field(
-        None, description="multi-step models only: tcd or ddim (VP models), euler (rectified flow)")
+        None, description="multi-step models only: tcd or ddim (VP models), euler or tcd (rectified flow)")
     eta: Optional[float] = Field(None, ge=0, le=1, description="TCD gamma; multi-step models only")
     guidance_scale: Optional[float] = Field(None, ge=1, le=20, description="CFG; multi-step models only")
     height: Optional[int] = Field(None, ge=1, description="pixels, one of the model's heights (GET /v1/models)")
@@ -232,7 +232,7 @@ class ImageGenerator:
              "classes": list(self.class_names), "sizes": self.sizes.describe(),
              "default_steps": 1 if self.one_step else self.default_steps}
         if not self.one_step:
-            d |= {"samplers": ["euler"] if self.flow else ["tcd", "ddim"], "default_eta": self.default_eta, "default_guidance_scale": 1.0,
+            d |= {"samplers": ["euler", "tcd"] if self.flow else ["tcd", "ddim"], "default_eta": self.default_eta, "default_guidance_scale": 1.0,
                   "negative_prompt": self.text is not None}
         if self.sampler.multi_step and self.sampler.one_step is not None:
             d["one_step_call"] = self.sampler.one_step.to_json()
@@ -259,8 +259,8 @@ class ImageGenerator:
             sampling = (1,)
         else:
             sampler = req.sampler or ("euler" if self.flow else "tcd")
-            if (sampler == "euler") != self.flow:
-                raise RequestError(f"sampler: '{self.name}' samples with " + ("euler (a rectified-flow model)"
+            if sampler not in (("euler", "tcd") if self.flow else ("tcd", "ddim")):
+                raise RequestError(f"sampler: '{self.name}' samples with " + ("euler or tcd (a rectified-flow model)"
                                    if self.flow else "tcd or ddim; euler is for rectified-flow models"))
             if sampler != "tcd" and req.eta is not None:
                 raise RequestError(f"eta: applies to the tcd sampler; {sampler} here is deterministic (eta 0)")

@@ -350,6 +350,28 @@ def test_euler_matches_flow_match_euler_step_for_step(shift, n):
     torch.testing.assert_close(out, xr, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", STEPS)
+def test_tcd_on_flow_is_euler_at_eta_0_and_stochastic_flow_match_at_eta_1(shift, n):
+    """TCD over the Euler times: eta 0 is the Euler sampler; eta 1 is FlowMatchEulerDiscreteScheduler
+    with stochastic_sampling (x0, then fresh noise at the next sigma), step for step, same generator."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    x, cond = (v.float() for v in _inputs(3))
+    model = FlowToy(RectifiedFlow(shift))
+    torch.testing.assert_close(S.sample_tcd(model, x, cond, n, eta=0.0), S.sample_euler(model, x, cond, n),
+                               rtol=1e-6, atol=1e-6)
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True)
+    ref.set_timesteps(n)
+    g, xr = torch.Generator().manual_seed(5), x.clone()
+    for tau in ref.timesteps:
+        xr = ref.step(model.velocity(xr, tau, cond), tau, xr, generator=g).prev_sample
+    ours = S.sample_tcd(model, x, cond, n, eta=1.0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, xr, rtol=1e-5, atol=1e-5)
+    mid = S.sample_tcd(model, x, cond, n, eta=0.3, generator=torch.Generator().manual_seed(5))
+    assert torch.isfinite(mid).all() and (n == 1 or not torch.allclose(mid, ours))
+
+
 def test_euler_is_exact_on_a_straight_path():
     """With the true velocity eps - x0 of one (x0, eps) pair, one Euler step from pure noise lands
     on x0 exactly, and any intermediate step on (1 - sigma) x0 + sigma eps."""

@@ -163,7 +163,7 @@ def test_a_rectified_flow_export_samples_with_euler(tmp_path):
     den = load_denoiser("tiny:sd3")
     save_denoiser(den, tmp_path / "sd3", SamplerSpec(few_step=FewStep("euler", 2, den.schedule.spacing)).to_extra())
     gen = ImageGenerator.load(tmp_path / "sd3")
-    assert gen.describe()["samplers"] == ["euler"]
+    assert gen.describe()["samplers"] == ["euler", "tcd"]
     job = gen.prepare(req(prompt="a photo of a bag", seed=3, steps=2), Limits())
     x = gen.generate([job])[0]
     fam = family_of(den)
@@ -171,5 +171,7 @@ def test_a_rectified_flow_export_samples_with_euler(tmp_path):
         z = torch.randn(fam.sample_shape(den), generator=torch.Generator().manual_seed(3))[None]
         ref = fam.decode(den, sample_euler(den, z, fam.encode_condition(den, ["a photo of a bag"]), 2)).clamp(-1, 1)
     assert (x - ref).abs().max() < 1e-5
-    with pytest.raises(RequestError, match="samples with euler"):
-        gen.prepare(req(prompt="a bag", sampler="tcd"), Limits())
+    with pytest.raises(RequestError, match="samples with euler or tcd"):
+        gen.prepare(req(prompt="a bag", sampler="ddim"), Limits())
+    tcd = gen.generate([gen.prepare(req(prompt="a photo of a bag", seed=3, steps=2, sampler="tcd", eta=0.0), Limits())])[0]
+    assert (tcd - x).abs().max() < 1e-5  # TCD at eta 0 is the Euler sampler
