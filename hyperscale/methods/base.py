@@ -28,12 +28,15 @@ class LossOut:
 @dataclass
 class Batch:
     """x0: (B, ...) data as the denoiser generates it (absent for data-free methods); cond: a
-    ``Cond`` (models/cond.py), or a (B,) tensor of class labels as its shorthand."""
+    ``Cond`` (models/cond.py), or a (B,) tensor of class labels as its shorthand; items: the
+    conditions as the data gave them (class labels, or B prompts: what text-aware rewards read)."""
     cond: Cond | Tensor
     x0: Tensor | None = None
+    items: Tensor | list[str] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.cond.to(device), None if self.x0 is None else self.x0.to(device))
+        items = self.items.to(device) if isinstance(self.items, Tensor) else self.items
+        return Batch(self.cond.to(device), None if self.x0 is None else self.x0.to(device), items)
 
 
 RoleKind = Literal["generator", "critic", "frozen"]

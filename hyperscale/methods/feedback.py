@@ -31,6 +31,7 @@ from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.scores import StudentSection, build_student, check_student, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.export import FewStep, SamplerSpec
+from hyperscale.models.families import family_of
 
 
 class RewardSpec(Section):
@@ -89,6 +90,9 @@ def truncated_rollout(student, z: Tensor, cond, num_steps: int, grad_index: int,
     """ReFL rollout: DDIM (trailing) from x_T = z without grad for ``grad_index`` steps, then the
     x0 prediction at that step with grad. Returns (x0 (B, ...), x_t (B, ...) detached, t (B,))."""
     sched = student.schedule
+    if getattr(sched, "continuous", False):
+        raise ValueError("feedback's ReFL rollout walks a discrete (VP) grid; rectified-flow teachers (sd3, flux) "
+                         "are not supported by the feedback phase yet")
     net = CFGDenoiser(student, guidance_scale) if guidance_scale != 1.0 else student
     ts = timesteps(num_steps, sched.num_train_timesteps, "trailing").tolist()
     with torch.no_grad():
@@ -115,7 +119,10 @@ class Feedback(Method):
         i = int(torch.randint(lo, hi + 1, ()))
         x0, x_t, t = truncated_rollout(generator, generator_noise(generator, cond), cond, cfg.rollout_steps, i,
                                        cfg.guidance_scale)
-        loss, metrics = reward_hinge(x0, cond, reward, cfg.rewards)
+        family = family_of(generator)
+        # rewards score images with their labels or prompts: latents go through the VAE (with gradients)
+        images = family.decode(generator, x0) if family.condition == "text" else x0
+        loss, metrics = reward_hinge(images, cond if batch.items is None else batch.items, reward, cfg.rewards)
         metrics["feedback/grad_t"] = t.float().mean()
         if cfg.teacher_reg_weight > 0:
             if teacher is None:

@@ -246,8 +246,8 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             print(f"[hyperscale] resumed at step {counters.step} from {where}", flush=True)
 
     def next_batch() -> Batch:
-        x, y = to_model_inputs(next(stream), family, modules[gen_name], device)
-        return Batch(cond=family.encode_condition(modules[gen_name], y, device), x0=x).to(device)
+        x, y, items = to_model_inputs(next(stream), family, modules[gen_name], device)
+        return Batch(cond=family.encode_condition(modules[gen_name], y, device), x0=x, items=items).to(device)
 
     def save_checkpoint(step: int, metrics: dict) -> float:
         """Every rank writes its shards into its own temp dir and reports it; Ray merges them."""

@@ -79,14 +79,14 @@ def text2image_stream(cfg, method, model: nn.Module, rank: int, world: int):
     return CaptionedImages(InMemoryStream(images, labels, d.batch_size, rank, world, seed=cfg.run.seed), side, 3)
 
 
-def to_model_inputs(item, family, model: nn.Module, device: torch.device) -> tuple[Tensor | None, object]:
-    """A stream's batch -> (x0 as the denoiser generates it, or None; the conditions to encode):
-    images go through the family's VAE unless the batch carries latents; precomputed text
-    embeddings replace the prompts."""
+def to_model_inputs(item, family, model: nn.Module, device: torch.device) -> tuple[Tensor | None, object, object]:
+    """A stream's batch -> (x0 as the denoiser generates it, or None; the conditions to encode; the
+    conditions as given: labels or prompts): images go through the family's VAE unless the batch
+    carries latents; precomputed text embeddings replace the prompts for encoding."""
     if isinstance(item, CaptionBatch):
         x = item.latents if item.latents is not None else family.encode_images(model, item.images.to(device))
-        return x, (item.text if item.text else item.prompts)
+        return x, (item.text if item.text else item.prompts), item.prompts
     x, y = item
     if x is not None and family.condition == "text":
         x = family.encode_images(model, x.to(device))
-    return x, y
+    return x, y, y

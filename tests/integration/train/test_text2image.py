@@ -2,6 +2,7 @@
 SIM, DMD and TSCD (a LoRA student) on tiny pipelines built from config, and the unified Hyper-SD
 pipeline (TSCD -> DMD into one LoRA); every export reloads with diffusers' own API and gives the
 project's images (tests/t2i_checks.py)."""
+import copy
 import json
 
 import pytest
@@ -138,3 +139,50 @@ def test_tiny_twins_run(tmp_path, twin):
         export = tmp_path / "run" / "export" / "ema"
     family = json.loads((export / "hyperscale_model.json").read_text())["family"]
     check_export(export, **PIPE_KWARGS.get(family, {}))
+
+
+def test_feedback_phase_on_sd15_scores_decoded_images_with_their_prompts(tmp_path, monkeypatch):
+    """The feedback (ReFL) phase on a text-to-image family: rollout in latents, the VAE decodes x0
+    (with gradients) for the rewards, which also get the prompts. A tiny aesthetic stand-in (random
+    CLIP vision tower + head, the loader's own layout) trains through the trainer in process; a
+    recording reward shows what rewards receive."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from hyperscale.methods.base import Batch
+    from hyperscale.methods.feedback import Feedback, FeedbackConfig, RewardSpec
+    from hyperscale.models.build import load_denoiser
+    from hyperscale.models.rewards import _Head, RewardSet, save_reward_head
+    from hyperscale.train.launch import run_in_process
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                                          num_attention_heads=4, image_size=32, patch_size=8,
+                                                          projection_dim=16)).eval()
+    clip.save_pretrained(tmp_path / "aes" / "clip")
+    save_reward_head(_Head(16).eval(), tmp_path / "aes")
+    cfg = load_config(None, [
+        "model.family=sd15", "model.pretrained_teacher_model=tiny:sd15", "data.batch_size=2",
+        f"run.output_dir={tmp_path / 'run'}", "train.num_workers=1", "train.engine=torch", "train.max_steps=2",
+        "train.checkpoint_every=2", "train.log_every=1", "train.lr_warmup_steps=0",
+        "method.name=feedback", "method.student=lora", "method.lora_rank=4",
+        f"method.rewards=[{{name: aes, kind: aesthetic, source: '{tmp_path / 'aes'}', margin: 10.0}}]"])
+    metrics = run_in_process(cfg)
+    assert metrics["step"] == 2 and torch.isfinite(torch.tensor(metrics["loss/feedback"]))
+    assert "reward/aes" in metrics
+    check_export(tmp_path / "run" / "export" / "ema")
+
+    seen = {}
+
+    class Recording(torch.nn.Module):
+        def forward(self, images, cond):
+            seen["images"], seen["cond"] = images, cond
+            return images.float().mean(dim=(1, 2, 3))
+
+    teacher = load_denoiser("tiny:sd15")
+    method = Feedback(FeedbackConfig(rewards=[RewardSpec(name="rec", kind="aesthetic", margin=1.0)]))
+    prompts = ["a photo of a bag", "a photo of a coat"]
+    batch = Batch(teacher.family.encode_condition(teacher, prompts), items=prompts)
+    out = method.generator_loss(batch, generator=copy.deepcopy(teacher).requires_grad_(True),
+                                reward=RewardSet({"rec": Recording()}), teacher=teacher)
+    assert seen["cond"] == prompts and seen["images"].shape == (2, 3, 32, 32)  # decoded images, not latents
+    assert torch.isfinite(out.loss).all()
