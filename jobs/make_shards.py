@@ -40,7 +40,7 @@ def make_captions(args: argparse.Namespace, encode: Callable | None = None) -> l
 
         encode = shard_encoder(load_denoiser(args.precompute))
     images = load_fashion_mnist(args.split, root=args.root)
-    if args.limit:
+    if getattr(args, "limit", 0):
         images = ImageSet(images.images[:args.limit], images.labels[:args.limit])
     return write_caption_shards(caption_samples(images, channels=args.channels), args.out,
                                 prefix=args.split, maxcount=args.maxcount, encode=encode)
