@@ -81,6 +81,14 @@ class Frontend:
             self._freeze()
         return self._pipe
 
+    def stored(self):
+        """A fresh copy of the pipeline without its denoiser, as stored (dtype included): what exports
+        write when the live frontend was cast to bf16/fp16 for training."""
+        from diffusers import DiffusionPipeline
+
+        quiet_libraries()
+        return DiffusionPipeline.from_pretrained(str(self.path), **{self.family.backbone_name: None})
+
     def _freeze(self) -> None:
         for _name, part in self._pipe.components.items():
             if isinstance(part, nn.Module):
@@ -311,7 +319,8 @@ class TextToImageFamily(Family):
     def save(self, denoiser: nn.Module, directory, extra: dict) -> None:
         """The teacher's pipeline folder with this network and the sampler's scheduler."""
         d = inner(denoiser)
-        pipe = d.frontend.pipe
+        # the frozen parts as the teacher stored them, not as cast for training
+        pipe = d.frontend.pipe if d.frontend.dtype == torch.float32 else d.frontend.stored()
         old = pipe.scheduler
         scheduler = self.export_scheduler(d, extra)
         pipe.register_modules(**{self.backbone_name: d.net, "scheduler": scheduler})

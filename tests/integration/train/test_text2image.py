@@ -186,3 +186,22 @@ def test_feedback_phase_on_sd15_scores_decoded_images_with_their_prompts(tmp_pat
                                 reward=RewardSet({"rec": Recording()}), teacher=teacher)
     assert seen["cond"] == prompts and seen["images"].shape == (2, 3, 32, 32)  # decoded images, not latents
     assert torch.isfinite(out.loss).all()
+
+
+def test_bf16_training_exports_the_frozen_parts_as_stored(tmp_path):
+    """train.mixed_precision=bf16 casts the teacher and the frontend for training; the export's text
+    encoder and VAE are still the teacher's own fp32 weights, and its network the fp32 EMA."""
+    from safetensors.torch import load_file
+
+    from hyperscale.models.build import resolve_source
+    from hyperscale.train.launch import run_in_process
+
+    run_in_process(load_config(CONFIGS / "sd15-sim-tiny.yaml", [
+        f"run.output_dir={tmp_path / 'run'}", "train.num_workers=1", "train.max_steps=2",
+        "train.mixed_precision=bf16"]))
+    export, teacher = tmp_path / "run" / "export" / "ema", resolve_source("tiny:sd15")
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        ours, theirs = load_file(export / part), load_file(teacher / part)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    assert all(v.dtype == torch.float32 for v in load_file(export / "unet/diffusion_pytorch_model.safetensors").values())
+    check_export(export)
