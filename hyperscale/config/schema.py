@@ -48,6 +48,7 @@ class ModelSection(Section):
     attention_levels: list[bool] = [False, False, True]  # self-attention per level (one entry per level)
     layers_per_block: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    gradient_checkpointing: bool = False  # trained networks recompute activations in backward: less memory, more compute
 
     @model_validator(mode="before")
     @classmethod

@@ -89,6 +89,8 @@ def build_modules(cfg: Config, method, device: torch.device) -> Roles:
     def prepare(_name: str, module: nn.Module) -> nn.Module:
         module = module.to(device)
         broadcast_from_rank0(module)  # identical for certain, as DDP does
+        if cfg.model.gradient_checkpointing:  # on the network diffusers implements it for (its blocks)
+            family_of(module).backbone(module).enable_gradient_checkpointing()
         return module
 
     def rewards(specs) -> nn.Module:

@@ -205,3 +205,25 @@ def test_bf16_training_exports_the_frozen_parts_as_stored(tmp_path):
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
     assert all(v.dtype == torch.float32 for v in load_file(export / "unet/diffusion_pytorch_model.safetensors").values())
     check_export(export)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_math(tmp_path):
+    """model.gradient_checkpointing=true: the trained networks recompute activations in backward
+    (diffusers' enable_gradient_checkpointing), the losses of a run stay the same."""
+    from hyperscale.methods import build_method
+    from hyperscale.models.families import family_of
+    from hyperscale.train.launch import run_in_process
+    from hyperscale.train.loop import build_modules
+
+    runs = {}
+    for gc in (False, True):
+        cfg = load_config(CONFIGS / "sd15-sim-tiny.yaml", [
+            f"run.output_dir={tmp_path / str(gc)}", "train.num_workers=1", "train.engine=torch", "train.max_steps=2",
+            f"model.gradient_checkpointing={str(gc).lower()}"])
+        runs[gc] = run_in_process(cfg)
+    for k in ("loss/generator", "loss/fake_score"):
+        assert abs(runs[True][k] - runs[False][k]) <= 1e-5 * max(1.0, abs(runs[False][k])), k
+    roles = build_modules(cfg, build_method(cfg.method), torch.device("cpu"))
+    for name, module in roles.trainable.items():
+        assert family_of(module).backbone(module).is_gradient_checkpointing, name
+    assert not family_of(roles.frozen["teacher"]).backbone(roles.frozen["teacher"]).is_gradient_checkpointing
