@@ -1,9 +1,10 @@
 """Checks every text-to-image family test shares (``from t2i_checks import ...``; tests/ is on the
 import path through its conftest): an export sampled by the project's own sampler against the
 same export loaded with diffusers' API (``from_pretrained``, ``load_lora_weights``, ``fuse_lora``,
-the kohya file through diffusers' kohya reader)."""
+the kohya file through diffusers' kohya reader), and a method's losses on a tiny teacher."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -17,6 +18,19 @@ from hyperscale.models.generator import export_sampler
 
 PROMPTS = ["a photo of a dress", "a photo of a sneaker"]
 TOL = 1e-5
+
+
+@lru_cache(maxsize=None)
+def teacher(name: str):
+    """The family's tiny teacher (``tiny:<name>``), loaded once per test session."""
+    torch.set_num_threads(1)
+    return load_denoiser(f"tiny:{name}")
+
+
+def to_unit(den, x: torch.Tensor) -> torch.Tensor:
+    """What the denoiser generates -> images in [0, 1], as the pipelines' ``output_type="pt"``."""
+    with torch.no_grad():
+        return ((family_of(den).decode(den, x) + 1) / 2).clamp(0, 1)
 
 
 def latents(den, n: int = len(PROMPTS), seed: int = 0) -> torch.Tensor:
@@ -39,7 +53,7 @@ def our_images(den, spec, z, prompts=PROMPTS, steps: int | None = None, guidance
         x = sample_euler(model, z, cond, steps or few.num_steps)
     else:
         x = sample_ddim(model, z, cond, steps or few.num_steps, spacing=few.spacing)
-    return ((fam.decode(den, x) + 1) / 2).clamp(0, 1)
+    return to_unit(den, x)
 
 
 def _few(spec, den) -> FewStep:
@@ -107,3 +121,57 @@ def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, kohya: 
     bad = {k: v for k, v in out.items() if v >= TOL}
     assert not bad, f"{export}: LoRA reloads differ from the merged export: {bad}"
     return out
+
+
+def method_roles(name: str, method_name: str, overrides: dict):
+    """A method on the family's tiny teacher: (method, trainable roles, frozen roles, batch), the
+    trainable copies perturbed as after some training (a fresh copy gives zero differences)."""
+    from hyperscale.methods import build_method, method_config_class
+    from hyperscale.methods.base import Batch
+    from hyperscale.methods.roles import build_roles
+
+    torch.manual_seed(0)
+    method = build_method(method_config_class(method_name)(**overrides))
+
+    def perturbed(_role, module):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        return module
+
+    def no_fresh():
+        raise AssertionError("no role of these methods is built fresh")
+
+    built = build_roles(method, teacher=lambda: teacher(name), fresh=no_fresh, rewards=lambda _s: None,
+                        prepare=perturbed)
+    gen = built.trainable[method.generator]
+    cond = family_of(gen).encode_condition(gen, PROMPTS)
+    x0 = None
+    if method.batch == "data":  # TSCD trains on data latents: encoded images
+        pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+        x0 = family_of(gen).encode_images(gen, pixels)
+    return method, built.trainable, built.frozen, Batch(cond=cond, x0=x0)
+
+
+def check_losses_train(name: str, method_name: str, overrides: dict) -> None:
+    """Two steps of the method's losses: finite per-sample losses and metrics, gradients that reach
+    the role each loss trains (the generator; the critic where there is one) and no frozen role."""
+    method, trainable, frozen, batch = method_roles(name, method_name, overrides)
+    steps = [("generator_loss", method.generator)] + ([("critic_loss", method.critic)] if method.critic else [])
+    for step in range(2):
+        for loss_name, role in steps:
+            for m in list(trainable.values()) + list(frozen.values()):
+                m.requires_grad_(m is trainable[role])
+            torch.manual_seed(10 + step)
+            out = getattr(method, loss_name)(batch, **trainable, **frozen)
+            assert out.loss.shape == (2,) and torch.isfinite(out.loss).all(), (method_name, loss_name, out.loss)
+            assert all(torch.isfinite(v).all() for v in out.metrics.values()), out.metrics
+            out.loss.mean().backward()
+            grads = [p.grad for p in trainable[role].parameters() if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads)
+            assert any(g.abs().sum() > 0 for g in grads), (method_name, loss_name)
+            assert all(p.grad is None for m in frozen.values() for p in m.parameters()), loss_name
+            for m in trainable.values():
+                m.zero_grad(set_to_none=True)
+    for m in list(trainable.values()) + list(frozen.values()):
+        m.requires_grad_(False)

@@ -1,32 +1,20 @@
 """The checks test_sd3.py and test_flux.py share, on a family's tiny random pipeline (``tiny:<family>``):
 conditions, the null condition, our samplers against the exported pipeline's own call, LoRA files
-through diffusers' loaders, and SIM / DMD / TSCD losses on the flow teacher
-(``from flow_family_checks import ...``; tests/families is on the import path)."""
+through diffusers' loaders, a method's sampler against its export (``from flow_family_checks import
+...``; tests/families is on the import path). The family-agnostic pieces live in tests/t2i_checks.py."""
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 
+from t2i_checks import PROMPTS, diffusers_images, method_roles, teacher, to_unit as images
 from hyperscale.diffusion.sampling import one_step, sample_euler
 from hyperscale.diffusion.schedule import Prediction, RectifiedFlow
-from hyperscale.methods import build_method, method_config_class
-from hyperscale.methods.base import Batch
-from hyperscale.methods.roles import build_roles
-from hyperscale.models.build import load_denoiser, save_denoiser, tiny_pipeline_dir
+from hyperscale.models.build import save_denoiser, tiny_pipeline_dir
 from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
 from hyperscale.models.families import family_of
 from hyperscale.models.lora import apply_lora, save_lora
 
-PROMPTS = ["a photo of a sneaker", "a sketch of a bag"]
 ATOL = 1e-5  # our samples against the pipeline's, images in [0, 1]
-
-
-@lru_cache(maxsize=None)
-def teacher(name: str):
-    """The family's tiny teacher, loaded once per test session (eval mode, frozen by the callers)."""
-    torch.set_num_threads(1)
-    return load_denoiser(f"tiny:{name}")
 
 
 def pipeline(source):
@@ -39,18 +27,9 @@ def noise(den, n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn((n,) + family_of(den).sample_shape(den), generator=torch.Generator().manual_seed(seed))
 
 
-def images(den, x0: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], as the pipelines' ``output_type="pt"``."""
-    with torch.no_grad():
-        return ((family_of(den).decode(den, x0) + 1) / 2).clamp(0, 1)
-
-
 def pipeline_images(pipe, z: torch.Tensor, steps: int, call: dict) -> torch.Tensor:
-    """The pipeline's images from our noise z (B, C, H, W); ``call``: the family's fixed arguments
-    (FLUX: packed latents, height and width)."""
-    kw = dict(call)
-    latents = kw.pop("pack")(z) if "pack" in kw else z
-    return pipe(PROMPTS, num_inference_steps=steps, latents=latents, output_type="pt", **kw).images
+    """The pipeline's images from our noise z; ``call``: the family's fixed arguments (t2i_checks)."""
+    return diffusers_images(pipe, z, PROMPTS, steps, **call)
 
 
 def check_exports_reproduce_our_samplers(name: str, tmp_path, call: dict) -> dict[int, float]:
@@ -101,55 +80,6 @@ def check_lora_files_load_in_diffusers(name: str, tmp_path, call: dict, targets:
     pipe.fuse_lora()
     out["fused"] = (pipeline_images(pipe, z, 2, call) - ours).abs().max().item()
     return out
-
-
-def method_roles(name: str, method_name: str, overrides: dict):
-    """A method on the family's tiny teacher: (method, trainable roles, frozen roles, batch), the
-    trainable copies perturbed as after some training (a fresh copy gives zero differences)."""
-    torch.manual_seed(0)
-    method = build_method(method_config_class(method_name)(**overrides))
-
-    def perturbed(_role, module):
-        with torch.no_grad():
-            for p in module.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        return module
-
-    def no_fresh():
-        raise AssertionError("no role of these methods is built fresh")
-
-    built = build_roles(method, teacher=lambda: teacher(name), fresh=no_fresh, rewards=lambda _s: None,
-                        prepare=perturbed)
-    gen = built.trainable[method.generator]
-    cond = family_of(gen).encode_condition(gen, PROMPTS)
-    x0 = None
-    if method.batch == "data":  # TSCD trains on data latents: encoded images
-        pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
-        x0 = family_of(gen).encode_images(gen, pixels)
-    return method, built.trainable, built.frozen, Batch(cond=cond, x0=x0)
-
-
-def check_losses_train(name: str, method_name: str, overrides: dict) -> None:
-    """A few steps of the method's losses: finite per-sample losses and metrics, and gradients
-    that reach the role each loss trains (the generator; the critic where there is one)."""
-    method, trainable, frozen, batch = method_roles(name, method_name, overrides)
-    steps = [("generator_loss", method.generator)] + ([("critic_loss", method.critic)] if method.critic else [])
-    for step in range(2):
-        for loss_name, role in steps:
-            for m in list(trainable.values()) + list(frozen.values()):
-                m.requires_grad_(m is trainable[role])
-            torch.manual_seed(10 + step)
-            out = getattr(method, loss_name)(batch, **trainable, **frozen)
-            assert out.loss.shape == (2,) and torch.isfinite(out.loss).all(), (method_name, loss_name, out.loss)
-            assert all(torch.isfinite(v).all() for v in out.metrics.values()), out.metrics
-            out.loss.mean().backward()
-            grads = [p.grad for p in trainable[role].parameters() if p.grad is not None]
-            assert grads and all(torch.isfinite(g).all() for g in grads)
-            assert any(g.abs().sum() > 0 for g in grads), (method_name, loss_name)
-            for m in trainable.values():
-                m.zero_grad(set_to_none=True)
-    for m in list(trainable.values()) + list(frozen.values()):
-        m.requires_grad_(False)
 
 
 def check_method_export(name: str, method_name: str, overrides: dict, tmp_path, call: dict) -> float:

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from t2i_checks import check_losses_train
 from flow_family_checks import (ATOL, PROMPTS, check_exports_reproduce_our_samplers, check_flow_teacher, images,
-                                check_lora_files_load_in_diffusers, check_losses_train, check_method_export,
+                                check_lora_files_load_in_diffusers, check_method_export,
                                 lora_student, noise, pipeline, pipeline_images, teacher)
 from hyperscale.models.build import tiny_pipeline_dir
 from hyperscale.models.cond import Cond

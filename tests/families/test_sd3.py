@@ -4,8 +4,9 @@ diffusers, and SIM / DMD / TSCD on a rectified-flow teacher (checks: flow_family
 import pytest
 import torch
 
+from t2i_checks import check_losses_train
 from flow_family_checks import (ATOL, PROMPTS, check_exports_reproduce_our_samplers, check_flow_teacher,
-                                check_lora_files_load_in_diffusers, check_losses_train, check_method_export,
+                                check_lora_files_load_in_diffusers, check_method_export,
                                 pipeline, teacher)
 from hyperscale.models.build import save_denoiser, tiny_pipeline_dir
 from hyperscale.models.export import OneStepCall, SamplerSpec
