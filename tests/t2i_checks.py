@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from hyperscale.diffusion.sampling import one_step, sample_ddim, sample_euler, sample_tcd
+from hyperscale.diffusion.schedule import RectifiedFlow
 from hyperscale.models.build import load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.export import FewStep
@@ -49,7 +50,7 @@ def our_images(den, spec, z, prompts=PROMPTS, steps: int | None = None, guidance
         x = one_step(model, z, cond, spec.one_step.timestep, spec.one_step.noise_input)
     elif few.name == "tcd":
         x = sample_tcd(model, z, cond, steps or few.num_steps, eta=eta, generator=torch.Generator().manual_seed(1))
-    elif den.schedule.__class__.__name__ == "RectifiedFlow":
+    elif isinstance(den.schedule, RectifiedFlow):
         x = sample_euler(model, z, cond, steps or few.num_steps)
     else:
         x = sample_ddim(model, z, cond, steps or few.num_steps, spacing=few.spacing)
@@ -59,7 +60,7 @@ def our_images(den, spec, z, prompts=PROMPTS, steps: int | None = None, guidance
 def _few(spec, den) -> FewStep:
     """The export's few-step sampler; a unified (multi-step) export without one samples with TCD
     (Euler on a rectified-flow schedule)."""
-    flow = den.schedule.__class__.__name__ == "RectifiedFlow"
+    flow = isinstance(den.schedule, RectifiedFlow)
     return spec.few_step or (FewStep("euler", 4, den.schedule.spacing) if flow else FewStep("tcd", 4))
 
 

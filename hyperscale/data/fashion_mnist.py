@@ -93,6 +93,11 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     return ImageSet(images, labels.astype(np.int64))
 
 
+def prompt_for(class_name: str) -> str:
+    """The class's default prompt: the first template ("a photo of a {c}")."""
+    return PROMPT_TEMPLATES[0].replace("{c}", class_name)
+
+
 def class_prompts(templates: Sequence[str] = PROMPT_TEMPLATES[:1],
                   class_names: Sequence[str] = CLASS_NAMES) -> list[str]:
     """Every template filled with every class name, template by template."""
@@ -118,5 +123,5 @@ def caption_samples(image_set: ImageSet, channels: int = 3, size: int = 32,
         image = np.pad(image, pad)  # zeros: black
         name = class_names[int(label)]
         yield {"image": image if channels == 1 else np.repeat(image[:, :, None], 3, axis=2),
-               "caption": PROMPT_TEMPLATES[0].replace("{c}", name),
+               "caption": prompt_for(name),
                "meta": {"label": int(label), "class_name": name}}

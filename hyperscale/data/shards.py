@@ -46,7 +46,7 @@ from torch import Tensor
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hyperscale.storage import s3
-from hyperscale.data.fashion_mnist import CLASS_NAMES, PROMPT_TEMPLATES, ImageSet, to_model_range
+from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, prompt_for, to_model_range
 from hyperscale.data.stream import ShardStream
 from hyperscale.storage.local import atomic_file
 
@@ -56,10 +56,6 @@ KEY_DIGITS = 8           # sample keys: "00000042"
 SHARD_DIGITS = 6         # shard names: "train-000003.tar"
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d+)\.tar$")
 _TAR_MTIME = 0.0         # fixed member mtime: the same input gives byte-identical shards
-
-
-def prompt_for(class_name: str) -> str:
-    return PROMPT_TEMPLATES[0].replace("{c}", class_name)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hyperscale.diffusion.schedule import Prediction, bcast, convert, is_index, to_eps_x0
+from hyperscale.diffusion.schedule import Prediction, RectifiedFlow, bcast, convert, is_index, to_eps_x0
 
 
 class Spacing(str, Enum):
@@ -307,8 +307,8 @@ def sample_lcm(denoiser, noise: Tensor, cond, num_steps: int, original_inference
 def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
                original_inference_steps: int | None = 50, generator: Generators = None,
                timesteps: list[int] | Tensor | None = None, callback: Callback | None = None) -> Tensor:
-    """TCD (gamma = eta) from x_T = noise (B, ...), as TCDScheduler (on a continuous schedule:
-    ``_tcd_continuous``, over the Euler sampler's times).
+    """TCD (gamma = eta) from x_T = noise (B, ...), as TCDScheduler (on a rectified-flow schedule:
+    ``_tcd_flow``, over the Euler sampler's times).
 
     Step t -> t_prev: DDIM jump to s = floor((1 - eta) t_prev), then, when eta > 0 and not the
     last step, re-noise s -> t_prev with fresh noise. The last step has t_prev = 0, so, as in
@@ -316,8 +316,8 @@ def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     sched = denoiser.schedule
-    if getattr(sched, "continuous", False):
-        return _tcd_continuous(denoiser, noise, cond, num_steps, eta, generator, callback)
+    if isinstance(sched, RectifiedFlow):
+        return _tcd_flow(denoiser, noise, cond, num_steps, eta, generator, callback)
     ts = _grid(timesteps, num_steps, original_inference_steps, sched.num_train_timesteps)
     x = noise
     for i, t in enumerate(ts):
@@ -335,7 +335,7 @@ def sample_tcd(denoiser, noise: Tensor, cond, num_steps: int, eta: float = 0.3,
     return x
 
 
-def _tcd_continuous(denoiser, noise: Tensor, cond, num_steps: int, eta: float, generator: Generators,
+def _tcd_flow(denoiser, noise: Tensor, cond, num_steps: int, eta: float, generator: Generators,
                     callback: Callback | None) -> Tensor:
     """TCD on a continuous (rectified-flow) schedule, over the Euler sampler's times: step t -> t_prev
     jumps with the model's (x0, eps) pair to s = (1 - eta) t_prev, then re-noises s -> t_prev with

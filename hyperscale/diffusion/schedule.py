@@ -75,7 +75,6 @@ class Schedule:
     """An affine noising path; subclasses implement ``alpha_sigma`` and ``model_time``."""
 
     num_train_timesteps: int
-    continuous = False  # samplers walk a discrete training grid (VP) or continuous time (flow)
 
     def alpha_sigma(self, t, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(alpha(t), sigma(t)) in float64 (or ``dtype``), on the device of ``t``."""
@@ -195,8 +194,6 @@ class RectifiedFlow(Schedule):
     passes sigmas 1, (n-1)/n, ..., 1/n)."""
 
     SPACINGS = ("linspace", "trailing")
-
-    continuous = True
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, spacing: str = "linspace"):
         if shift <= 0:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hyperscale.config.schema import Section
 from hyperscale.diffusion.sampling import ddim_walk, timesteps
-from hyperscale.diffusion.schedule import Prediction
+from hyperscale.diffusion.schedule import Prediction, RectifiedFlow
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.methods.scores import StudentSection, build_student, check_student, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
@@ -90,7 +90,7 @@ def truncated_rollout(student, z: Tensor, cond, num_steps: int, grad_index: int,
     """ReFL rollout: DDIM (trailing) from x_T = z without grad for ``grad_index`` steps, then the
     x0 prediction at that step with grad. Returns (x0 (B, ...), x_t (B, ...) detached, t (B,))."""
     sched = student.schedule
-    if getattr(sched, "continuous", False):
+    if isinstance(sched, RectifiedFlow):
         raise ValueError("feedback's ReFL rollout walks a discrete (VP) grid; rectified-flow teachers (sd3, flux) "
                          "are not supported by the feedback phase yet")
     net = CFGDenoiser(student, guidance_scale) if guidance_scale != 1.0 else student

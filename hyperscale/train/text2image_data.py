@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyperscale.data.captions import CaptionBatch, caption_shard_dataset
-from hyperscale.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from hyperscale.data.fashion_mnist import class_prompts, load_fashion_mnist
 from hyperscale.data.prompts import PromptStream, load_prompts
-from hyperscale.data.shards import prompt_for
 from hyperscale.data.stream import InMemoryStream
 
-DEFAULT_PROMPTS = tuple(prompt_for(c) for c in CLASS_NAMES)
+DEFAULT_PROMPTS = tuple(class_prompts())  # "a photo of a {class}", in label order
 
 
 def prompts_of(cfg) -> list[str]:
