@@ -2,12 +2,14 @@
 
     python jobs/make_shards.py --split train --out DIR [--maxcount N] [--root IDX_DIR]
     python jobs/make_shards.py --kind captions --out DIR [--channels 1|3] [--split ...] [--precompute PIPELINE]
+                               [--captions class|varied] [--repeat N] [--seed S]
     python jobs/make_shards.py --kind prompts --out DIR [--format txt|jsonl|parquet]
                                [--all-templates | --template "a sketch of a {c}" ...]
 
 labels (the default): WebDataset shards with each image's class label (``shard_dataset``).
 captions: LAION-style caption shards (``caption_shard_dataset``): the images padded with
-black to 32x32, grayscale or RGB, captioned "a photo of a {class name}".
+black to 32x32, grayscale or RGB, captioned "a photo of a {class name}" or, with ``--captions
+varied``, in varied words (hyperscale/data/fmnist_captions.py; ``--repeat`` passes, new captions each).
 Both print the shards' brace pattern (e.g. ``DIR/train-{000000..000059}.tar``), which is
 what the data config's shard URL takes. ``--precompute PIPELINE`` (a pipeline folder, hub id,
 ``s3://`` or ``tiny:<family>``) also stores each sample's VAE latents and text embeddings, which
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hyperscale.data.captions import write_caption_shards  # noqa: E402
 from hyperscale.data.fashion_mnist import (PROMPT_TEMPLATES, ImageSet, caption_samples,  # noqa: E402
                                            class_prompts, load_fashion_mnist)
+from hyperscale.data.fmnist_captions import captioner  # noqa: E402
 from hyperscale.data.prompts import write_prompts  # noqa: E402
 from hyperscale.data.shards import shard_pattern, write_shards  # noqa: E402
 
@@ -38,11 +41,13 @@ def make_captions(args: argparse.Namespace, encode: Callable | None = None) -> l
         from hyperscale.models.build import load_denoiser
         from hyperscale.models.families.text2image import shard_encoder
 
-        encode = shard_encoder(load_denoiser(args.precompute))
+        encode = shard_encoder(load_denoiser(args.precompute), text=not getattr(args, "latents_only", False))
     images = load_fashion_mnist(args.split, root=args.root)
     if getattr(args, "limit", 0):
         images = ImageSet(images.images[:args.limit], images.labels[:args.limit])
-    return write_caption_shards(caption_samples(images, channels=args.channels), args.out,
+    caption_fn = captioner(seed=getattr(args, "seed", 0)) if getattr(args, "captions", "class") == "varied" else None
+    samples = caption_samples(images, channels=args.channels, caption_fn=caption_fn, repeat=getattr(args, "repeat", 1))
+    return write_caption_shards(samples, args.out,
                                 prefix=args.split, maxcount=args.maxcount, encode=encode)
 
 
@@ -58,10 +63,18 @@ def main(argv: list[str] | None = None) -> None:
                     "(default: HYPERSCALE_FMNIST_ROOT or /usr/share/datasets/fashion-mnist)")
     ap.add_argument("--channels", type=int, choices=(1, 3), default=3,
                     help="captions: grayscale (1) or RGB (3) images")
+    ap.add_argument("--captions", choices=("class", "varied"), default="class",
+                    help="captions: the class prompt 'a photo of a {class}' (default) or varied captions "
+                    "(synonyms, the item's shade, the training templates of hyperscale/data/fmnist_captions.py)")
+    ap.add_argument("--repeat", type=int, default=1, help="captions: passes over the split (new captions each pass)")
+    ap.add_argument("--seed", type=int, default=0, help="captions: the varied captions' seed")
     ap.add_argument("--limit", type=int, default=0, help="captions: only the split's first N images (0: all)")
     ap.add_argument("--precompute", default=None, metavar="PIPELINE",
                     help="captions: also store VAE latents and text embeddings from this text-to-image "
                     "pipeline (folder, hub id, s3:// or tiny:<family>)")
+    ap.add_argument("--latents-only", action="store_true",
+                    help="captions with --precompute: store the VAE latents only, not the text embeddings "
+                    "(few distinct captions are cheap to encode, and cached, while training)")
     ap.add_argument("--format", choices=("txt", "jsonl", "parquet"), default="txt",
                     help="prompts: the file format")
     templates = ap.add_mutually_exclusive_group()

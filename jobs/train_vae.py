@@ -29,7 +29,10 @@ if __name__ == "__main__":
     ap.add_argument("--channels", default="32,64,64", help="block_out_channels, comma separated (three entries)")
     ap.add_argument("--perceptual-weight", type=float, default=VAEConfig.perceptual_weight)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 beside other work")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = VAEConfig(block_out_channels=tuple(int(c) for c in args.channels.split(",")), steps=args.steps,
                        perceptual_weight=args.perceptual_weight, seed=args.seed)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")

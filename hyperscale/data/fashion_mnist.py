@@ -108,20 +108,25 @@ def class_prompts(templates: Sequence[str] = PROMPT_TEMPLATES[:1],
 
 
 def caption_samples(image_set: ImageSet, channels: int = 3, size: int = 32,
-                    class_names: Sequence[str] = CLASS_NAMES) -> Iterator[dict]:
+                    class_names: Sequence[str] = CLASS_NAMES, caption_fn=None, repeat: int = 1) -> Iterator[dict]:
     """Sample dicts for ``hyperscale.data.captions.write_caption_shards``: each image padded
     with black to ``size`` x ``size`` (28 -> 32: -1 in model range), grayscale (channels=1)
-    or RGB (3); caption ``PROMPT_TEMPLATES[0]`` of its class; meta its label and class."""
+    or RGB (3); caption ``caption_fn(image, label)`` (default: ``PROMPT_TEMPLATES[0]`` of its class;
+    varied captions: ``hyperscale.data.fmnist_captions.captioner``); meta its label and class.
+    ``repeat``: passes over the set (each pass draws new captions)."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     h, w = image_set.images.shape[1:]
     if size < max(h, w):
         raise ValueError(f"size {size} is smaller than the images ({h}x{w})")
     top, left = (size - h) // 2, (size - w) // 2
     pad = ((top, size - h - top), (left, size - w - left))
-    for image, label in zip(image_set.images, image_set.labels):
-        image = np.pad(image, pad)  # zeros: black
-        name = class_names[int(label)]
-        yield {"image": image if channels == 1 else np.repeat(image[:, :, None], 3, axis=2),
-               "caption": prompt_for(name),
-               "meta": {"label": int(label), "class_name": name}}
+    for _ in range(repeat):
+        for image, label in zip(image_set.images, image_set.labels):
+            name = class_names[int(label)]
+            text = caption_fn(image, int(label)) if caption_fn is not None else prompt_for(name)
+            image = np.pad(image, pad)  # zeros: black
+            yield {"image": image if channels == 1 else np.repeat(image[:, :, None], 3, axis=2),
+                   "caption": text, "meta": {"label": int(label), "class_name": name}}

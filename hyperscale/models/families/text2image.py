@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from hyperscale.diffusion.schedule import DiscreteVP, Prediction, Schedule
 from hyperscale.models.cond import Cond, as_cond
 from hyperscale.models.denoiser import BaseDenoiser, unwrap
+from hyperscale.models.families.external import external_components, load_external, write_external
 from hyperscale.models.family import Family, feature_hooks
 
 PIPELINE_INDEX = "model_index.json"
@@ -75,7 +76,8 @@ class Frontend:
             quiet_libraries()
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(str(self.path), **{self.family.backbone_name: None})
+            pipe = DiffusionPipeline.from_pretrained(str(self.path), **{self.family.backbone_name: None},
+                                                     **load_external(self.path))
             self._pipe = self.family.check_pipeline(pipe, self.path)
             self._pipe.frontend_sample_size = self.sample_size
             self._freeze()
@@ -87,7 +89,8 @@ class Frontend:
         from diffusers import DiffusionPipeline
 
         quiet_libraries()
-        return DiffusionPipeline.from_pretrained(str(self.path), **{self.family.backbone_name: None})
+        return DiffusionPipeline.from_pretrained(str(self.path), **{self.family.backbone_name: None},
+                                                 **load_external(self.path))
 
     def _freeze(self) -> None:
         for _name, part in self._pipe.components.items():
@@ -278,8 +281,18 @@ class TextToImageFamily(Family):
         return den
 
     def fresh(self, model_section: Any, schedule) -> nn.Module:
-        raise ValueError(f"family {self.name} builds no teacher from scratch: set model.pretrained_teacher_model "
-                         f"(a diffusers folder, hub id, s3:// prefix, or tiny:{self.name} for a tiny test pipeline)")
+        """The network of ``model.pretrained_teacher_model`` with new random weights (its config, its
+        frontend, its schedule): what training a teacher from scratch starts from."""
+        source = getattr(model_section, "pretrained_teacher_model", None)
+        if not source:
+            raise ValueError(f"family {self.name} builds a fresh network from a pipeline's config: set "
+                             f"model.pretrained_teacher_model (a diffusers folder, hub id, s3:// prefix, or "
+                             f"tiny:{self.name})")
+        from hyperscale.models.build import resolve_source
+
+        den = self.load_pipeline_denoiser(resolve_source(source))
+        den.net = type(den.net).from_config(den.net.config).train()
+        return den
 
     # ---------------------------------------------------------------- exports
     def export_scheduler(self, denoiser: T2IDenoiser, extra: dict):
@@ -323,11 +336,14 @@ class TextToImageFamily(Family):
         pipe = d.frontend.pipe if d.frontend.dtype == torch.float32 else d.frontend.stored()
         old = pipe.scheduler
         scheduler = self.export_scheduler(d, extra)
-        pipe.register_modules(**{self.backbone_name: d.net, "scheduler": scheduler})
+        external = external_components(d.frontend.path)  # loaded from their package: not written
+        kept = {name: getattr(pipe, name) for name in external}
+        pipe.register_modules(**{self.backbone_name: d.net, "scheduler": scheduler}, **dict.fromkeys(external))
         try:
             pipe.save_pretrained(str(directory), safe_serialization=True)
+            write_external(directory, external)
         finally:
-            pipe.register_modules(**{self.backbone_name: None, "scheduler": old})
+            pipe.register_modules(**{self.backbone_name: None, "scheduler": old}, **kept)
 
     def describe(self, denoiser: nn.Module) -> dict:
         d = inner(denoiser)
@@ -360,6 +376,10 @@ class TextToImageFamily(Family):
         frontend = inner(denoiser).frontend
         return frontend.sample_size * int(frontend.pipe.vae_scale_factor)
 
+    def image_channels(self, denoiser: nn.Module) -> int:
+        """The VAE's image channels (3: RGB; 1: the grayscale Fashion-MNIST teacher)."""
+        return int(inner(denoiser).frontend.vae.config.in_channels)
+
     def encode_images(self, denoiser: nn.Module, images: Tensor) -> Tensor:
         return inner(denoiser).frontend.encode_images(images)
 
@@ -370,22 +390,27 @@ class TextToImageFamily(Family):
         return inner(denoiser).net
 
 
-def shard_encoder(denoiser: nn.Module, batch_size: int = 64):
+def shard_encoder(denoiser: nn.Module, batch_size: int = 64, text: bool = True):
     """``encode(images, captions) -> (latents, text)`` for caption shards with precomputed fields
     (hyperscale/data/captions.py ``precompute``): VAE latents of the uint8 images (H, W[, 3]) at their
-    stored size, and the text conditions by field name (embeds, pooled, mask, SDXL's time_ids)."""
+    stored size, and the text conditions by field name (embeds, pooled, mask, SDXL's time_ids) unless
+    ``text`` is false."""
     import numpy as np
 
     d = inner(denoiser)
 
     @torch.no_grad()
     def encode(images, captions):
-        arr = np.stack([im if im.ndim == 3 else np.repeat(im[..., None], 3, 2) for im in images])
+        channels = d.frontend.vae.config.in_channels
+        arr = np.stack([im[..., None] if im.ndim == 2 else im for im in images])
+        if arr.shape[-1] != channels:
+            arr = arr.mean(-1, keepdims=True).round().astype(np.uint8) if channels == 1 else np.repeat(arr, channels, -1)
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
         latents = d.frontend.encode_images(x).cpu().numpy().astype(np.float32)
+        if not text:  # latents only: prompts are encoded (and cached) at training time
+            return latents, None
         cond = d.frontend.encode(captions)
-        text = {name.removeprefix("extra."): v.cpu().numpy() for name, v in cond._items()}
-        return latents, text
+        return latents, {name.removeprefix("extra."): v.cpu().numpy() for name, v in cond._items()}
 
     return encode
 
