@@ -33,6 +33,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -56,7 +57,18 @@ MAX_SEED = 2 ** 53  # exact in JSON numbers and in float64 clients
 
 
 class RequestError(ValueError):
-    """A request the model cannot honour; the message names the field and the allowed values."""
+    """A request the model cannot honour; the message names the field and the allowed values.
+
+    ``param``: the request field it is about (given, or the ``name`` a message starting
+    ``name:`` / ``name[i]:`` names; None: the request as a whole). ``sizes``: on a size the model
+    does not generate, its ``SizeRule`` (an API that words sizes its own way, e.g. OpenAI's
+    ``WxH``, words its message from it)."""
+
+    def __init__(self, message: str, param: str | None = None, sizes: SizeRule | None = None):
+        super().__init__(message)
+        named = re.match(r"([a-z_]+)(\[\d+\])?:", message)
+        self.param = param or (named.group(1) if named else None)
+        self.sizes = sizes
 
 
 class GenerateRequest(BaseModel):

@@ -103,8 +103,16 @@ class SizeRule:
             if value not in allowed:
                 raise _error(f"{field}: {value} is not a size '{name}' generates; height must be one of "
                              f"{_listing(self.heights)} and width one of {_listing(self.widths)} pixels "
-                             f"('size' upscales the output instead)")
+                             f"('size' upscales the output instead)", param=field, sizes=self)
         return (self.channels, h // self.factor, w // self.factor)
+
+    def wxh(self) -> str:
+        """The sizes as 'WIDTHxHEIGHT' (OpenAI's ``size``), in words."""
+        h, w = self.default
+        if len(self.heights) == len(self.widths) == 1:
+            return f"'{w}x{h}' only"
+        return (f"'WxH' with W one of {_listing(self.widths)} and H one of {_listing(self.heights)} "
+                f"(default '{w}x{h}')")
 
 
 def _listing(values: tuple[int, ...]) -> str:
@@ -113,10 +121,10 @@ def _listing(values: tuple[int, ...]) -> str:
     return ", ".join(map(str, values))
 
 
-def _error(message: str) -> Exception:
+def _error(message: str, **details) -> Exception:
     from hyperscale.models.generation import RequestError
 
-    return RequestError(message)
+    return RequestError(message, **details)
 
 
 def prompts_of(req: "GenerateRequest") -> list[str]:

@@ -4,7 +4,9 @@
     serve deploy jobs/configs/serve.yaml          # or: python jobs/serve.py
 
 Routes: ``POST /v1/generate`` (JSON in; base64 JSON or raw PNG/JPEG out; a class or prompts, as the
-model takes: ``hyperscale.models.generation``), ``GET /v1/models``,
+model takes: ``hyperscale.models.generation``), ``POST /v1/images/generations`` (OpenAI's image API,
+mapped onto the same request: ``hyperscale.serve.openai_api``), ``GET /v1/models`` (what the model
+takes, the adapters, and OpenAI's model list),
 ``GET /healthz`` (process up), ``GET /readyz`` (model loaded and answering), ``GET /`` (a
 page to try it), ``/docs`` (OpenAPI). The generator deployment batches requests dynamically
 (``serve.batch``; the batch size counts images) and multiplexes named adapters
@@ -24,12 +26,15 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from hyperscale.storage.local import absolute_local
 from hyperscale.storage.s3 import is_s3_url, list_objects, parse_s3_url
 from hyperscale.models.generation import GenerateRequest, ImageGenerator, Job, RequestError, to_base64
+from hyperscale.serve import openai_api
+from hyperscale.serve.openai_api import IMAGES_PATH, ImagesRequest
 from hyperscale.serve.page import PAGE
 from hyperscale.serve.settings import SERVE_THROUGHPUT_ENV, ServeSettings, parse_settings
 
@@ -58,12 +63,20 @@ class UnknownAdapter(LookupError):
 
 
 class HTTPProblem(Exception):
-    def __init__(self, status: int, message: str):
+    """An HTTP error answer; ``param``: the request field it is about, ``code``: OpenAI's error
+    code, ``known``: the adapters there are (an unknown adapter)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 known: list[str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param, self.code, self.known = status, message, param, code, known
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def _error(status: int, message: str, path: str = "", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    """``{"error": message}``, or OpenAI's error object on the OpenAI route (``path``)."""
+    if path.endswith(IMAGES_PATH):
+        return JSONResponse(openai_api.error_body(status, message, param, code), status_code=status)
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -125,27 +138,31 @@ class GeneratorDeployment:
         if adapter is None:
             return self.default
         if not self.s.adapters_dir:
-            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; this server has no adapters directory")
+            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; this server has no adapters directory",
+                              "adapter", known=[])
         try:
             return await self._adapter(adapter)
         except UnknownAdapter as e:  # '.' and '..' are no entry either
-            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; known: {', '.join(e.known) or 'none'}") from None
+            raise HTTPProblem(404, f"adapter: '{adapter}' is unknown; known: {', '.join(e.known) or 'none'}",
+                              "adapter", known=e.known) from None
         except (FileNotFoundError, NotADirectoryError, ValueError) as e:
             # the message of a load failure names server paths: the client gets the name only
             logger.warning("adapter %r failed to load: %s", adapter, e)
-            raise HTTPProblem(404, f"adapter: '{adapter}' is not a loadable export") from None
+            raise HTTPProblem(404, f"adapter: '{adapter}' is not a loadable export", "adapter") from None
 
     async def generate(self, body: dict) -> dict:
         """A validated request body -> {"status": 200, "images": [bytes], "format", "seed", "model", and
-        the class ("class", "class_name") or the prompts ("prompts", "height", "width")} or an error."""
+        the class ("class", "class_name") or the prompts ("prompts", "height", "width")} or an error:
+        {"status", "error", "param" (the field), "sizes" (a size it does not generate: its SizeRule),
+        "known" (an unknown adapter: the adapters there are)}."""
         try:
             req = GenerateRequest.model_validate(body)
             model = await self._model(req.adapter)
             job = model.prepare(req, self.limits)
         except RequestError as e:
-            return {"status": 422, "error": str(e)}
+            return {"status": 422, "error": str(e), "param": e.param, "sizes": e.sizes}
         except HTTPProblem as e:
-            return {"status": e.status, "error": e.message}
+            return {"status": e.status, "error": e.message, "param": e.param, "known": e.known}
         if self.s.batching:
             # Adaptive wait: a lone client (never more than one request here lately) waits only
             # batch_wait_idle_s; once requests overlap, a batch waits up to batch_wait_timeout_s to
@@ -183,25 +200,36 @@ class GeneratorDeployment:
 
 api = FastAPI(title="hyperscale", version="0.1.0",
               description="1-step and few-step image generation with distilled diffusion models "
-                          "(SIM, Hyper-SD), class-conditional or text-to-image. POST /v1/generate; GET "
-                          "/v1/models says what the model takes (classes or prompts) and its sizes.")
+                          "(SIM, Hyper-SD), class-conditional or text-to-image. POST /v1/generate (or OpenAI's "
+                          "POST /v1/images/generations); GET /v1/models says what the model takes (classes "
+                          "or prompts) and its sizes.")
+
+
+def _describe(errors: list[dict], names: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Pydantic errors -> ("field: problem; ...", the first field), fields renamed by ``names``."""
+    parts, first = [], None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if loc and names:
+            loc[0] = names.get(loc[0], loc[0])
+        where, msg = ".".join(loc) or "body", err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            where, msg, loc = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')})", []
+        first = first or (loc[0] if loc else None)
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts), first
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "json_invalid":
-            loc, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')})"
-        parts.append(f"{loc}: {msg}")
-    return _error(422, "; ".join(parts))
+    message, param = _describe(exc.errors())
+    path = request.url.path
+    return _error(400 if path.endswith(IMAGES_PATH) else 422, message, path, param)
 
 
 @api.exception_handler(HTTPProblem)
 async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
-    return _error(exc.status, exc.message)
+    return _error(exc.status, exc.message, request.url.path, exc.param, exc.code)
 
 
 BODY_LIMIT_ENV = "HYPERSCALE_SERVE_MAX_BODY_BYTES"  # set on the ingress replicas by build_app
@@ -219,10 +247,10 @@ class BoundBody:
             limit = int(os.environ.get(BODY_LIMIT_ENV) or ServeSettings.model_fields["max_body_bytes"].default)
             length = dict(scope["headers"]).get(b"content-length")
             if length is None:
-                return await _error(411, "body: send a Content-Length header")(scope, receive, send)
+                return await _error(411, "body: send a Content-Length header", scope["path"])(scope, receive, send)
             if not length.isdigit() or int(length) > limit:
                 return await _error(413, f"body: {length.decode(errors='replace')} bytes is over the limit "
-                                         f"of {limit}")(scope, receive, send)
+                                         f"of {limit}", scope["path"])(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -236,6 +264,7 @@ class Ingress:
         self.gen = generator
         self.s = ServeSettings(**settings)
         self.token = self.s.resolved_token()
+        self.started = int(time.time())  # OpenAI's model "created"
 
     def _auth(self, request: Request) -> None:
         if self.token is None:
@@ -265,25 +294,52 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
+        """``default`` (what the model takes, its sizes...), ``adapters``, ``auth``; and OpenAI's list
+        (``object: list``, ``data``: the model ids for ``model``, ``default`` first)."""
         self._auth(request)
         adapters = await asyncio.to_thread(adapter_names, self.s.adapters_dir) if self.s.adapters_dir else []
         return {"default": await self.gen.describe.remote(), "adapters": adapters,
-                "auth": self.token is not None}
+                "auth": self.token is not None, "object": "list",
+                "data": openai_api.model_list(adapters, self.started)}
+
+    async def _generate(self, req: GenerateRequest) -> tuple[dict, dict]:
+        """The generator's answer to a request, and the headers of a success."""
+        handle = self.gen.options(multiplexed_model_id=req.adapter) if req.adapter else self.gen
+        out = await handle.generate.remote(req.model_dump(by_alias=True, exclude_unset=True))
+        if out["status"] != 200:
+            return out, {}
+        headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"]}
+        if "class_name" in out:  # prompts may not fit a header (latin-1): the JSON body has them
+            headers["X-Class"] = out["class_name"]
+        return out, headers
 
     @api.post("/v1/generate", responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
     async def generate(self, body: GenerateRequest, request: Request) -> Any:
         self._auth(request)
-        handle = self.gen.options(multiplexed_model_id=body.adapter) if body.adapter else self.gen
-        out = await handle.generate.remote(body.model_dump(by_alias=True, exclude_unset=True))
+        out, headers = await self._generate(body)
         if out["status"] != 200:
             return _error(out["status"], out["error"])
-        headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"]}
-        if "class_name" in out:  # prompts may not fit a header (latin-1): the JSON body has them
-            headers["X-Class"] = out["class_name"]
         if body.response == "image":
             return Response(out["images"][0], media_type=MEDIA[out["format"]], headers=headers)
         fields = {k: v for k, v in out.items() if k not in ("status", "images")}
         return JSONResponse({"images": [to_base64(b) for b in out["images"]], **fields}, headers=headers)
+
+    @api.post(IMAGES_PATH)
+    async def images_generations(self, body: ImagesRequest, request: Request) -> JSONResponse:
+        """OpenAI's image generation (``hyperscale.serve.openai_api``): the body becomes a
+        ``/v1/generate`` request; b64_json images in OpenAI's ImagesResponse."""
+        self._auth(request)
+        try:
+            req = GenerateRequest.model_validate(openai_api.to_generate(body))
+        except RequestError as e:
+            raise HTTPProblem(400, str(e), e.param) from None
+        except ValidationError as e:
+            message, param = _describe(e.errors(), openai_api.PARAM_OF)
+            raise HTTPProblem(400, message, param) from None
+        out, headers = await self._generate(req)
+        if out["status"] != 200:
+            raise HTTPProblem(*openai_api.failure(out, body))
+        return JSONResponse(openai_api.images_response(out, int(time.time())), headers=headers)
 
 
 def build_app(args: dict | None = None):
