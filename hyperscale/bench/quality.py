@@ -1,8 +1,9 @@
 """The quality suite of docs/benchmarks.md §2: the step-vs-quality table on Fashion-MNIST.
 
 Every generator row is produced on the same fixed noise, the same class-balanced
-labels and the same sample count, then scored by FID/KID on EfficientNet-Lite0
-features (relative numbers; see ``FID_NOTE``) and by the project's classifier.
+labels and the same sample count, then scored by FID/KID and precision/recall on
+EfficientNet-Lite0 features (relative numbers; see ``FID_NOTE``, ``PR_NOTE``) and by the
+project's classifier.
 Records follow the envelope of docs/benchmarks.md §1.4 (suite, commit, date, machine, command,
 settings, rows).
 """
@@ -24,7 +25,7 @@ from hyperscale.diffusion.sampling import sample_ddim, sample_tcd
 from hyperscale.models.classifier import classifier_card, load_classifier
 from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
-from hyperscale.eval.metrics import FID_NOTE, evaluate_samples
+from hyperscale.eval.metrics import FID_NOTE, PR_K, PR_NOTE, PR_SEED, evaluate_samples, pr_sample_count
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.progress import Progress
 from hyperscale.storage.records import write_record
@@ -45,12 +46,16 @@ class QualitySettings:
     image_size: int = 64  # feature-network input (EfficientNet-Lite0)
     reference_limit: int | None = None  # None: all 10k test images (tests use fewer)
     student_eta: float = 0.3  # TCD gamma for multi-step student rows without their own (TCD's default)
+    pr_k: int = PR_K  # precision/recall neighbourhood size (Kynkäänniemi et al. 2019's default, 3)
     threads: int = field(default_factory=lambda: torch.get_num_threads())
 
     def __post_init__(self) -> None:
         if self.use_clipped_model_output and not self.clip_x0:
             # else a row equal to the unclipped one would be recorded under settings that refuse to carry it
             raise ValueError("use_clipped_model_output re-derives eps from the clipped x0: it needs clip_x0")
+        if not 1 <= self.pr_k < self.fid_samples:
+            raise ValueError(f"pr_k must be in [1, fid_samples): the k-th neighbour of each of the "
+                             f"{self.fid_samples} samples among the others; got {self.pr_k}")
 
 
 def fixed_inputs(s: QualitySettings, shape=(1, 28, 28)) -> tuple[Tensor, Tensor]:
@@ -94,7 +99,7 @@ class QualityRun:
         self.planned, self.added = None, 0  # sampled rows: how many run_quality will add, how many so far
 
     def _score(self, generator: str, steps: int, images: Tensor, sps: float | None, extra: dict | None = None) -> dict:
-        m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier)
+        m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier, pr_k=self.s.pr_k)
         row = {"generator": generator, "steps": steps, **m, "samples_per_s": sps, **(extra or {})}
         grid = self.out_dir / "grids" / f"{generator}-{steps}.png"
         n = min(100, len(self.labels))
@@ -104,11 +109,13 @@ class QualityRun:
         self.rows.append(row)
         sps_txt = f"{sps:8.1f}" if sps else "       -"
         self.log(f"[bench] {generator:>18} steps {steps:>3}  FID {m['fid']:8.2f}  KID {m['kid']:.4f}  "
-                 f"acc {m['class_acc']:.3f}  samples/s {sps_txt}")
+                 f"P {m['precision']:.3f}  R {m['recall']:.3f}  acc {m['class_acc']:.3f}  samples/s {sps_txt}")
         return row
 
     def add_real_data(self) -> dict:
-        """The floor: real training images (same count) against the test reference."""
+        """The floor: real training images (same count) against the test reference. The training
+        set is disjoint from the test reference, so its precision/recall is what the k-NN estimator
+        gives for two real samples: the sanity row for the generators' figures."""
         train = load_fashion_mnist("train")
         g = torch.Generator().manual_seed(self.s.seed + 1)
         idx = torch.cat([torch.nonzero(torch.from_numpy(train.labels) == c).flatten()[
@@ -130,6 +137,8 @@ class QualityRun:
         settings = asdict(self.s) | {"teacher_sha256": self.teacher_sha256,
                                      "fid_note": FID_NOTE, "reference": "Fashion-MNIST test, 10k",
                                      "feature_net": "EfficientNet-Lite0 (ImageNet)",
+                                     "pr_note": PR_NOTE, "pr_seed": PR_SEED,
+                                     "pr_reference_size": pr_sample_count(self.s.fid_samples, len(self.ref.features)),
                                      "classifier_test_acc": classifier_card().get("test_accuracy")}
         path = write_record(self.out_dir, "quality", settings, self.rows, command)
         plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
@@ -215,20 +224,37 @@ def weights_digest(export_dir: str | os.PathLike) -> str:
     return hashlib.sha256((resolve_source(str(export_dir)) / EXPORT_WEIGHTS).read_bytes()).hexdigest()
 
 
+PR_FIELDS = ("precision", "recall")
+
+
 def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha256: str) -> list[dict]:
     """The real-data and teacher rows of an earlier record, reusable only when every setting that
     changes their numbers is equal (fixed seeds, deterministic DDIM: recomputing gives the same
-    FID/KID/accuracy); each carried row says where it came from."""
+    FID/KID/accuracy); each carried row says where it came from.
+
+    Records from before precision/recall (no ``pr_k`` in their settings) lack those fields: their
+    real-data row is not carried (it is cheap: ``run_quality`` scores it again), and their teacher
+    rows are carried with ``precision`` and ``recall`` null and ``carried_from["lacks"]`` naming
+    them; nothing is filled in. A record with another ``pr_k`` is refused like any other setting."""
     rec = json.loads(Path(record_path).read_text())
     old = rec.get("settings", {})
     diff = [k for k in ROW_SETTINGS if old.get(k, PREDATING.get(k)) != getattr(s, k)]
+    if old.get("pr_k") not in (None, s.pr_k):
+        diff.append("pr_k")
     if old.get("teacher_sha256") not in (None, teacher_sha256):
         diff.append("teacher_sha256")
     if diff:
         raise ValueError(f"{record_path}: cannot carry rows over, settings differ: {', '.join(diff)}")
     rows = [r for r in rec["rows"] if r["generator"] == "real-data" or
             (r["generator"] == "teacher-ddim" and r["steps"] in s.teacher_steps)]
-    return [r | {"carried_from": {"commit": rec.get("commit"), "date": rec.get("date")}} for r in rows]
+    out = []
+    for r in rows:
+        lacks = [f for f in PR_FIELDS if r.get(f) is None]
+        if lacks and r["generator"] == "real-data":
+            continue  # recomputed, with every field
+        origin = {"commit": rec.get("commit"), "date": rec.get("date")} | ({"lacks": lacks} if lacks else {})
+        out.append(r | {f: r.get(f) for f in PR_FIELDS} | {"carried_from": origin})
+    return out
 
 
 def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[str, int, SampleFn, dict]]:
@@ -264,7 +290,8 @@ def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str
                 students: dict[str, str] | None = None, carry_from: str | None = None) -> Path:
     """The real-data floor, the teacher's DDIM rows, then the students' rows: one 1-step row per
     generator export, one row per step count for ``PATH@N,...`` sources (``StudentSpec``).
-    ``carry_from``: an earlier quality.json whose floor and teacher rows are reused (see carried_rows)."""
+    ``carry_from``: an earlier quality.json whose floor and teacher rows are reused (see carried_rows;
+    a floor row without precision/recall is scored again)."""
     from hyperscale.models.build import load_denoiser
 
     teacher = load_denoiser(teacher_dir)
@@ -274,10 +301,10 @@ def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str
     run = QualityRun(s, Path(out_dir))
     run.teacher_sha256 = digest
     have = {(r["generator"], r["steps"]) for r in carried}
-    run.rows.extend(carried)
     run.planned = sum(("teacher-ddim", n) not in have for n in s.teacher_steps) + len(student_rows)
     if ("real-data", 0) not in have:
-        run.add_real_data()
+        run.add_real_data()  # the first row, carried or not
+    run.rows.extend(carried)
     for steps in s.teacher_steps:
         if ("teacher-ddim", steps) not in have:
             run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))

@@ -1,10 +1,15 @@
-"""Sample-quality metrics on fixed features: FID, KID and class accuracy.
+"""Sample-quality metrics on fixed features: FID, KID, precision/recall and class accuracy.
 
 - FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a
   local Nash equilibrium"): the Fréchet distance between Gaussians fitted to two feature
   sets.
 - KID (Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased estimate of the
   squared MMD with the cubic polynomial kernel, averaged over random subsets.
+- Precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric for
+  Assessing Generative Models"): the fraction of generated samples inside the k-NN manifold
+  of the real features, and of real samples inside that of the generated ones. FID and KID
+  fold fidelity and diversity into one number; a generator that repeats a few good samples
+  keeps its precision and loses recall.
 
 Here the features come from EfficientNet-Lite0 at 64 px (``features.py``), not from
 Inception-v3: the numbers are relative, comparable between rows of one table (at equal
@@ -29,6 +34,11 @@ FID_NOTE = "FID on EfficientNet-Lite0 features (relative; not comparable to Ince
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
 KID_SEED = 0
+PR_K = 3  # the paper's default neighbourhood size
+PR_SEED = 0  # the seeded reference subset (and generated subset, if larger) of precision/recall
+PR_BLOCK = 2048  # rows and columns of one pairwise-distance block: 2048^2 float64 = 32 MiB
+PR_NOTE = ("precision/recall: Kynkäänniemi et al. 2019, k-NN manifolds (k = pr_k), Euclidean on the "
+           "same Lite0 features, pr_reference_size generated vs as many seeded reference features")
 
 
 @dataclass
@@ -128,20 +138,128 @@ def kid(features_gen: np.ndarray, features_ref: np.ndarray, subsets: int = KID_S
     return float(np.mean(estimates))
 
 
+def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(a, D), (b, D) -> (a, b) squared Euclidean distances, ||x||^2 + ||y||^2 - 2 x.y clipped
+    at 0 (exact for integer-valued features of moderate size)."""
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+    return np.maximum(d, 0.0, out=d)
+
+
+def _check_features(name: str, f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"{name} features must be (N, D), got shape {f.shape}")
+    if not np.all(np.isfinite(f)):
+        raise FloatingPointError(f"non-finite {name} features")
+    return f
+
+
+def _check_k(k: int, **counts: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    for name, n in counts.items():
+        if k >= n:
+            raise ValueError(f"k = {k} needs more than k samples in each set (the k-th nearest "
+                             f"neighbour excluding the point itself); {name} has {n}")
+
+
+def knn_radii(features: np.ndarray, k: int = PR_K, block: int = PR_BLOCK) -> np.ndarray:
+    """(N, D) -> (N,): the Euclidean distance from each point to its k-th nearest neighbour
+    among the other N - 1 points (the point itself excluded by index, so a duplicate counts as
+    a neighbour at distance 0). Needs N > k. Pairwise distances in ``block`` x ``block`` tiles."""
+    f = _check_features("the", features)
+    _check_k(k, set=len(f))
+    return np.sqrt(_knn_sq_radii(f, k, block))
+
+
+def _knn_sq_radii(f: np.ndarray, k: int, block: int) -> np.ndarray:
+    # squared radii: membership compares squared distances with these, never with a re-squared root
+    n = len(f)
+    out = np.empty(n)
+    for i in range(0, n, block):
+        rows = f[i:i + block]
+        best = np.full((len(rows), 0), np.inf)  # the k smallest squared distances so far, per row
+        for j in range(0, n, block):
+            d = _sq_dists(rows, f[j:j + block])
+            if i == j:  # the diagonal tile: each row's own entry is the point itself
+                d[np.arange(len(rows)), np.arange(len(rows))] = np.inf
+            both = np.concatenate([best, d], axis=1)
+            best = np.partition(both, k - 1, axis=1)[:, :k] if both.shape[1] > k else both
+        out[i:i + len(rows)] = np.partition(best, k - 1, axis=1)[:, k - 1]
+    return out
+
+
+def precision_recall(features_gen: np.ndarray, features_real: np.ndarray, k: int = PR_K,
+                     block: int = PR_BLOCK) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, Sec. 2): (precision, recall).
+
+    With the k-NN radius r_k(phi) of each point among its own set (``knn_radii``), a point x is
+    in the manifold of a set Phi when ||x - phi|| <= r_k(phi) for at least one phi in Phi:
+
+        precision = fraction of generated features inside the manifold of the real ones
+        recall    = fraction of real features inside the manifold of the generated ones
+
+    Euclidean distances; features_gen (N_g, D), features_real (N_r, D), both with more than k
+    rows. The paper compares equal counts (N_g = N_r): with unequal ones the larger set's
+    denser manifold inflates the other metric, so callers pass equal counts
+    (``evaluate_samples`` does). Pairwise distances in ``block`` x ``block`` tiles, so memory
+    stays O(block^2 + N) for any N; the result does not depend on ``block``.
+    """
+    g, r = _check_features("generated", features_gen), _check_features("real", features_real)
+    if g.shape[1] != r.shape[1]:
+        raise ValueError(f"feature shapes {g.shape} and {r.shape} do not match")
+    _check_k(k, generated=len(g), real=len(r))
+    rad2_g, rad2_r = _knn_sq_radii(g, k, block), _knn_sq_radii(r, k, block)
+    gen_in_real = np.zeros(len(g), dtype=bool)
+    real_in_gen = np.zeros(len(r), dtype=bool)
+    for i in range(0, len(g), block):
+        for j in range(0, len(r), block):
+            d = _sq_dists(g[i:i + block], r[j:j + block])
+            gen_in_real[i:i + block] |= (d <= rad2_r[None, j:j + block]).any(axis=1)
+            real_in_gen[j:j + block] |= (d <= rad2_g[i:i + block, None]).any(axis=0)
+    return float(gen_in_real.mean()), float(real_in_gen.mean())
+
+
+def pr_sample_count(n_gen: int, n_ref: int) -> int:
+    """How many generated and reference features precision/recall compares: equal counts,
+    as many as both sets allow."""
+    return min(int(n_gen), int(n_ref))
+
+
+def precision_recall_vs_reference(features_gen: np.ndarray, features_ref: np.ndarray, k: int = PR_K,
+                                  seed: int = PR_SEED) -> tuple[float, float]:
+    """``precision_recall`` at equal counts: n = ``pr_sample_count(N_gen, N_ref)`` reference
+    features drawn without replacement with a generator seeded by ``seed`` (the same subset for
+    every row of equal N_gen), and all N_gen generated features (or, when N_gen > N_ref, n of
+    them drawn by the same generator)."""
+    fg, fr = np.asarray(features_gen), np.asarray(features_ref)
+    n = pr_sample_count(len(fg), len(fr))
+    rng = np.random.default_rng(seed)
+    fr = fr[np.sort(rng.choice(len(fr), n, replace=False))]
+    if len(fg) > n:
+        fg = fg[np.sort(rng.choice(len(fg), n, replace=False))]
+    return precision_recall(fg, fr, k)
+
+
 def evaluate_samples(images: "Tensor", labels: "Tensor", ref_stats: ReferenceStats,
                      extractor: "FeatureExtractor", classifier: "nn.Module",
                      kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                     ) -> dict[str, float]:
+                     pr_k: int = PR_K) -> dict[str, float]:
     """Score generated samples.
 
     images: (N, 1, H, W) in [-1, 1]; labels: (N,) the class each sample was conditioned on.
-    Returns {"fid", "kid", "class_acc"}: FID against ``ref_stats`` (mu, sigma of the
-    reference set), KID against its cached feature subsample, and the accuracy of
-    ``classifier`` on the samples against ``labels``.
+    Returns {"fid", "kid", "precision", "recall", "class_acc"}: FID against ``ref_stats`` (mu,
+    sigma of the reference set), KID against its cached feature subsample (``features``, 5,000
+    seeded test images by default), precision/recall with k = ``pr_k`` against a seeded subset
+    of that subsample of the same size as the samples (N = 2,000 in the quality suite: 2,000
+    generated vs 2,000 reference features; ``precision_recall_vs_reference``), and the accuracy
+    of ``classifier`` on the samples against ``labels``.
     """
     from hyperscale.models.classifier import class_accuracy
 
     feats = extractor(images)
+    precision, recall = precision_recall_vs_reference(feats, ref_stats.features, k=pr_k)
     return {"fid": fid_from_features(feats, ref_stats),
             "kid": kid(feats, ref_stats.features, subsets=kid_subsets, subset_size=kid_subset_size),
+            "precision": precision, "recall": recall,
             "class_acc": class_accuracy(classifier, images, labels)}

@@ -1,5 +1,6 @@
-"""A quick in-loop quality evaluation: FID, KID and class accuracy of a generator on a small
-fixed sample set, for sweeps that stop poor trials early (``hyperscale.tune``).
+"""A quick in-loop quality evaluation: FID, KID, precision/recall and class accuracy of a
+generator on a small fixed sample set, for sweeps that stop poor trials early
+(``hyperscale.tune``).
 
 The same feature network, reference statistics (the Fashion-MNIST test set) and classifier
 as the quality benchmark (``hyperscale.bench.quality``), on fewer samples (default 500, class
@@ -21,8 +22,9 @@ SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise, labels) -> images in [-
 
 @dataclass
 class QuickEval:
-    """``QuickEval(...)(sample_fn, step)`` -> {"eval/fid", "eval/kid", "eval/class_acc"}.
-    Picklable (Ray ships it to trials); the networks load on first use in the trial."""
+    """``QuickEval(...)(sample_fn, step)`` -> {"eval/fid", "eval/kid", "eval/precision",
+    "eval/recall", "eval/class_acc"}. Picklable (Ray ships it to trials); the networks load on
+    first use in the trial."""
     num_samples: int = 500
     seed: int = 0
     batch_size: int = 250

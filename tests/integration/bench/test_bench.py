@@ -39,10 +39,13 @@ def test_quality_suite_writes_record_grids_and_plot(tmp_path, monkeypatch):
     assert [(r["generator"], r["steps"]) for r in rec["rows"]] == [("real-data", 0), ("teacher-ddim", 1),
                                                                   ("teacher-ddim", 2), ("sim-l2", 1)]
     for r in rec["rows"]:
-        assert {"fid", "kid", "class_acc", "samples_per_s"} <= r.keys()
+        assert {"fid", "kid", "precision", "recall", "class_acc", "samples_per_s"} <= r.keys()
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert Image.open(tmp_path / "bench" / r["grid"]).size[0] > 0
+    assert rec["settings"]["pr_k"] == 3 and rec["settings"]["pr_reference_size"] == 20  # 20 vs 20
     real, untrained = rec["rows"][0], rec["rows"][1]
     assert real["fid"] < untrained["fid"]  # an untrained net is far from the data
+    assert real["precision"] > untrained["precision"] and real["recall"] > untrained["recall"]
     assert real["class_acc"] > 0.8 and untrained["samples_per_s"] > 0
     assert (tmp_path / "bench" / "quality_fid_vs_steps.png").is_file()
 
@@ -196,12 +199,35 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
     other = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1], reference_limit=200, seed=1)
     with pytest.raises(ValueError, match="settings differ: seed"):
         run_quality(teacher, str(tmp_path / "c"), other, carry_from=str(tmp_path / "a" / "quality.json"))
+    with pytest.raises(ValueError, match="settings differ: pr_k"):
+        carried_rows(tmp_path / "a" / "quality.json",
+                     QualitySettings(fid_samples=20, teacher_steps=[1], reference_limit=200, pr_k=5),
+                     rec["settings"]["teacher_sha256"])
     # a record from before use_clipped_model_output existed was computed without it
     old_rec = tmp_path / "a" / "quality.json"
     legacy = json.loads(old_rec.read_text())
     del legacy["settings"]["use_clipped_model_output"]
     old_rec.write_text(json.dumps(legacy))
     assert len(carried_rows(old_rec, s, rec["settings"]["teacher_sha256"])) == 2
+    # a record from before precision/recall: its real-data row is scored again, its teacher rows are
+    # carried with precision and recall null and marked, never filled in
+    del legacy["settings"]["pr_k"]
+    for r in legacy["rows"]:
+        del r["precision"], r["recall"]
+    old_rec.write_text(json.dumps(legacy))
+    rows = carried_rows(old_rec, s, rec["settings"]["teacher_sha256"])
+    assert [(r["generator"], r["precision"], r["recall"]) for r in rows] == [("teacher-ddim", None, None)]
+    assert rows[0]["carried_from"]["lacks"] == ["precision", "recall"] and rows[0]["fid"] == first["rows"][1]["fid"]
+    mixed = json.loads(run_quality(teacher, str(tmp_path / "d"), s, command="d", carry_from=str(old_rec)).read_text())
+    real, carried = mixed["rows"]
+    assert real["generator"] == "real-data" and "carried_from" not in real
+    assert real["fid"] == pytest.approx(first["rows"][0]["fid"], rel=1e-9)
+    assert real["precision"] == first["rows"][0]["precision"] and real["recall"] == first["rows"][0]["recall"]
+    assert carried["precision"] is None and carried["carried_from"]["lacks"] == ["precision", "recall"]
+    # carried on from the mixed record: still marked, still null
+    again = carried_rows(tmp_path / "d" / "quality.json", s, rec["settings"]["teacher_sha256"])
+    assert [r["generator"] for r in again] == ["real-data", "teacher-ddim"]
+    assert "lacks" not in again[0]["carried_from"] and again[1]["carried_from"]["lacks"] == ["precision", "recall"]
     with pytest.raises(ValueError, match="settings differ: use_clipped_model_output"):
         carried_rows(old_rec, QualitySettings(fid_samples=20, teacher_steps=[1], reference_limit=200,
                                               use_clipped_model_output=True), rec["settings"]["teacher_sha256"])
@@ -210,6 +236,9 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
 def test_rederived_eps_without_clipping_is_refused_in_settings_and_cli():
     with pytest.raises(ValueError, match="needs clip_x0"):
         QualitySettings(clip_x0=False, use_clipped_model_output=True)
+    for bad in (0, 20):
+        with pytest.raises(ValueError, match=r"pr_k must be in \[1, fid_samples\)"):
+            QualitySettings(fid_samples=20, pr_k=bad)
     root = REPO
     r = subprocess.run([sys.executable, str(root / "jobs" / "bench.py"), "--suite", "quality", "--no-clip-x0",
                         "--use-clipped-model-output"], capture_output=True, text=True, timeout=120)
