@@ -15,6 +15,7 @@ from hyperscale.models.build import load_denoiser, resolve_source
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.export import FewStep
 from hyperscale.models.families import family_of
+from hyperscale.models.families.external import load_external
 from hyperscale.models.generator import export_sampler
 
 PROMPTS = ["a photo of a dress", "a photo of a sneaker"]
@@ -90,7 +91,8 @@ def check_export(export: str | Path, prompts=PROMPTS, guidance: float = 1.0, **p
     z = latents(den, len(prompts))
     steps = _steps(spec, den)
     ours = our_images(den, spec, z, prompts, guidance=guidance)
-    theirs = diffusers_images(DiffusionPipeline.from_pretrained(str(export)), z, prompts, steps, guidance, **pipe_kwargs)
+    pipe = DiffusionPipeline.from_pretrained(str(export), **load_external(export))
+    theirs = diffusers_images(pipe, z, prompts, steps, guidance, **pipe_kwargs)
     diff = (ours - theirs).abs().max().item()
     assert diff < TOL, f"{export}: diffusers' images differ from ours by {diff}"
     return diff
@@ -106,14 +108,15 @@ def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, kohya: 
     spec = export_sampler(export)
     z = latents(den, len(prompts))
     steps = _steps(spec, den)
-    merged = DiffusionPipeline.from_pretrained(str(export))
+    merged = DiffusionPipeline.from_pretrained(str(export), **load_external(export))
     want = diffusers_images(merged, z, prompts, steps, **pipe_kwargs)
     out = {}
     files = (("diffusers", "pytorch_lora_weights.safetensors"), ("kohya", "pytorch_lora_weights_kohya.safetensors"))
     for name, weight in files:
         if not (export / "lora" / weight).is_file() or (name == "kohya" and not kohya):
             continue  # sd3: diffusers reads no kohya file, none is written
-        pipe = DiffusionPipeline.from_pretrained(str(resolve_source(teacher)), scheduler=merged.scheduler)
+        source = resolve_source(teacher)
+        pipe = DiffusionPipeline.from_pretrained(str(source), scheduler=merged.scheduler, **load_external(source))
         pipe.load_lora_weights(str(export / "lora"), weight_name=weight)
         out[name] = (diffusers_images(pipe, z, prompts, steps, **pipe_kwargs) - want).abs().max().item()
         if name == "diffusers":

@@ -136,8 +136,10 @@ class VAEState:
 
 
 def train_vae(train_u8: np.ndarray, test_u8: np.ndarray, config: VAEConfig, work_dir: Path,
-              classifier: nn.Module | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, VAEState]:
-    """Train (or resume from ``work_dir/vae-train.pt``) to ``config.steps``; checkpoints atomically."""
+              classifier: nn.Module | None = None, log: Callable[[str], None] = print,
+              until: int | None = None) -> tuple[nn.Module, VAEState]:
+    """Train (or resume from ``work_dir/vae-train.pt``) to ``config.steps`` (or stop at ``until``);
+    checkpoints atomically every ``checkpoint_every`` steps and at the stop."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     vae = build_vae(config).train()
@@ -164,7 +166,8 @@ def train_vae(train_u8: np.ndarray, test_u8: np.ndarray, config: VAEConfig, work
                         "config": asdict(config), "generator": g.get_state()}, tmp)
 
     t0, since = time.perf_counter(), state.seconds
-    while state.step < config.steps:
+    stop = min(config.steps, until or config.steps)
+    while state.step < stop:
         idx = torch.randint(0, len(x_train), (config.batch_size,), generator=g)
         x = x_train[idx]
         if config.hflip:
@@ -189,7 +192,7 @@ def train_vae(train_u8: np.ndarray, test_u8: np.ndarray, config: VAEConfig, work
             eta = state.seconds / state.step * (config.steps - state.step)
             log(f"[hyperscale] vae step {state.step}/{config.steps} loss {row['loss']:.4f} test mse {test_mse:.4f} "
                 f"psnr {10 * math.log10(4 / test_mse):.2f} dB  eta {eta / 60:.0f} min")
-        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
+        if state.step % config.checkpoint_every == 0 or state.step == stop:
             save()
     return vae.eval(), state
 

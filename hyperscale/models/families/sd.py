@@ -101,7 +101,7 @@ class SDXL(UNetFeatures, TextToImageFamily):
 
 
 def minilm_unet(sample_size: int = 8, channels: tuple[int, ...] = (64, 128), latent_channels: int = 4,
-                seed: int = 0):
+                seed: int = 0, norm_num_groups: int = 32):
     """A UNet2DConditionModel reading all-MiniLM-L6-v2's 384-wide token states, cross-attention at every level."""
     from diffusers import UNet2DConditionModel
 
@@ -110,7 +110,7 @@ def minilm_unet(sample_size: int = 8, channels: tuple[int, ...] = (64, 128), lat
     return UNet2DConditionModel(sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
                                 layers_per_block=1, block_out_channels=tuple(channels),
                                 down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-                                cross_attention_dim=384, attention_head_dim=8)
+                                cross_attention_dim=384, attention_head_dim=8, norm_num_groups=norm_num_groups)
 
 
 def save_minilm_sd15(vae, unet, out) -> None:
