@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import FID_NOTE, PR_K, PR_NOTE, PR_SEED, evaluate_samples, pr_sample_count
 from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.families import family_of
 from hyperscale.progress import Progress
 from hyperscale.storage.records import write_record
 
@@ -87,14 +88,16 @@ def teacher_ddim(teacher, steps: int, s: QualitySettings) -> SampleFn:
 class QualityRun:
     """Scores generator rows one by one; ``write`` records the table, grids and plot."""
 
-    def __init__(self, s: QualitySettings, out_dir: Path, log=print):
+    def __init__(self, s: QualitySettings, out_dir: Path, log=print, text=None):
         self.s, self.out_dir, self.log = s, Path(out_dir), log
         torch.set_num_threads(s.threads)
         self.extractor = FeatureExtractor(image_size=s.image_size)
         self.ref = reference_stats(self.extractor, limit=s.reference_limit, verbose=True)
         self.classifier = load_classifier()
-        self.noise, self.labels = fixed_inputs(s)
+        self.text = text  # a text-to-image teacher's rows (bench/quality_t2i.py): prompts, decoding, held-out accuracy
+        self.noise, self.labels = fixed_inputs(s, text.shape if text is not None else (1, 28, 28))
         self.rows: list[dict] = []
+        self.real_images: Tensor | None = None
         self.teacher_sha256: str | None = None
         self.planned, self.added = None, 0  # sampled rows: how many run_quality will add, how many so far
 
@@ -125,10 +128,23 @@ class QualityRun:
         imgs = torch.empty(len(self.labels), 1, 28, 28)
         for c in range(10):  # place each class's real images where the evaluation labels ask for it
             imgs[self.labels == c] = images[idx[labels[idx] == c]]
+        self.real_images = imgs
         return self._score("real-data", 0, imgs, None)
 
+    def add_vae_floor(self) -> dict:
+        """A latent teacher's floor: the real-data row's images through its VAE and back."""
+        if self.real_images is None:
+            self.add_real_data()
+        return self._score("vae-recon", 0, self.text.reconstruct(self.real_images), None)
+
     def add(self, generator: str, steps: int, fn: SampleFn, extra: dict | None = None) -> dict:
+        """``fn``: (noise, labels) -> images, or for a text-to-image teacher (noise, encoded prompts) ->
+        latents, which the row prompts with the class prompts, decodes and also scores on held-out prompts."""
         self.added += 1
+        extra = dict(extra or {})
+        if self.text is not None:
+            extra["heldout_acc"] = self.text.heldout_accuracy(fn, self.classifier, self.s.batch_size)
+            fn = self.text.sample_fn(fn)
         images, sps = generate(fn, self.noise, self.labels, self.s.batch_size,
                                desc=f"row {self.added}/{self.planned or '?'} {generator} {steps} steps")
         return self._score(generator, steps, images, sps, extra)
@@ -140,6 +156,8 @@ class QualityRun:
                                      "pr_note": PR_NOTE, "pr_seed": PR_SEED,
                                      "pr_reference_size": pr_sample_count(self.s.fid_samples, len(self.ref.features)),
                                      "classifier_test_acc": classifier_card().get("test_accuracy")}
+        if self.text is not None:
+            settings["text_to_image"] = self.text.describe()
         path = write_record(self.out_dir, "quality", settings, self.rows, command)
         plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
         return path
@@ -216,15 +234,23 @@ PREDATING = {"use_clipped_model_output": False}
 
 
 def weights_digest(export_dir: str | os.PathLike) -> str:
-    """sha256 of an export's weights file: which teacher a row was computed from."""
+    """sha256 of an export's weights file (a pipeline folder: of all its weights files): which
+    teacher a row was computed from."""
     import hashlib
 
     from hyperscale.models.build import EXPORT_WEIGHTS, resolve_source
 
-    return hashlib.sha256((resolve_source(str(export_dir)) / EXPORT_WEIGHTS).read_bytes()).hexdigest()
+    root = resolve_source(str(export_dir))
+    if (root / EXPORT_WEIGHTS).is_file():
+        return hashlib.sha256((root / EXPORT_WEIGHTS).read_bytes()).hexdigest()
+    h = hashlib.sha256()  # a pipeline folder: every weights file, in path order
+    for path in sorted(root.rglob("*.safetensors")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 PR_FIELDS = ("precision", "recall")
+FLOORS = ("real-data", "vae-recon")  # rows of real images (a latent teacher's: also through its VAE)
 
 
 def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha256: str) -> list[dict]:
@@ -245,12 +271,12 @@ def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha
         diff.append("teacher_sha256")
     if diff:
         raise ValueError(f"{record_path}: cannot carry rows over, settings differ: {', '.join(diff)}")
-    rows = [r for r in rec["rows"] if r["generator"] == "real-data" or
+    rows = [r for r in rec["rows"] if r["generator"] in FLOORS or
             (r["generator"] == "teacher-ddim" and r["steps"] in s.teacher_steps)]
     out = []
     for r in rows:
         lacks = [f for f in PR_FIELDS if r.get(f) is None]
-        if lacks and r["generator"] == "real-data":
+        if lacks and r["generator"] in FLOORS:
             continue  # recomputed, with every field
         origin = {"commit": rec.get("commit"), "date": rec.get("date")} | ({"lacks": lacks} if lacks else {})
         out.append(r | {f: r.get(f) for f in PR_FIELDS} | {"carried_from": origin})
@@ -280,7 +306,7 @@ def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[st
             else:
                 rows.append((name, n, student_sampler(denoiser, n, sampler, s.seed), {"sampler": sampler}))
     keys = [(r[0], r[1]) for r in rows]
-    dup = sorted({k for k in keys if keys.count(k) > 1} | {k for k in keys if k[0] in ("teacher-ddim", "real-data")})
+    dup = sorted({k for k in keys if keys.count(k) > 1} | {k for k in keys if k[0] in ("teacher-ddim",) + FLOORS})
     if dup:
         raise ValueError(f"student rows must have unique (generator, steps) names apart from the teacher's: {dup}")
     return rows
@@ -295,16 +321,24 @@ def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str
     from hyperscale.models.build import load_denoiser
 
     teacher = load_denoiser(teacher_dir)
+    text = None
+    if family_of(teacher).condition == "text":  # latents: never clipped; rows decoded and prompted
+        from hyperscale.bench.quality_t2i import TextRows
+
+        s = replace(s, clip_x0=False, use_clipped_model_output=False)
+        text = TextRows(teacher.eval(), s.seed)
     digest = weights_digest(teacher_dir)
     carried = carried_rows(carry_from, s, digest) if carry_from else []
     student_rows = _student_rows(students or {}, s)
-    run = QualityRun(s, Path(out_dir))
+    run = QualityRun(s, Path(out_dir), text=text)
     run.teacher_sha256 = digest
     have = {(r["generator"], r["steps"]) for r in carried}
     run.planned = sum(("teacher-ddim", n) not in have for n in s.teacher_steps) + len(student_rows)
     if ("real-data", 0) not in have:
         run.add_real_data()  # the first row, carried or not
     run.rows.extend(carried)
+    if text is not None and ("vae-recon", 0) not in have:
+        run.add_vae_floor()
     for steps in s.teacher_steps:
         if ("teacher-ddim", steps) not in have:
             run.add("teacher-ddim", steps, teacher_ddim(teacher, steps, s))

@@ -1,0 +1,64 @@
+"""The quality suite on a text-to-image teacher: rows are prompted, decoded and cropped back to
+28 x 28; the VAE floor and held-out prompt accuracy are rows' fields; students load as exports."""
+import json
+
+import pytest
+import torch
+
+from hyperscale.bench.quality import QualitySettings, run_quality
+from hyperscale.bench.quality_t2i import EVAL_PROMPTS, TextRows, to_gray28
+from hyperscale.models.autoencoder import VAEConfig, build_vae
+from hyperscale.models.build import load_denoiser, save_denoiser
+from hyperscale.models.export import OneStepCall, SamplerSpec
+from hyperscale.models.families.sd import minilm_unet, save_minilm_sd15
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "teacher"
+    vae = build_vae(VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4))
+    save_minilm_sd15(vae, minilm_unet(8, (32, 32), norm_num_groups=8), out)
+    return out
+
+
+def test_to_gray28():
+    x = torch.zeros(2, 3, 32, 32)
+    x[:, 0] = 1.0
+    x[..., 2:30, 2:30] += 0.5  # the inner 28 x 28
+    y = to_gray28(x)
+    assert y.shape == (2, 1, 28, 28)
+    assert torch.allclose(y, torch.full_like(y, (1.0 + 0.5 + 0.5) / 3))  # 1.5 clamped to 1, then averaged
+
+
+def test_vae_floor_reconstructs_real_images(teacher):
+    rows = TextRows(load_denoiser(teacher).eval(), seed=0)
+    real = torch.rand(4, 1, 28, 28) * 2 - 1
+    rec = rows.reconstruct(real)
+    assert rec.shape == real.shape and rec.min() >= -1 and rec.max() <= 1
+    assert rows.heldout_noise.shape[1:] == rows.shape == (4, 8, 8)
+
+
+def test_quality_suite_on_a_text_to_image_teacher(tmp_path, teacher):
+    torch.set_num_threads(1)
+    extra = SamplerSpec(one_step=OneStepCall(timestep=999)).to_extra()
+    student = save_denoiser(load_denoiser(teacher).eval(), tmp_path / "student", extra)
+    s = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1, 2], reference_limit=200, guidance_scale=1.0)
+    path = run_quality(str(teacher), str(tmp_path / "bench"), s, command="test",
+                       students={"one-step": str(student), "multi": f"{student}@2:ddim"})
+    rec = json.loads(path.read_text())
+    names = [(r["generator"], r["steps"]) for r in rec["rows"]]
+    assert names == [("real-data", 0), ("vae-recon", 0), ("teacher-ddim", 1), ("teacher-ddim", 2),
+                     ("one-step", 1), ("multi", 2)]
+    assert rec["settings"]["clip_x0"] is False  # latents are never clipped
+    assert rec["settings"]["text_to_image"]["prompts"] == list(EVAL_PROMPTS)
+    for r in rec["rows"]:
+        assert {"fid", "kid", "precision", "recall", "class_acc"} <= r.keys()
+        assert (r.get("heldout_acc") is None) == (r["steps"] == 0)
+        assert (tmp_path / "bench" / r["grid"]).is_file()
+    # unguided, the teacher's 1-step DDIM from z at t = 999 and the export's 1-step call there agree
+    t1, one = rec["rows"][2], rec["rows"][4]
+    assert t1["fid"] == pytest.approx(one["fid"], rel=1e-4) and t1["class_acc"] == one["class_acc"]
+    # carrying the floors and teacher rows over gives the same rows without sampling them again
+    again = json.loads(run_quality(str(teacher), str(tmp_path / "again"), s, command="again",
+                                   carry_from=str(path)).read_text())
+    assert [(r["generator"], r["fid"]) for r in again["rows"]] == [(r["generator"], r["fid"]) for r in rec["rows"][:4]]
