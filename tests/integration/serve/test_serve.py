@@ -1,6 +1,7 @@
 """Ray Serve on 127.0.0.1 with real exported tiny generators: images, determinism, every bad
 input a 4xx while the server keeps serving, adapters, auth, batching, and the page in Chromium."""
 import base64
+import contextlib
 import io
 import json
 import shutil
@@ -227,11 +228,12 @@ def test_concurrent_requests_batch_and_match_sequential_results(server):
             assert diff <= 1  # batched with others: float rounding may move a pixel by one level
 
 
-def test_the_page_generates_images_in_headless_chromium(server):
+@contextlib.contextmanager
+def chromium_page(url: str):
+    """Headless Chromium (Debian's chromium + chromium-driver) on ``url``; yields (driver, wait)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
@@ -243,14 +245,22 @@ def test_the_page_generates_images_in_headless_chromium(server):
     driver = webdriver.Chrome(service=Service(driver_bin), options=opts)
     try:
         driver.set_page_load_timeout(60)
-        driver.get(server + "/")
+        driver.get(url)
+        yield driver, WebDriverWait(driver, 60)
+    finally:
+        driver.quit()
+
+
+def test_the_page_generates_images_in_headless_chromium(server):
+    from selenium.webdriver.common.by import By
+
+    with chromium_page(server + "/") as (driver, wait):
         driver.find_element(By.ID, "token").send_keys(TOKEN)
         driver.find_element(By.ID, "prompt").send_keys("a photo of a sneaker")
         num = driver.find_element(By.ID, "num")
         num.clear()
         num.send_keys("2")
         driver.find_element(By.ID, "go").click()
-        wait = WebDriverWait(driver, 60)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.generated")) == 2)
         imgs = driver.find_elements(By.CSS_SELECTOR, "img.generated")
         wait.until(lambda d: all(d.execute_script("return arguments[0].naturalWidth", im) == 28 for im in imgs))
@@ -260,8 +270,6 @@ def test_the_page_generates_images_in_headless_chromium(server):
         driver.find_element(By.ID, "prompt").send_keys("a cat")
         driver.find_element(By.ID, "go").click()
         wait.until(lambda d: "no known class" in d.find_element(By.ID, "status").text)
-    finally:
-        driver.quit()
 
 
 def test_load_generator_is_bounded_and_records_the_serve_suite(server, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_serve import free_port
+from test_serve import chromium_page, free_port
 from tiny_exports import reference_one_step, tiny_text_exports, to_pixels
 
 pytestmark = pytest.mark.timeout(600)  # the first test also starts the server
@@ -134,3 +134,23 @@ def test_a_lora_adapter_applies_over_its_base(server, exports):
     assert np.abs(got - want).max() <= 1
     base = pixels_of(call(server, "/v1/generate", body | {"adapter": "base"})[2])[0]
     assert np.abs(base - got).max() > 2  # the LoRA changes the image
+
+
+def test_the_page_takes_a_prompt_in_headless_chromium(server):
+    from selenium.webdriver.common.by import By
+
+    with chromium_page(server + "/") as (driver, wait):
+        # a text-to-image model: the page says so and hides the class list
+        wait.until(lambda d: "text-to-image" in d.find_element(By.ID, "intro").text)
+        assert not driver.find_element(By.ID, "class-label").is_displayed()
+        driver.find_element(By.ID, "prompt").send_keys("a grey coat on a black background")
+        num = driver.find_element(By.ID, "num")
+        num.clear()
+        num.send_keys("2")
+        driver.find_element(By.ID, "go").click()
+        status = lambda: driver.find_element(By.ID, "status").text  # noqa: E731
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.generated")) == 2 or "rror" in status())
+        assert "rror" not in status(), status()
+        imgs = driver.find_elements(By.CSS_SELECTOR, "img.generated")
+        wait.until(lambda d: all(d.execute_script("return arguments[0].naturalWidth", im) == 32 for im in imgs))
+        assert "a grey coat on a black background" in driver.find_element(By.ID, "status").text
