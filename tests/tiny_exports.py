@@ -27,8 +27,8 @@ def tiny_exports(root):
     return root / "one-step", root / "multi-step"
 
 
-def tiny_text_exports(root):
-    """Exports of the tiny random sd15 pipeline (``tiny:sd15``): ``one-step`` (a SIM-like 1-step
+def tiny_text_exports(root, source: str = "tiny:sd15"):
+    """Exports of a tiny sd15 pipeline (``source``, by default ``tiny:sd15``): ``one-step`` (a SIM-like 1-step
     generator at sigma~ = 2.5, x_t = sigma_t z), ``multi-step`` (a Hyper-SD-like unified export,
     TCD) and ``lora-student`` (a LoRA student of it, non-zero LoRA, ``save_student``'s layout:
     merged weights + ``lora/``). Returns a dict of their paths."""
@@ -36,7 +36,7 @@ def tiny_text_exports(root):
     from hyperscale.models.export import FewStep, OneStepCall, SamplerSpec
     from hyperscale.models.lora import save_student
 
-    den = load_denoiser("tiny:sd15")
+    den = load_denoiser(source)
     t = den.schedule.timestep_for_sigma_ve(2.5)
     paths = {"one-step": root / "one-step", "multi-step": root / "multi-step", "lora-student": root / "lora-student"}
     save_denoiser(den, paths["one-step"], SamplerSpec(one_step=OneStepCall(t, "sigma")).to_extra())

