@@ -4,7 +4,7 @@
     python jobs/make_shards.py --kind captions --out DIR [--channels 1|3] [--split ...] [--precompute PIPELINE]
                                [--captions class|varied] [--repeat N] [--seed S]
     python jobs/make_shards.py --kind prompts --out DIR [--format txt|jsonl|parquet]
-                               [--all-templates | --template "a sketch of a {c}" ...]
+                               [--all-templates | --template "a sketch of a {c}" ... | --captions varied]
 
 labels (the default): WebDataset shards with each image's class label (``shard_dataset``).
 captions: LAION-style caption shards (``caption_shard_dataset``): the images padded with
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hyperscale.data.captions import write_caption_shards  # noqa: E402
 from hyperscale.data.fashion_mnist import (PROMPT_TEMPLATES, ImageSet, caption_samples,  # noqa: E402
                                            class_prompts, load_fashion_mnist)
-from hyperscale.data.fmnist_captions import captioner  # noqa: E402
+from hyperscale.data.fmnist_captions import all_prompts, captioner  # noqa: E402
 from hyperscale.data.prompts import write_prompts  # noqa: E402
 from hyperscale.data.shards import shard_pattern, write_shards  # noqa: E402
 
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="captions: grayscale (1) or RGB (3) images")
     ap.add_argument("--captions", choices=("class", "varied"), default="class",
                     help="captions: the class prompt 'a photo of a {class}' (default) or varied captions "
-                    "(synonyms, the item's shade, the training templates of hyperscale/data/fmnist_captions.py)")
+                    "(synonyms, the item's shade, the training templates of hyperscale/data/fmnist_captions.py); "
+                    "prompts: varied writes every caption those templates make")
     ap.add_argument("--repeat", type=int, default=1, help="captions: passes over the split (new captions each pass)")
     ap.add_argument("--seed", type=int, default=0, help="captions: the varied captions' seed")
     ap.add_argument("--limit", type=int, default=0, help="captions: only the split's first N images (0: all)")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.kind == "prompts":
         chosen = PROMPT_TEMPLATES if args.all_templates else args.template or PROMPT_TEMPLATES[:1]
-        prompts = class_prompts(chosen)
+        prompts = all_prompts() if args.captions == "varied" else class_prompts(chosen)
         path = write_prompts(prompts, Path(args.out) / f"prompts.{args.format}")
         print(f"[hyperscale] wrote {len(prompts)} prompts", file=sys.stderr)
         print(path)

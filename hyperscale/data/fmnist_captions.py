@@ -98,6 +98,18 @@ def template_prompts(templates: Sequence[str], per_class: int, seed: int = 0,
     return prompts, labels
 
 
+def all_prompts(templates: Sequence[str] = TRAIN_TEMPLATES) -> list[str]:
+    """Every caption the templates can make: each template with each class's every word (and every
+    shade where the template has one), class by class: the prompt file of data-free distillation
+    from the teacher trained on these captions."""
+    out = []
+    for words in SYNONYMS:
+        for template in templates:
+            for word in words:
+                out += [fill(template, word, s) for s in (SHADES if "{s}" in template else ("",))]
+    return list(dict.fromkeys(out))
+
+
 def captioner(seed: int = 0, templates: Sequence[str] = TRAIN_TEMPLATES):
     """``caption_fn(image_u8, label) -> str`` for ``fashion_mnist.caption_samples``: random varied
     captions, reproducible from ``seed``."""

@@ -18,6 +18,7 @@ import torch
 from conftest import write_corrupt_shard
 from hyperscale.data.captions import (CaptionBatch, caption_shard_dataset, load_image,
                                       write_caption_shards)
+from hyperscale.data.fmnist_captions import SYNONYMS
 from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet
 from hyperscale.data.shards import shard_pattern
 from hyperscale.storage import s3
@@ -315,3 +316,13 @@ def test_make_shards_writes_fashion_mnist_caption_shards(tmp_path, capsys, monke
     batch = next(caption_shard_dataset(paths, batch_size=12, resolution=32, shuffle_buffer=0))
     assert batch.images is None and batch.text["embeds"].shape == (12, 3, 2)
     assert batch.latents[0, 0, 0, 0] == len("a photo of a t-shirt/top")
+
+    # varied captions, two passes with new captions each
+    out = tmp_path / "varied"
+    job.main(["--kind", "captions", "--split", "test", "--out", str(out), "--maxcount", "100",
+              "--channels", "1", "--captions", "varied", "--repeat", "2", "--seed", "3"])
+    batch = next(caption_shard_dataset(capsys.readouterr().out.strip(), batch_size=24, resolution=32, channels=1,
+                                       shuffle_buffer=0))
+    assert batch.images.shape == (24, 1, 32, 32)
+    assert batch.prompts[:12] != batch.prompts[12:] and len(set(batch.prompts)) > 6
+    assert all(any(w in p for w in SYNONYMS[y]) for y, p in zip(list(labels) * 2, batch.prompts))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hyperscale.data.fashion_mnist import CLASS_NAMES, ImageSet, caption_samples
-from hyperscale.data.fmnist_captions import (HELDOUT_TEMPLATES, SHADES, SYNONYMS, TRAIN_TEMPLATES, captioner, fill,
+from hyperscale.data.fmnist_captions import (HELDOUT_TEMPLATES, all_prompts, SHADES, SYNONYMS, TRAIN_TEMPLATES, captioner, fill,
                                              shade_of, template_prompts)
 
 
@@ -59,3 +59,14 @@ def test_template_prompts():
         assert any(w in p for w in SYNONYMS[y])
     assert any(s in " ".join(prompts) for s in SHADES)
     assert template_prompts(HELDOUT_TEMPLATES, 12, seed=0) == (prompts, labels)
+
+
+def test_all_prompts_cover_every_training_caption():
+    prompts = all_prompts()
+    assert len(prompts) == len(set(prompts)) > 1000
+    fn = captioner(3)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        label = int(rng.integers(10))
+        assert fn(rng.integers(0, 255, (28, 28), dtype=np.uint8), label) in prompts
+    assert not any(p.startswith("there is a") for p in prompts)  # held-out templates stay out

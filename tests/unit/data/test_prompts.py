@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hyperscale.data.fashion_mnist import CLASS_NAMES, PROMPT_TEMPLATES
+from hyperscale.data.fmnist_captions import all_prompts
 from hyperscale.data.prompts import (PromptStream, load_prompts, prompt_stream, write_prompts)
 from hyperscale.storage import s3
 from hyperscale.storage.local import REPO
@@ -202,3 +203,5 @@ def test_make_shards_writes_class_prompts(tmp_path, capsys, fmt):
     main(["--kind", "prompts", "--out", str(tmp_path), "--format", fmt,
           "--template", "a sketch of a {c}"])
     assert load_prompts(path) == [f"a sketch of a {c}" for c in CLASS_NAMES]
+    main(["--kind", "prompts", "--out", str(tmp_path), "--format", fmt, "--captions", "varied"])
+    assert load_prompts(path) == all_prompts()
