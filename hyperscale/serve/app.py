@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from hyperscale.storage.local import absolute_local
@@ -305,7 +306,16 @@ class Ingress:
     async def _generate(self, req: GenerateRequest) -> tuple[dict, dict]:
         """The generator's answer to a request, and the headers of a success."""
         handle = self.gen.options(multiplexed_model_id=req.adapter) if req.adapter else self.gen
-        out = await handle.generate.remote(req.model_dump(by_alias=True, exclude_unset=True))
+        try:
+            out = await asyncio.wait_for(handle.generate.remote(req.model_dump(by_alias=True, exclude_unset=True)),
+                                         timeout=self.s.request_timeout_s)
+        except asyncio.TimeoutError:  # no replica answered in time (e.g. all are being replaced): no hang
+            raise HTTPProblem(503, f"no generator replica answered within {self.s.request_timeout_s:g} s "
+                              f"(request_timeout_s): retry the request", code="timeout") from None
+        except (RayActorError, ActorUnavailableError) as e:  # the replica died under the request
+            logger.warning("generator replica lost during a request: %s", type(e).__name__)
+            raise HTTPProblem(503, "generator replica unavailable (Serve is replacing it): retry the request",
+                              code="replica_unavailable") from None
         if out["status"] != 200:
             return out, {}
         headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"]}

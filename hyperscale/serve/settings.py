@@ -53,6 +53,8 @@ class ServeSettings(BaseModel):
     max_prompt_chars: int = Field(256, ge=1)
     max_size: int = Field(512, ge=1)
     max_body_bytes: int = Field(16384, ge=256)
+    request_timeout_s: float = Field(120.0, gt=0, description="the longest a request waits for the generator "
+                                     "(a replica being replaced, a long queue); then 503, retry")
     # auth: a bearer token for /v1/*; taken from the environment variable named here when set
     auth_token_env: Optional[str] = "HYPERSCALE_SERVE_TOKEN"
     auth_token: Optional[str] = Field(None, description="a literal token; prefer auth_token_env (configs get shared)")
