@@ -222,6 +222,9 @@ def sigterm_driver(work: Path, signame: str = "SIGTERM", steps: int = 40, at_ste
     ``train.resume_from_checkpoint=latest`` finishes the run, compared with an uninterrupted
     one. Step checkpoints are far apart (every 1000 steps) and the clock's every
     ``every_minutes``, so the checkpoint the signal leaves is the only one."""
+    from hyperscale.config.schema import TrainSection
+
+    grace = TrainSection().preemption_grace_seconds  # the default, which these runs use
     work = Path(work)
     base = [f"train.max_steps={steps}", "train.checkpoint_every=1000", "train.log_every=1",
             f"train.checkpoint_every_minutes={every_minutes:g}"]
@@ -261,7 +264,7 @@ def sigterm_driver(work: Path, signame: str = "SIGTERM", steps: int = 40, at_ste
             "exit_code": rc,
             "notes": (f"{signame} to the driver after step {at} (checkpoints every 1000 steps and every "
                       f"{every_minutes:g} min, so none was due); the workers checkpointed at step {ckpt_step} and "
-                      f"the job exited {rc} {seconds:.1f} s after the signal (grace 25 s); "
+                      f"the job exited {rc} {seconds:.1f} s after the signal (grace {grace:g} s); "
                       f"train.resume_from_checkpoint=latest finished {final['counters']['step']}/{steps}; exports "
                       f"and data cursors {'bit-identical to' if exact else 'DIFFER from'} an uninterrupted run"),
             "_log": log, "_console": "".join(job.lines), "_resume_log": resumed.output(), "_exact": exact, "_rc": rc,
@@ -381,8 +384,8 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
                           scenarios: list[str] | None = None) -> Path:
     """docs/bench/reliability.json: one row per scenario (private ``_`` fields dropped).
     ``scenarios``: only these (default: all); the record's other rows are kept as they were, each
-    row naming the commit, date and command that measured it."""
-    from hyperscale.storage.records import commit, write_record
+    row naming the commit, date, machine and command that measured it."""
+    from hyperscale.storage.records import commit, machine, write_record
 
     work = Path(work)
     runs = {"worker_sigkill": lambda: worker_sigkill(work / "kill"), "s3_outage": lambda: s3_outage(work / "s3"),
@@ -395,14 +398,15 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
         raise ValueError(f"unknown reliability scenarios {unknown}; known: {', '.join(SCENARIOS)}")
     path = Path(out_dir) / "reliability.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    rows = {r["scenario"]: r | {k: old.get(k) for k in ("commit", "date", "command") if k not in r}
+    rows = {r["scenario"]: r | {k: old.get(k) for k in ("commit", "date", "machine", "command") if k not in r}
             for r in old.get("rows", [])}
     for name in chosen:
         t0 = time.perf_counter()
         row = runs[name]()
         wall = round(time.perf_counter() - t0, 1)
         rows[row["scenario"]] = ({k: v for k, v in row.items() if not k.startswith("_")} | {"wall_s": wall} |
-                                 {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "command": command})
+                                 {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                                  "command": command})
         print(f"[bench] reliability {name}: {rows[row['scenario']]}", flush=True)
     order = [s for s in SCENARIOS if s in rows] + [s for s in rows if s not in SCENARIOS]
     settings = {"preset": "jobs/configs/teacher-tiny.yaml", "workers": 2, "engine": "deepspeed ZeRO-2",
