@@ -18,7 +18,8 @@ interruption handling; Ray Train 2.60's ``PreemptionWatcher``) marks the workers
 sees that mark at the next step boundary, checkpoints the same way and then raises
 :class:`NodePreempted`, so Ray Train restarts the worker group from that checkpoint
 (``FailureConfig.max_preemption_failures``, unlimited by default) instead of taking the early
-return for a finished run. A SIGTERM sent straight to a Ray worker process is Ray's own
+return for a finished run. (The Ray side is read from Ray 2.60's code; the loop's part is tested
+in process with a session that reports the mark, not on a real drain.) A SIGTERM sent straight to a Ray worker process is Ray's own
 business: Ray's worker turns it into an immediate exit (a handler cannot be set from Ray
 Train's training thread), and Ray Train restarts the group from the newest checkpoint when
 ``train.max_failures`` allows; ``train.checkpoint_every_minutes`` bounds what that loses.

@@ -106,3 +106,41 @@ def test_sigterm_without_ray_checkpoints_the_in_process_loop(tmp_path):
     assert latest is not None and meta_step(latest) >= 2, console[-3000:]
     assert f"SIGTERM: stopped at step {meta_step(latest)} with a checkpoint ({latest})" in console, console[-3000:]
     assert not (tmp_path / "run/export").exists()  # a stopped run does not export; its resume will
+
+
+def test_a_drained_node_checkpoints_at_the_next_step_then_raises_for_a_restart(tmp_path):
+    """Ray Train's drain mark (a node about to be preempted) on a rank: the loop checkpoints at
+    that step and raises, because a normal return during a drain would end the run as finished
+    instead of restarting the worker group from the checkpoint. In process, with the loop's
+    session saying what a Ray worker's StopPoller would."""
+    import pytest
+
+    from hyperscale.config import load_config
+    from hyperscale.train import preemption
+    from hyperscale.train.launch import prepare_run
+    from hyperscale.train.local import LocalSession
+    from hyperscale.train.loop import Paths, run
+
+    class Drained(LocalSession):
+        def __init__(self, *a, at: int):
+            super().__init__(*a)
+            self.at, self.steps = at, 0
+
+        def step_done(self, step: int) -> None:
+            self.steps = step
+
+        def stop_requested(self):
+            return preemption.DRAIN if self.steps >= self.at else None
+
+    threads = torch.get_num_threads()
+    try:
+        cfg, out = prepare_run(load_config(REPO / "jobs/configs/teacher-tiny.yaml", [
+            f"run.output_dir={tmp_path}", "train.num_workers=1", "train.engine=torch", "train.max_steps=6",
+            "train.checkpoint_every=1000", "train.log_every=1", "data.batch_size=4"]))
+        root = Path(out) / "checkpoints"
+        with pytest.raises(preemption.NodePreempted, match="drained at step 2"):
+            run(cfg, Drained(root, 2, at=2), Paths(root, Path(out) / "export"), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert _checkpoint_steps(tmp_path) == [2]
+    assert not (tmp_path / "export").exists()
