@@ -157,12 +157,10 @@ def train_worker(env: dict[str, str], loop_config: dict, console=None, stop_flag
         train_loop(loop_config, stop_flag)
 
 
-def stopped(cfg: Config, out: str, stop, metrics: dict) -> "Exception":
+def stopped(out: str, stop: SignalStop, metrics: dict) -> Interrupted:
     """The :class:`preemption.Interrupted` of a run that a signal ended (``stop``: its
     SignalStop), after metrics.json is written: the checkpoint's step when training stopped
     with one, else None."""
-    from hyperscale.train.preemption import Interrupted
-
     from hyperscale.train.checkpoint import find_latest
 
     write_metrics(out, metrics)
@@ -213,11 +211,12 @@ def run_training(cfg: Config) -> dict:
             hard_exit_timer(15, exit_code(stop.reason), "Ray did not shut down within 15 s; exiting")
             raise
         except SystemExit as e:
-            # ray.init's SIGTERM handler, outside the block above; say what happened instead
+            # a SystemExit out of fit() (Ray's own signal handlers exit that way when they are the
+            # ones installed); say what happened instead (the job scripts print how to continue)
             raise KeyboardInterrupt(f"training interrupted: {cfg.run.name}") from e
     metrics = dict(result.metrics or {})
     if stop.reason is not None and metrics.get("step") != t.max_steps:  # a signal after the end: done
-        raise stopped(cfg, out, stop, metrics)
+        raise stopped(out, stop, metrics)
     return write_metrics(out, metrics)
 
 
@@ -247,5 +246,5 @@ def run_in_process(cfg: Config) -> dict:
             SignalStop(t.preemption_grace_seconds, hard_exit_after_grace=True) as stop:
         metrics = run(cfg, LocalSession(root, t.keep_checkpoints, stop), Paths(root, Path(out) / "export"), device)
     if stop.reason is not None and metrics.get("step") != t.max_steps:
-        raise stopped(cfg, out, stop, metrics)
+        raise stopped(out, stop, metrics)
     return write_metrics(out, metrics)
