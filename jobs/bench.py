@@ -14,8 +14,9 @@
     # memory (docs/benchmarks.md §8): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
     # workers, checkpoint save/resume times -> docs/bench/memory.json
     python jobs/bench.py --suite memory
-    # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss -> docs/bench/reliability.json
-    python jobs/bench.py --suite reliability
+    # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss, SIGTERM/SIGINT to the driver,
+    # a truncated checkpoint -> docs/bench/reliability.json (--scenarios a,b: only those; the other rows stay)
+    python jobs/bench.py --suite reliability [--scenarios sigterm_driver,truncated_checkpoint]
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
     python jobs/bench.py --suite denoise --student teacher-ft=runs/teacher-ft/export/ema --out runs/denoise
 """
@@ -62,6 +63,9 @@ if __name__ == "__main__":
                    f"(default {dd.timesteps})")
     p.add_argument("--num-images", type=int, default=dd.num_images, help="denoise: test images")
     p.add_argument("--work", default=None, help="memory/reliability: scratch directory for the runs")
+    p.add_argument("--scenarios", default=None,
+                   help="reliability: comma-separated scenarios to run (default all: worker_sigkill, s3_outage, "
+                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint); the record's other rows stay")
     a = p.parse_args()
     command = "python jobs/bench.py " + shlex.join(sys.argv[1:])
     try:
@@ -77,7 +81,8 @@ if __name__ == "__main__":
 
         work = Path(a.work or tempfile.mkdtemp(prefix=f"hs-{a.suite}-"))
         path = (run_memory_suite(a.out, MemorySettings(teacher=a.teacher), command=command, work=work)
-                if a.suite == "memory" else run_reliability_suite(a.out, work, command=command))
+                if a.suite == "memory" else run_reliability_suite(
+                    a.out, work, command=command, scenarios=a.scenarios.split(",") if a.scenarios else None))
         print(f"[bench] wrote {path}")
         raise SystemExit(0)
     if a.suite == "denoise":

@@ -13,6 +13,12 @@ workers) in a subprocess with its own embedded Ray, injects the fault, and retur
   seconds mid-run and restarted on the same port; the data layer's retries must carry the run.
 - ``nan_loss``: a NaN generator loss on one rank (2 local ranks, ZeRO-2 engines): the update is
   skipped on every rank, counted, and the optimizer state is untouched.
+- ``sigterm_driver`` / ``sigint_driver``: the signal to the job's driver mid-run, no checkpoint
+  due: the workers checkpoint at the next step, the job exits 143 / 130, and a resume with
+  ``latest`` ends bit-identical to an uninterrupted run (hyperscale/train/preemption.py).
+- ``truncated_checkpoint``: the newest checkpoint's state.pt cut in half; ``latest`` resumes
+  from the previous complete one with a warning naming both, and ends where an uninterrupted
+  run ends.
 """
 from __future__ import annotations
 
@@ -209,6 +215,104 @@ def s3_outage(work: Path, outage_s: float = 3.0, steps: int = 12) -> dict:
             "_log": log, "_retries": retries, "_outage_at_step": at}
 
 
+def sigterm_driver(work: Path, signame: str = "SIGTERM", steps: int = 40, at_step: int = 3,
+                   every_minutes: float = 5.0) -> dict:
+    """SIGTERM (or SIGINT) to the job's driver process mid-run, between checkpoints: the workers
+    must checkpoint at their next step and the job exit with 128 + the signal's number; then
+    ``train.resume_from_checkpoint=latest`` finishes the run, compared with an uninterrupted
+    one. Step checkpoints are far apart (every 1000 steps) and the clock's every
+    ``every_minutes``, so the checkpoint the signal leaves is the only one."""
+    from hyperscale.config.schema import TrainSection
+
+    grace = TrainSection().preemption_grace_seconds  # the default, which these runs use
+    work = Path(work)
+    base = [f"train.max_steps={steps}", "train.checkpoint_every=1000", "train.log_every=1",
+            f"train.checkpoint_every_minutes={every_minutes:g}"]
+    straight = Job(work / "straight", base)
+    rc_straight = straight.finish()
+    pids = work / "pids"
+    pids.mkdir(parents=True, exist_ok=True)
+    job = Job(work / "signalled", base, {"HYPERSCALE_TEST_PID_DIR": str(pids)})
+
+    def seen_step() -> int:
+        return max([int(m) for m in STEP_LINE.findall("".join(job.lines))], default=0)
+
+    job.wait_for(lambda: seen_step() >= at_step)
+    at = max(_read_int(pids / f"rank{r}.step") for r in (0, 1))  # steps done when the signal is sent
+    t0 = time.monotonic()
+    job.proc.send_signal(getattr(signal, signame))
+    rc = job.finish()
+    seconds = time.monotonic() - t0
+    log = job.output()
+    from hyperscale.train.checkpoint import find_latest, meta_step
+
+    latest = find_latest(job.out / "checkpoints") if (job.out / "checkpoints").is_dir() else None
+    ckpt_step = meta_step(latest) if latest is not None else None
+    done = max(_read_int(pids / f"rank{r}.step") for r in (0, 1))  # steps trained before the exit
+    steps_lost = None if ckpt_step is None else max(0, done - ckpt_step)
+    resumed = Job(work / "signalled", base + ["train.resume_from_checkpoint=latest"])
+    rc_resumed = resumed.finish()
+    ok = rc_straight == 0 and rc_resumed == 0
+    final = final_state(job.out) if ok else {"counters": {"step": None}, "data": None}
+    exact = ok and same_exports(job.out, straight.out) and _cursors_equal(
+        final["data"], final_state(straight.out)["data"])
+    return {"scenario": f"{signame.lower()}_driver",
+            "survived": ok and rc == 128 + int(getattr(signal, signame)) and ckpt_step is not None and exact,
+            "steps_lost": steps_lost, "samples_repeated": 0 if steps_lost == 0 else None,
+            "samples_skipped": 0 if exact else None,
+            "steps_at_signal": at, "checkpoint_step": ckpt_step, "signal_to_exit_s": round(seconds, 1),
+            "exit_code": rc,
+            "notes": (f"{signame} to the driver after step {at} (checkpoints every 1000 steps and every "
+                      f"{every_minutes:g} min, so none was due); the workers checkpointed at step {ckpt_step} and "
+                      f"the job exited {rc} {seconds:.1f} s after the signal (grace {grace:g} s); "
+                      f"train.resume_from_checkpoint=latest finished {final['counters']['step']}/{steps}; exports "
+                      f"and data cursors {'bit-identical to' if exact else 'DIFFER from'} an uninterrupted run"),
+            "_log": log, "_console": "".join(job.lines), "_resume_log": resumed.output(), "_exact": exact, "_rc": rc,
+            "_latest": latest, "_done": done, "_at": at}
+
+
+def truncated_checkpoint(work: Path, steps: int = 6, every: int = 2) -> dict:
+    """Cut the newest checkpoint's state.pt in half (a write lost mid-way), then resume with
+    ``train.resume_from_checkpoint=latest``: the previous complete checkpoint must be used with a
+    warning naming both, and the run must end where the uninterrupted one ended (its export,
+    read before the resume overwrites it). One worker in the job's process (``--no-ray``)."""
+    from safetensors.torch import load_file
+
+    from hyperscale.train.checkpoint import STATE, meta_step
+
+    work = Path(work)
+    base = ["--no-ray", "train.num_workers=1", "train.engine=torch", f"train.max_steps={steps}", f"train.checkpoint_every={every}",
+            "train.keep_checkpoints=10", "train.log_every=1"]
+    first = Job(work / "run", base)
+    rc_first = first.finish()
+    exports = {kind: load_file(str(first.out / "export" / kind / "model.safetensors")) for kind in ("raw", "ema")} \
+        if rc_first == 0 else {}
+    root = first.out / "checkpoints"
+    newest = max((p for p in root.iterdir() if p.name.startswith("step_")), key=meta_step) if rc_first == 0 else None
+    if newest is not None:
+        state = newest / STATE
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    resumed = Job(work / "run", base + ["train.resume_from_checkpoint=latest"])
+    rc = resumed.finish()
+    log = resumed.output()
+    m = RESUMED.search(log)
+    at = int(m.group(1)) if m else None
+    warned = newest is not None and re.search(rf"checkpoint {re.escape(str(newest))} \(step {steps}\) is incomplete "
+                                              rf".*; using \S+ \(step {at}\)", log) is not None
+    exact = rc == 0 and all(
+        (lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))(
+            exports[kind], load_file(str(first.out / "export" / kind / "model.safetensors"))) for kind in exports)
+    steps_lost = None if at is None else steps - at
+    return {"scenario": "truncated_checkpoint", "survived": rc == 0 and warned and exact and bool(exports),
+            "steps_lost": steps_lost, "samples_repeated": None if at is None else steps_lost * 16,
+            "samples_skipped": 0 if exact else None,
+            "notes": (f"newest checkpoint (step {steps}) cut to half its state.pt; resume=latest "
+                      f"{'warned naming both and ' if warned else 'did NOT warn; '}resumed at step {at}, "
+                      f"{steps_lost} steps trained again; final exports "
+                      f"{'bit-identical to' if exact else 'DIFFER from'} the uninterrupted run's (1 worker, --no-ray)"),
+            "_log": log, "_warned": warned, "_exact": exact, "_newest": newest}
+
+
 class PoisonedLoss:
     """Wraps a method: while ``armed``, the generator loss on ``rank`` is NaN."""
 
@@ -273,17 +377,38 @@ def nan_loss(stage: int = 2) -> dict:
                       f"samples_skipped = that update's batch on both ranks")}
 
 
-def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None = None) -> Path:
-    """docs/bench/reliability.json: one row per scenario (private ``_`` fields dropped)."""
-    from hyperscale.storage.records import write_record
+SCENARIOS = ("worker_sigkill", "s3_outage", "nan_loss", "sigterm_driver", "sigint_driver", "truncated_checkpoint")
 
-    rows = []
-    for name, fn in (("worker_sigkill", lambda: worker_sigkill(Path(work) / "kill")),
-                     ("s3_outage", lambda: s3_outage(Path(work) / "s3")), ("nan_loss", nan_loss)):
+
+def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None = None,
+                          scenarios: list[str] | None = None) -> Path:
+    """docs/bench/reliability.json: one row per scenario (private ``_`` fields dropped).
+    ``scenarios``: only these (default: all); the record's other rows are kept as they were, each
+    row naming the commit, date, machine and command that measured it."""
+    from hyperscale.storage.records import commit, machine, write_record
+
+    work = Path(work)
+    runs = {"worker_sigkill": lambda: worker_sigkill(work / "kill"), "s3_outage": lambda: s3_outage(work / "s3"),
+            "nan_loss": nan_loss, "sigterm_driver": lambda: sigterm_driver(work / "sigterm"),
+            "sigint_driver": lambda: sigterm_driver(work / "sigint", "SIGINT"),
+            "truncated_checkpoint": lambda: truncated_checkpoint(work / "truncated")}
+    chosen = list(scenarios or SCENARIOS)
+    unknown = [s for s in chosen if s not in runs]
+    if unknown:
+        raise ValueError(f"unknown reliability scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+    path = Path(out_dir) / "reliability.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    rows = {r["scenario"]: r | {k: old.get(k) for k in ("commit", "date", "machine", "command") if k not in r}
+            for r in old.get("rows", [])}
+    for name in chosen:
         t0 = time.perf_counter()
-        row = fn()
+        row = runs[name]()
         wall = round(time.perf_counter() - t0, 1)
-        rows.append({k: v for k, v in row.items() if not k.startswith("_")} | {"wall_s": wall})
-        print(f"[bench] reliability {name}: {rows[-1]}", flush=True)
-    settings = {"preset": "jobs/configs/teacher-tiny.yaml", "workers": 2, "engine": "deepspeed ZeRO-2"}
-    return write_record(out_dir, "reliability", settings, rows, command)
+        rows[row["scenario"]] = ({k: v for k, v in row.items() if not k.startswith("_")} | {"wall_s": wall} |
+                                 {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                                  "command": command})
+        print(f"[bench] reliability {name}: {rows[row['scenario']]}", flush=True)
+    order = [s for s in SCENARIOS if s in rows] + [s for s in rows if s not in SCENARIOS]
+    settings = {"preset": "jobs/configs/teacher-tiny.yaml", "workers": 2, "engine": "deepspeed ZeRO-2",
+                "truncated_checkpoint": "1 worker, --no-ray, plain torch"}
+    return write_record(out_dir, "reliability", settings, [rows[s] for s in order], command)

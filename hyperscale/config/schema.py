@@ -99,6 +99,8 @@ class TrainSection(Section):
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n))
     checkpoint_every: int = Field(500, ge=1)
     checkpoint_every_minutes: float = Field(0.0, ge=0)  # also checkpoint by the clock, at logged steps (0: off)
+    # SIGTERM/SIGINT: checkpoint at the next step and stop; exit anyway after this long (spot notices: 30-120 s)
+    preemption_grace_seconds: float = Field(25.0, gt=0)
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(0, ge=0)  # in-loop quality evaluation every N steps (0: off) when given an evaluator (Tune)
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept

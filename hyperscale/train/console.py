@@ -187,19 +187,35 @@ def finish_ray_logging() -> None:
 def interruptible(resume_hint=None) -> Iterator[None]:
     """Around a job's main work: Ctrl+C (SIGINT) ends it with one readable line and exit code
     130 instead of a traceback; ``resume_hint`` (a string, or a function asked then) says how to
-    continue."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        sys.stdout.flush()
+    continue. A training run that a signal stopped (``preemption.Interrupted``: SIGTERM or
+    SIGINT during training) ends with one line saying whether it checkpointed (at which step,
+    where, how long after the signal) and how to continue, and exit code 143 (SIGTERM) or 130."""
+    from hyperscale.train.preemption import Interrupted
+
+    def tail() -> str:
         hint = resume_hint
         if callable(hint):
             try:
                 hint = hint()
             except Exception:
                 hint = None
-        tail = f"; {hint}" if hint else ""
-        print(f"\n{PREFIX} interrupted (Ctrl+C){tail}", file=sys.stderr, flush=True)
+        return f"; {hint}" if hint else ""
+
+    try:
+        yield
+    except Interrupted as e:
+        sys.stdout.flush()
+        if e.step is not None:
+            what = f"stopped at step {e.step} with a checkpoint ({e.checkpoint}), {e.seconds:.1f} s after the signal"
+        elif e.forced:
+            what = "a second signal: stopped without waiting for the checkpoint"
+        else:
+            what = f"no checkpoint within train.preemption_grace_seconds={e.grace_s:g} s"
+        print(f"\n{PREFIX} {e.reason}: {what}{tail()}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f"\n{PREFIX} interrupted (Ctrl+C){tail()}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 
 

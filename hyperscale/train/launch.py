@@ -17,11 +17,14 @@ import functools
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from hyperscale.config import Config, to_yaml
 from hyperscale.storage.local import absolute_local, is_remote, join, write_text
+from hyperscale.train.preemption import (Interrupted, SignalStop, exit_code, hard_exit_timer, run_until_stopped,
+                                         stop_flag)
 
 # Without this, every ray.train.report() blocks ~2 s (docs/stack.md §3).
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 otherwise makes each print in a worker both a log
@@ -140,17 +143,31 @@ def _storage(out: str) -> dict:
     return {"storage_path": out[len("s3://"):], "storage_filesystem": arrow_filesystem(out)}
 
 
-def train_worker(env: dict[str, str], loop_config: dict, console=None) -> None:
-    """What every Ray Train worker runs (as ``partial(train_worker, env, console=queue)``): the
-    driver's S3 settings ``env``, then ``worker.train_loop``, rank 0 sending its progress to the
-    driver's console (``console.DriverConsole``'s queue). ``env`` travels inside the pickled
-    function, not in ``train_loop_config``, which Ray Train records in its state API."""
+def train_worker(env: dict[str, str], loop_config: dict, console=None, stop_flag=None) -> None:
+    """What every Ray Train worker runs (as ``partial(train_worker, env, console=queue,
+    stop_flag=flag)``): the driver's S3 settings ``env``, then ``worker.train_loop``, rank 0
+    sending its progress to the driver's console (``console.DriverConsole``'s queue), every rank
+    watching the driver's stop flag (``preemption.StopFlag``). ``env`` travels inside the
+    pickled function, not in ``train_loop_config``, which Ray Train records in its state API."""
     os.environ.update(env)
     from hyperscale.train.console import worker_console
     from hyperscale.train.worker import train_loop
 
     with worker_console(console):
-        train_loop(loop_config)
+        train_loop(loop_config, stop_flag)
+
+
+def stopped(out: str, stop: SignalStop, metrics: dict) -> Interrupted:
+    """The :class:`preemption.Interrupted` of a run that a signal ended (``stop``: its
+    SignalStop), after metrics.json is written: the checkpoint's step when training stopped
+    with one, else None."""
+    from hyperscale.train.checkpoint import find_latest
+
+    write_metrics(out, metrics)
+    step = int(metrics["step"]) if metrics.get("stopped_by") else None
+    latest = find_latest(join(out, "checkpoints")) if step is not None else None
+    return Interrupted(stop.reason, step, time.monotonic() - stop.at, stop.grace_s, metrics,
+                       checkpoint=None if latest is None else str(latest))
 
 
 def run_training(cfg: Config) -> dict:
@@ -168,8 +185,9 @@ def run_training(cfg: Config) -> dict:
     t = cfg.train
     ensure_ray(int(max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)), out)
     console = DriverConsole(cfg.run.name)
+    flag = stop_flag()
     trainer = TorchTrainer(
-        functools.partial(train_worker, settings_env(), console=console.queue),
+        functools.partial(train_worker, settings_env(), console=console.queue, stop_flag=flag),
         # run_id: tells a worker-group restart (same id, checkpoints of this call in storage)
         # from a new run in the same output directory.
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_root": join(out, "checkpoints"),
@@ -183,14 +201,23 @@ def run_training(cfg: Config) -> dict:
     )
     print(f"[hyperscale] {cfg.run.name}: {t.max_steps} steps on {t.num_workers} Ray Train worker(s), "
           f"outputs in {out}", flush=True)
-    try:
-        with console:
-            result = trainer.fit()
-    except SystemExit as e:
-        # Ray Train's own SIGINT handler aborts the run and leaves fit() by SystemExit (code 1,
-        # no message); say what happened instead (the job scripts print how to continue).
-        raise KeyboardInterrupt(f"training interrupted: {cfg.run.name}") from e
-    return write_metrics(out, dict(result.metrics or {}))
+    # SIGTERM/SIGINT: the workers checkpoint at their next step and stop (preemption.py); fit()
+    # runs in a helper thread, where Ray Train installs no SIGINT handler that aborts the run.
+    with SignalStop(t.preemption_grace_seconds, on_first=lambda reason: flag.set.remote(reason)) as stop:
+        try:
+            with console:
+                result = run_until_stopped(trainer.fit, stop)
+        except Interrupted:  # the grace period passed, or a second signal: leave now, within bounds
+            hard_exit_timer(15, exit_code(stop.reason), "Ray did not shut down within 15 s; exiting")
+            raise
+        except SystemExit as e:
+            # a SystemExit out of fit() (Ray's own signal handlers exit that way when they are the
+            # ones installed); say what happened instead (the job scripts print how to continue)
+            raise KeyboardInterrupt(f"training interrupted: {cfg.run.name}") from e
+    metrics = dict(result.metrics or {})
+    if stop.reason is not None and metrics.get("step") != t.max_steps:  # a signal after the end: done
+        raise stopped(out, stop, metrics)
+    return write_metrics(out, metrics)
 
 
 def run_in_process(cfg: Config) -> dict:
@@ -215,6 +242,9 @@ def run_in_process(cfg: Config) -> dict:
     cfg, out = prepare_run(cfg)
     root = Path(out) / "checkpoints"
     device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
-    with local_console(cfg.run.name, Path(out) / "logs"):
-        metrics = run(cfg, LocalSession(root, t.keep_checkpoints), Paths(root, Path(out) / "export"), device)
+    with local_console(cfg.run.name, Path(out) / "logs"), \
+            SignalStop(t.preemption_grace_seconds, hard_exit_after_grace=True) as stop:
+        metrics = run(cfg, LocalSession(root, t.keep_checkpoints, stop), Paths(root, Path(out) / "export"), device)
+    if stop.reason is not None and metrics.get("step") != t.max_steps:
+        raise stopped(out, stop, metrics)
     return write_metrics(out, metrics)

@@ -92,14 +92,18 @@ class LocalSession:
     """The loop's session in this process, rank 0 of 1, without Ray. A reported checkpoint is
     copied to ``root/<its name>`` (``step_<n>``) beside, then renamed into place, so only
     complete ones appear; the newest ``keep`` stay. A restart is a new invocation, which
-    resumes through ``train.resume_from_checkpoint`` (``latest`` finds them)."""
+    resumes through ``train.resume_from_checkpoint`` (``latest`` finds them). ``stop``: the
+    SignalStop of this process; the loop checkpoints and stops once it has seen a signal."""
     rank, world = 0, 1
 
-    def __init__(self, root: Path, keep: int) -> None:
-        self.root, self.keep = Path(root), keep
+    def __init__(self, root: Path, keep: int, stop=None) -> None:
+        self.root, self.keep, self.stop = Path(root), keep, stop  # stop: a preemption.SignalStop
 
     def step_done(self, step: int) -> None:
         pass
+
+    def stop_requested(self) -> str | None:
+        return None if self.stop is None else self.stop.reason
 
     @contextmanager
     def restored(self) -> Iterator[Path | None]:

@@ -40,7 +40,7 @@ from hyperscale.models.ema import EMA
 from hyperscale.models.families import family_of
 from hyperscale.models.lora import save_student
 from hyperscale.train import checkpoint as ckpt
-from hyperscale.train import engines
+from hyperscale.train import engines, preemption
 from hyperscale.train.step import Role, StepCounters, broadcast_from_rank0, two_player_step
 from hyperscale.train.text2image_data import grid_prompts, text2image_stream, to_model_inputs
 
@@ -62,6 +62,9 @@ class Session(Protocol):
 
     def step_done(self, step: int) -> None:
         """Called on every rank after each generator update (``step`` updates done)."""
+
+    # Optional: ``stop_requested() -> str | None``, asked on every rank at every step boundary:
+    # a reason to checkpoint and stop now (hyperscale/train/preemption.py); absent: never.
 
 
 @dataclass
@@ -297,6 +300,11 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
         """``train.checkpoint_every_minutes`` passed since the last checkpoint (or the start)?"""
         return t.checkpoint_every_minutes > 0 and rank0_says(time.time() - t_ckpt >= 60 * t.checkpoint_every_minutes)
 
+    def stop_now() -> str | None:
+        """Collective: a stop signal any rank has seen (the driver's, a drained node)."""
+        return preemption.agree(stop_requested(), device) if stop_requested is not None else None
+
+    stop_requested = getattr(session, "stop_requested", None)
     cfg_yaml = to_yaml(cfg)
     t_start, step0, s0 = time.time(), counters.step, counters.samples
     t_ckpt = t_start
@@ -311,9 +319,12 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
         step = counters.step
         session.step_done(step)
         # the clock is consulted at logged steps only: a broadcast per step would sync every rank
-        is_ckpt = (step % t.checkpoint_every == 0 or step == t.max_steps
+        stop = stop_now() if step < t.max_steps else None  # the last step ends the run anyway
+        is_ckpt = (step % t.checkpoint_every == 0 or step == t.max_steps or stop is not None
                    or (step % t.log_every == 0 and checkpoint_due()))
         is_eval = evaluate is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
+        if stop is not None:
+            metrics["stopped_by"] = stop
         if step % t.log_every == 0 or is_ckpt or is_eval:
             elapsed = time.time() - t_start
             sps = (counters.samples - s0) * world / max(elapsed, 1e-9)
@@ -330,6 +341,14 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             t_ckpt = time.time()
         elif step % t.log_every == 0 or is_eval:
             session.report(metrics)
+        if stop is not None:  # checkpointed just above; a resume continues from exactly here
+            if rank == 0:
+                print(f"[hyperscale] {stop}: checkpoint at step {step}, stopping", flush=True)
+            if world > 1:
+                dist.barrier()
+            if stop == preemption.DRAIN:  # Ray Train restarts the worker group from that checkpoint
+                raise preemption.NodePreempted(f"node of this run drained at step {step}: checkpointed")
+            return metrics  # no export: the resumed run exports at its end
         if t.max_minutes > 0 and step % t.log_every == 0 and step < t.max_steps and out_of_time():
             if not is_ckpt:  # a resume continues from exactly here
                 timing["time/checkpoint_save_s"] = save_checkpoint(step, metrics)

@@ -27,11 +27,16 @@ WATCH_DIR_ENV = "HYPERSCALE_TEST_PID_DIR"
 class RaySession:
     """The loop's session on a Ray library's report/checkpoint API: ``ray.train`` in a Ray
     Train worker (the default; rank and world from its context), ``ray.tune`` in a trial.
-    ``watch_dir``: where to leave the PID and the last finished step (fault injection)."""
+    ``watch_dir``: where to leave the PID and the last finished step (fault injection).
+    ``stop_flag``: the driver's StopFlag actor (hyperscale/train/preemption.py); a Ray Train
+    worker also stops for a drained node."""
 
     def __init__(self, api=ray.train, rank: int | None = None, world: int | None = None,
-                 watch_dir: str | None = None) -> None:
+                 watch_dir: str | None = None, stop_flag=None) -> None:
+        from hyperscale.train.preemption import StopPoller
+
         self.api = api
+        self.poller = StopPoller(stop_flag, watch_drain=api is ray.train)
         if rank is None:
             ctx = ray.train.get_context()
             rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -44,6 +49,9 @@ class RaySession:
         if self.watch_dir is not None:
             (self.watch_dir / f"rank{self.rank}.step").write_text(str(step))
 
+    def stop_requested(self) -> str | None:
+        return self.poller.poll()
+
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
         restored = self.api.get_checkpoint()
@@ -55,8 +63,8 @@ class RaySession:
         self.api.report(metrics, checkpoint=checkpoint)
 
 
-def train_loop(loop_config: dict) -> None:
+def train_loop(loop_config: dict, stop_flag=None) -> None:
     cfg = from_dict(loop_config["config"])
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     paths = Paths(Path(loop_config["run_root"]), Path(loop_config["export_dir"]), loop_config.get("run_id"))
-    run(cfg, RaySession(watch_dir=os.environ.get(WATCH_DIR_ENV)), paths, device)
+    run(cfg, RaySession(watch_dir=os.environ.get(WATCH_DIR_ENV), stop_flag=stop_flag), paths, device)

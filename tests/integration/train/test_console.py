@@ -196,12 +196,16 @@ def test_a_failing_worker_shows_its_full_traceback(tmp_path, teacher):
     assert "FileNotFoundError: model source" in full
 
 
-def test_ctrl_c_ends_a_ray_run_with_one_line_that_says_how_to_resume(tmp_path, teacher):
+def test_ctrl_c_ends_a_ray_run_with_a_checkpoint_and_one_line_that_says_how_to_resume(tmp_path, teacher):
+    """SIGINT (Ctrl+C) stops a Ray run as SIGTERM does (hyperscale/train/preemption.py): the workers
+    checkpoint at their next step (no step checkpoint is due: every 100000), exit code 130."""
+    from hyperscale.train.checkpoint import find_latest, meta_step
+
     out = tmp_path / "run"
     log = tmp_path / "console.txt"
     with open(log, "wb") as f:
         proc = subprocess.Popen(_cmd(out, teacher, "train.max_steps=100000", "train.log_every=2",
-                                     "train.checkpoint_every=4"),
+                                     "train.checkpoint_every=100000"),
                                 stdout=f, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
         try:
             deadline = time.monotonic() + 240
@@ -219,9 +223,12 @@ def test_ctrl_c_ends_a_ray_run_with_one_line_that_says_how_to_resume(tmp_path, t
     assert rc == 130, console[-3000:]
     assert "Traceback" not in console and _noise(console) == [], console
     last = console.splitlines()[-1]
-    assert re.fullmatch(r"\[hyperscale\] interrupted \(Ctrl\+C\); (continue from its checkpoint at step \d+|"
-                        r"no checkpoint yet \(one every 4 steps\); start again) with: python .*jobs/distill.py .*"
-                        r"train.resume_from_checkpoint=latest", last), last
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None, console[-3000:]
+    step = meta_step(latest)
+    assert re.fullmatch(rf"\[hyperscale\] SIGINT: stopped at step {step} with a checkpoint \({re.escape(str(latest))}\), "
+                        rf"[\d.]+ s after the signal; continue from its checkpoint at step {step} with: python "
+                        r".*jobs/distill.py .*train.resume_from_checkpoint=latest", last), last
 
 
 def test_a_run_without_ray_shows_progress_and_keeps_deepspeed_off_the_console(tmp_path, teacher):
