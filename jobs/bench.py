@@ -15,7 +15,8 @@
     # workers, checkpoint save/resume times -> docs/bench/memory.json
     python jobs/bench.py --suite memory
     # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss, SIGTERM/SIGINT to the driver,
-    # a truncated checkpoint -> docs/bench/reliability.json (--scenarios a,b: only those; the other rows stay)
+    # a truncated checkpoint, a Serve replica killed under load -> docs/bench/reliability.json
+    # (--scenarios a,b: only those; the other rows stay)
     python jobs/bench.py --suite reliability [--scenarios sigterm_driver,truncated_checkpoint]
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
     python jobs/bench.py --suite denoise --student teacher-ft=runs/teacher-ft/export/ema --out runs/denoise
@@ -65,7 +66,8 @@ if __name__ == "__main__":
     p.add_argument("--work", default=None, help="memory/reliability: scratch directory for the runs")
     p.add_argument("--scenarios", default=None,
                    help="reliability: comma-separated scenarios to run (default all: worker_sigkill, s3_outage, "
-                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint); the record's other rows stay")
+                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed); "
+                        "the record's other rows stay")
     a = p.parse_args()
     command = "python jobs/bench.py " + shlex.join(sys.argv[1:])
     try:

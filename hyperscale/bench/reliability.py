@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from hyperscale.bench.serve_faults import serve_replica_killed
 from hyperscale.storage.local import REPO
 from hyperscale.methods.base import LossOut
 
@@ -377,7 +378,8 @@ def nan_loss(stage: int = 2) -> dict:
                       f"samples_skipped = that update's batch on both ranks")}
 
 
-SCENARIOS = ("worker_sigkill", "s3_outage", "nan_loss", "sigterm_driver", "sigint_driver", "truncated_checkpoint")
+SCENARIOS = ("worker_sigkill", "s3_outage", "nan_loss", "sigterm_driver", "sigint_driver", "truncated_checkpoint",
+             "serve_replica_killed")
 
 
 def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None = None,
@@ -391,7 +393,8 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
     runs = {"worker_sigkill": lambda: worker_sigkill(work / "kill"), "s3_outage": lambda: s3_outage(work / "s3"),
             "nan_loss": nan_loss, "sigterm_driver": lambda: sigterm_driver(work / "sigterm"),
             "sigint_driver": lambda: sigterm_driver(work / "sigint", "SIGINT"),
-            "truncated_checkpoint": lambda: truncated_checkpoint(work / "truncated")}
+            "truncated_checkpoint": lambda: truncated_checkpoint(work / "truncated"),
+            "serve_replica_killed": lambda: serve_replica_killed(work / "serve")}
     chosen = list(scenarios or SCENARIOS)
     unknown = [s for s in chosen if s not in runs]
     if unknown:
@@ -410,5 +413,6 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
         print(f"[bench] reliability {name}: {rows[row['scenario']]}", flush=True)
     order = [s for s in SCENARIOS if s in rows] + [s for s in rows if s not in SCENARIOS]
     settings = {"preset": "jobs/configs/teacher-tiny.yaml", "workers": 2, "engine": "deepspeed ZeRO-2",
-                "truncated_checkpoint": "1 worker, --no-ray, plain torch"}
+                "truncated_checkpoint": "1 worker, --no-ray, plain torch",
+                "serve_replica_killed": "jobs/serve.py on assets/sim-generator, 1 replica, 4 clients"}
     return write_record(out_dir, "reliability", settings, [rows[s] for s in order], command)
