@@ -59,7 +59,8 @@ def test_a_bench_step_is_the_trainers_step_and_trains_only_the_trained_roles():
     assert moved == {"generator": True, "fake_score": True, "teacher": False}
     table = b.role_table()
     assert table["generator"]["grad_bytes"] == table["generator"]["param_bytes"]
-    assert table["generator"]["optim_bytes"] == 2 * table["generator"]["param_bytes"] + 8 * len(b.roles["generator"].params)
+    # AdamW: exp_avg and exp_avg_sq per parameter, and its step count (a float32 scalar)
+    assert table["generator"]["optim_bytes"] == 2 * table["generator"]["param_bytes"] + 4 * len(b.roles["generator"].params)
 
 
 def test_tiny_suite_runs_every_method_in_fp32_and_bf16_and_writes_the_record(tmp_path):
