@@ -20,6 +20,10 @@
     python jobs/bench.py --suite reliability [--scenarios sigterm_driver,truncated_checkpoint]
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
     python jobs/bench.py --suite denoise --student teacher-ft=runs/teacher-ft/export/ema --out runs/denoise
+    # gpu (docs/benchmarks.md §11): SIM, DMD and TSCD training steps on SD1.5 / SDXL-shaped random networks per
+    # variant (fp32 ... torch.compile): samples/s, TFLOP/s, MFU, memory per role -> docs/bench/gpu.json
+    python jobs/bench.py --suite gpu --shape sd15            # on a CUDA machine (sdxl: an H200-class GPU)
+    python jobs/bench.py --suite gpu --shape tiny,tiny-xl    # the tiny shapes, on CPU
 """
 import argparse
 import shlex
@@ -36,7 +40,7 @@ from hyperscale.bench.speed import SpeedSettings, run_speed  # noqa: E402
 if __name__ == "__main__":
     d, sd, dd = QualitySettings(), SpeedSettings(), DenoiseSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["quality", "speed", "memory", "reliability", "denoise"], default="quality")
+    p.add_argument("--suite", choices=["quality", "speed", "memory", "reliability", "denoise", "gpu"], default="quality")
     p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
     p.add_argument("--student", action="append", default=[], metavar="NAME=PATH[@STEPS[:SAMPLER]]",
                    help="an exported 1-step generator to add as a row, or any student export with step counts "
@@ -68,6 +72,16 @@ if __name__ == "__main__":
                    help="reliability: comma-separated scenarios to run (default all: worker_sigkill, s3_outage, "
                         "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed); "
                         "the record's other rows stay")
+    g = p.add_argument_group("gpu suite (docs/benchmarks.md §11)")
+    g.add_argument("--shape", default=None, help="shapes, comma separated: sd15, sdxl, tiny, tiny-xl "
+                   "(default: sd15 on CUDA, tiny,tiny-xl on CPU)")
+    g.add_argument("--methods", default=None, help="comma separated (default: sim,dmd,tscd)")
+    g.add_argument("--variants", default=None, help="comma separated (default: all, cheapest first)")
+    g.add_argument("--warmup-steps", type=int, default=2)
+    g.add_argument("--timed-steps", type=int, default=5)
+    g.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="rows not started within this many minutes are recorded as skipped (0: no limit)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
     a = p.parse_args()
     command = "python jobs/bench.py " + shlex.join(sys.argv[1:])
     try:
@@ -75,6 +89,18 @@ if __name__ == "__main__":
     except ValueError as e:
         p.error(str(e))
     steps = [int(x) for x in a.steps.split(",")] if a.steps else None
+    if a.suite == "gpu":
+        from hyperscale.bench.gpu import GpuSettings, run_gpu_suite
+
+        lists = {name: [x for x in arg.split(",") if x] for name, arg in
+                 (("shapes", a.shape), ("methods", a.methods), ("variants", a.variants)) if arg}
+        try:
+            s = GpuSettings(**lists, batch_size=a.batch_size, warmup_steps=a.warmup_steps, timed_steps=a.timed_steps,
+                            seed=a.seed, budget_minutes=a.budget_minutes, **({"threads": a.threads} if a.threads else {}))
+        except ValueError as e:
+            p.error(str(e))
+        print(f"[bench] wrote {run_gpu_suite(a.out, s, command=command)}")
+        raise SystemExit(0)
     if a.suite in ("memory", "reliability"):
         import tempfile
 
