@@ -8,7 +8,6 @@ Resumable: run the same command again after a stop. Writes a diffusers ``Autoenc
 import argparse
 import dataclasses
 import math
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch  # noqa: E402
 from hyperscale.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from hyperscale.models.autoencoder import VAEConfig, pad32, reconstruct, save_vae, train_vae  # noqa: E402
 from hyperscale.models.classifier import load_classifier  # noqa: E402
+from hyperscale.storage.records import machine  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     card = {"config": dataclasses.asdict(config), "params": sum(p.numel() for p in vae.parameters()),
             "test_mse": mse, "test_psnr_db": 10 * math.log10(4 / mse), "train_seconds": round(state.seconds, 1),
             "history": state.history, "command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "data": "Fashion-MNIST train, padded 28 -> 32 with black; test MSE on all 10k test images"}
     out = save_vae(vae, args.out, pad32(train.images[:5000]), card)
