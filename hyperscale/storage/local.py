@@ -60,14 +60,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def absolute_local(value: str | None) -> str | None:
     """A relative local path -> absolute (cwd first, then the repo root), so Ray workers and
-    replicas, whose working directory differs, find it. URLs, hub ids and "latest" pass through."""
+    replicas, whose working directory differs, find it; a shard pattern (``dir/train-{000..009}.tar``)
+    by its directory. URLs, hub ids and "latest" pass through."""
     if not value or "://" in value or value == "latest":
         return value
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
+    probe = p.parent if "{" in p.name else p
     for base in (Path.cwd(), REPO):
-        if (base / p).exists():
+        if (base / probe).exists():
             return str((base / p).resolve())
     return value  # a hub id, or a path that does not exist yet: the loader says which
 

@@ -64,6 +64,7 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.model.pretrained_teacher_model = absolute_local(cfg.model.pretrained_teacher_model)
     cfg.data.root = absolute_local(cfg.data.root)
     cfg.data.train_shards_path_or_url = absolute_local(cfg.data.train_shards_path_or_url)
+    cfg.data.prompts = absolute_local(cfg.data.prompts)
     cfg.train.resume_from_checkpoint = absolute_local(cfg.train.resume_from_checkpoint)
     if getattr(cfg.method, "init_student", None):  # read by the workers, whose cwd may differ
         cfg.method.init_student = absolute_local(cfg.method.init_student)
