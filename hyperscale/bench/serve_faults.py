@@ -8,18 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 
 from hyperscale.bench.serving import Client, ServerProcess
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hyperscale.train.local import free_port
 
 
 def generator_replica_pids(root_pid: int) -> list[int]:
@@ -41,7 +35,7 @@ def serve_replica_killed(work: Path, generator: str = "assets/sim-generator", cl
                          timeout_s: float = 20.0, recover_within_s: float = 300.0) -> dict:
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(_free_port(), [f"generator={generator}", "num_replicas=1", "auth_token_env=null",
+    server = ServerProcess(free_port(), [f"generator={generator}", "num_replicas=1", "auth_token_env=null",
                                           f"request_timeout_s={timeout_s:g}", "replica_cpus=0.5"],
                            work / "serve.log")
     answers: list[tuple[float, int, float, bytes]] = []  # (sent at, status, seconds, body)
