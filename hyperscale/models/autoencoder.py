@@ -104,7 +104,7 @@ def vae_losses(vae, x: Tensor, perceptual: PerceptualLoss | None, c: VAEConfig,
     recon = vae.decode(posterior.sample(generator)).sample
     mse = (recon - x).pow(2).flatten(1).mean(1)
     l1 = (recon - x).abs().flatten(1).mean(1)
-    kl = posterior.kl().flatten(1).sum(1) if posterior.kl().dim() > 1 else posterior.kl()
+    kl = posterior.kl()  # (B,): summed over the latent's dimensions
     loss = mse + c.l1_weight * l1 + c.kl_weight * kl
     parts = {"mse": mse.mean().item(), "l1": l1.mean().item(), "kl": kl.mean().item()}
     if perceptual is not None and c.perceptual_weight > 0:
