@@ -18,6 +18,7 @@ from torch import Tensor
 
 from hyperscale.data.fashion_mnist import class_prompts
 from hyperscale.data.fmnist_captions import HELDOUT_TEMPLATES, template_prompts
+from hyperscale.models.autoencoder import to_gray28
 from hyperscale.models.classifier import class_accuracy
 from hyperscale.models.families import family_of
 
@@ -25,14 +26,6 @@ PromptSampler = Callable[[Tensor, object], Tensor]  # (latent noise, encoded pro
 EVAL_PROMPTS = tuple(class_prompts())  # "a photo of a {class}", label order
 HELDOUT_PER_CLASS = 50
 HELDOUT_SEED = 1
-
-
-def to_gray28(images: Tensor) -> Tensor:
-    """Decoded images (B, C, 32, 32) in [-1, 1] -> (B, 1, 28, 28): the padding cropped off, channels averaged."""
-    images = images.clamp(-1, 1)
-    top = (images.shape[-2] - 28) // 2
-    left = (images.shape[-1] - 28) // 2
-    return images[..., top:top + 28, left:left + 28].mean(1, keepdim=True)
 
 
 class TextRows:

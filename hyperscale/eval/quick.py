@@ -17,20 +17,22 @@ from torch import Tensor
 
 from hyperscale.eval.metrics import KID_SUBSET_SIZE, evaluate_samples
 
-SampleFn = Callable[[Tensor, Tensor], Tensor]  # (noise, labels) -> images in [-1, 1]
+SampleFn = Callable[[Tensor, object], Tensor]  # (noise, Cond) -> what the generator makes (pixels or latents)
 
 
 @dataclass
 class QuickEval:
-    """``QuickEval(...)(sample_fn, step)`` -> {"eval/fid", "eval/kid", "eval/precision",
-    "eval/recall", "eval/class_acc"}. Picklable (Ray ships it to trials); the networks load on
-    first use in the trial."""
+    """``QuickEval(...)(sample_fn, step, model)`` -> {"eval/fid", "eval/kid", "eval/precision",
+    "eval/recall", "eval/class_acc"}. ``model`` (the generator) tells the family: class labels
+    for a class-conditional one; for a text-to-image one the class prompts "a photo of a
+    {class}", latents decoded and cropped to 28 x 28 grayscale as the quality suite does
+    (docs/families/fmnist.md). Picklable (Ray ships it to trials); the networks load on first
+    use in the trial."""
     num_samples: int = 500
     seed: int = 0
     batch_size: int = 250
     image_size: int = 64
     reference_limit: int | None = None  # None: all 10k test images (tests use fewer)
-    sample_shape: tuple[int, int, int] = (1, 28, 28)
 
     def __post_init__(self) -> None:
         if self.num_samples < 10 or self.num_samples % 10:
@@ -56,17 +58,29 @@ class QuickEval:
 
             extractor = FeatureExtractor(image_size=self.image_size)
             ref = reference_stats(extractor, limit=self.reference_limit)
-            labels = torch.arange(self.num_samples) % 10
-            noise = torch.randn((self.num_samples, *self.sample_shape),
-                                generator=torch.Generator().manual_seed(self.seed))
-            self._state = (extractor, ref, load_classifier(), noise, labels)
+            self._state = (extractor, ref, load_classifier(), torch.arange(self.num_samples) % 10)
         return self
 
+    def noise(self, shape: tuple[int, ...]) -> Tensor:
+        """The fixed noise for samples of ``shape`` (the same draw at every evaluation)."""
+        return torch.randn((self.num_samples, *shape), generator=torch.Generator().manual_seed(self.seed))
+
     @torch.no_grad()
-    def __call__(self, sample: SampleFn, step: int) -> dict:
-        extractor, ref, classifier, noise, labels = self.prepare()._state
-        images = torch.cat([sample(noise[i:i + self.batch_size], labels[i:i + self.batch_size]).clamp(-1, 1)
-                            for i in range(0, self.num_samples, self.batch_size)])
-        m = evaluate_samples(images, labels, ref, extractor, classifier,
+    def __call__(self, sample: SampleFn, step: int, model) -> dict:
+        from hyperscale.data.fashion_mnist import class_prompts
+        from hyperscale.models.autoencoder import to_gray28
+        from hyperscale.models.families import family_of
+
+        extractor, ref, classifier, labels = self.prepare()._state
+        family = family_of(model)
+        text = family.condition == "text"
+        items = [class_prompts()[int(i)] for i in labels] if text else labels
+        noise = self.noise(tuple(family.sample_shape(model)))
+        out = []
+        for i in range(0, self.num_samples, self.batch_size):
+            x = sample(noise[i:i + self.batch_size], family.encode_condition(model, items[i:i + self.batch_size]))
+            x = family.decode(model, x).float().cpu()
+            out.append(to_gray28(x) if text else x.clamp(-1, 1))
+        m = evaluate_samples(torch.cat(out), labels, ref, extractor, classifier,
                              kid_subset_size=min(KID_SUBSET_SIZE, self.num_samples, len(ref.features)))
         return {f"eval/{k}": float(v) for k, v in m.items()}

@@ -53,8 +53,15 @@ def pad32(images_u8: np.ndarray | Tensor) -> Tensor:
 
 
 def crop28(x: Tensor) -> Tensor:
-    """(N, C, 32, 32) -> the 28 x 28 centre (the padding back off)."""
-    return x[..., 2:30, 2:30]
+    """(N, C, H, W), H and W >= 28 -> the 28 x 28 centre (the padding back off)."""
+    top, left = (x.shape[-2] - 28) // 2, (x.shape[-1] - 28) // 2
+    return x[..., top:top + 28, left:left + 28]
+
+
+def to_gray28(images: Tensor) -> Tensor:
+    """Decoded images (B, C, 32, 32) in [-1, 1] -> (B, 1, 28, 28) as the pixel data: clamped,
+    the padding cropped off, channels averaged. How every evaluation sees a latent sample."""
+    return crop28(images.clamp(-1, 1)).mean(1, keepdim=True)
 
 
 def build_vae(config: VAEConfig) -> nn.Module:

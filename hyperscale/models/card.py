@@ -20,8 +20,21 @@ def _sampler_lines(extra: dict) -> list[str]:
     return lines or ["- the teacher's own sampler (no few-step training)"]
 
 
+def _shown(path: str) -> str:
+    """A local teacher path as the card shows it: relative to the repository, never the machine's layout."""
+    from hyperscale.storage.local import REPO
+
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+
+
 def model_card(meta: dict, directory: Path) -> str:
     extra = meta.get("extra", {})
+    if extra.get("method") == "denoising":  # a teacher trained from new weights: its full sampler
+        extra = {"sampler": {"name": "ddim", "num_steps": 25, "spacing": "leading",
+                             "guidance_scale": extra.get("guidance_scale", 7.5)}} | extra
     family = meta.get("family", "?")
     from hyperscale.models.families import FAMILIES
 
@@ -30,9 +43,13 @@ def model_card(meta: dict, directory: Path) -> str:
     steps = (1 if extra.get("generator") and not extra.get("multi_step")
              else (extra.get("sampler") or {}).get("num_steps", 4))
     guidance = (extra.get("sampler") or {}).get("guidance_scale", 1.0)
-    out = [f"# {extra.get('run', 'hyperscale student')}", "",
-           f"A {family} student distilled with hyperscale ({extra.get('method', 'unknown method')}"
-           f"{', teacher ' + extra['teacher'] if extra.get('teacher') else ''}).", "",
+    teacher = _shown(extra["teacher"]) if extra.get("teacher") else ""
+    what = (f"A {family} diffusion model trained with hyperscale from new weights (the denoising loss"
+            f"{'; text encoder, VAE and schedule from ' + teacher if teacher else ''})."
+            if extra.get("method") == "denoising" else
+            f"A {family} student distilled with hyperscale ({extra.get('method', 'unknown method')}"
+            f"{', teacher ' + teacher if teacher else ''}).")
+    out = [f"# {extra.get('run', 'hyperscale student')}", "", what, "",
            "## Sampling", *_sampler_lines(extra), ""]
     if pipeline:
         from hyperscale.models.families.external import RECIPES, external_components

@@ -280,7 +280,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
         out = [None]
         if rank == 0:
             model = ema.model.eval()
-            out = [evaluate(lambda z, y: method.sample(model, z.to(device), y.to(device)).float().cpu(), step)]
+            out = [evaluate(lambda z, cond: method.sample(model, z.to(device), cond.to(device)), step, model)]
         if world > 1:
             dist.broadcast_object_list(out, src=0)
         return out[0]

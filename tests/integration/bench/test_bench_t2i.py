@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from hyperscale.bench.quality import QualitySettings, run_quality
-from hyperscale.bench.quality_t2i import EVAL_PROMPTS, TextRows, to_gray28
-from hyperscale.models.autoencoder import VAEConfig, build_vae
+from hyperscale.bench.quality_t2i import EVAL_PROMPTS, TextRows
+from hyperscale.eval.metrics import evaluate_samples
+from hyperscale.eval.quick import QuickEval
+from hyperscale.models.autoencoder import VAEConfig, build_vae, to_gray28
+from hyperscale.models.families import family_of
 from hyperscale.models.build import load_denoiser, save_denoiser
 from hyperscale.models.export import OneStepCall, SamplerSpec
 from hyperscale.models.families.sd import minilm_unet, save_minilm_sd15
@@ -28,6 +31,29 @@ def test_to_gray28():
     y = to_gray28(x)
     assert y.shape == (2, 1, 28, 28)
     assert torch.allclose(y, torch.full_like(y, (1.0 + 0.5 + 0.5) / 3))  # 1.5 clamped to 1, then averaged
+
+
+def test_quick_eval_prompts_and_decodes_a_text_to_image_generator(teacher):
+    """The sweeps' in-loop metric on a latent generator: class prompts in label order, latent
+    noise of the family's shape, samples decoded and cropped as the quality suite sees them."""
+    torch.set_num_threads(1)
+    model = load_denoiser(teacher).eval()
+    family = family_of(model)
+    seen = []
+
+    def sample(z, cond):
+        seen.append((z, cond))
+        return z * 0.5  # "latents": a fixed function of the noise
+
+    qe = QuickEval(num_samples=20, batch_size=10, reference_limit=200)
+    got = qe(sample, 0, model)
+    assert [tuple(z.shape) for z, _ in seen] == [(10, 4, 8, 8)] * 2
+    want = family.encode_condition(model, [EVAL_PROMPTS[i % 10] for i in range(10)])
+    assert torch.equal(seen[0][1].embeds, want.embeds)
+    extractor, ref, classifier, labels = qe._state
+    images = to_gray28(family.decode(model, qe.noise((4, 8, 8)) * 0.5))
+    m = evaluate_samples(images, labels, ref, extractor, classifier, kid_subset_size=20)
+    assert got == {f"eval/{k}": pytest.approx(float(v), rel=1e-5) for k, v in m.items()}
 
 
 def test_vae_floor_reconstructs_real_images(teacher):
