@@ -86,6 +86,9 @@ def check_export(export: str | Path, prompts=PROMPTS, guidance: float = 1.0, **p
     """The export's images from diffusers' ``from_pretrained`` equal the project's sampler's; returns the max diff."""
     from diffusers import DiffusionPipeline
 
+    if not str(export).startswith(("s3://", "tiny:")):  # an export names no machine paths (the source's)
+        configs = [Path(export) / "model_index.json", *Path(export).glob("*/config.json")]
+        assert not [c for c in configs if "_name_or_path" in c.read_text()], configs
     den = load_denoiser(export)
     spec = export_sampler(export)
     z = latents(den, len(prompts))
@@ -104,6 +107,9 @@ def check_lora_export(export: str | Path, teacher: str, prompts=PROMPTS, kohya: 
     from diffusers import DiffusionPipeline
 
     export = Path(export)
+    if not str(export).startswith(("s3://", "tiny:")):  # an export names no machine paths (the source's)
+        configs = [Path(export) / "model_index.json", *Path(export).glob("*/config.json")]
+        assert not [c for c in configs if "_name_or_path" in c.read_text()], configs
     den = load_denoiser(export)
     spec = export_sampler(export)
     z = latents(den, len(prompts))

@@ -152,6 +152,15 @@ class Frontend:
         return self.vae.decode(latents.to(self.device, self.dtype) / scale + shift).sample.float()
 
 
+def drop_source_paths(directory) -> None:
+    """diffusers writes ``_name_or_path`` (where each part was loaded from: a path on the
+    training machine) into the folder's configs; an export names no machine paths."""
+    for path in [Path(directory) / "model_index.json", *Path(directory).glob("*/config.json")]:
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 class T2IDenoiser(BaseDenoiser):
     """The pipeline's UNet / transformer behind the ``Denoiser`` protocol; ``frontend`` is shared."""
 
@@ -342,6 +351,7 @@ class TextToImageFamily(Family):
         try:
             pipe.save_pretrained(str(directory), safe_serialization=True)
             write_external(directory, external)
+            drop_source_paths(directory)
         finally:
             pipe.register_modules(**{self.backbone_name: None, "scheduler": old}, **kept)
 
