@@ -2,6 +2,7 @@
 and the same generator in-process at the same batch size; writes docs/bench/serve.json.
 
     python jobs/loadtest.py [--generator assets/sim-generator] [--clients 1,8,32]
+    python jobs/loadtest.py --generator assets/fmnist-t2i/sim-generator   # adds its rows to serve.json
     python jobs/loadtest.py --url http://127.0.0.1:8000     # an already running jobs/serve.py
 
 Without --url it starts jobs/serve.py itself on 127.0.0.1 (once per batching mode) and stops
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hyperscale.storage.records import write_record  # noqa: E402
-from hyperscale.bench.serving import ServerProcess, in_process, run_level  # noqa: E402
+from hyperscale.bench.serving import ServerProcess, in_process, merge_generators, run_level  # noqa: E402
 
 
 def free_port() -> int:
@@ -39,13 +40,16 @@ if __name__ == "__main__":
     p.add_argument("--response", choices=["image", "json"], default="image",
                    help="raw PNG bytes (num_images 1) or base64 JSON")
     p.add_argument("--ref-seconds", type=float, default=3.0, help="least time per in-process reference")
+    p.add_argument("--prompt", default=None, help="the request's prompt (default for a text-to-image pipeline "
+                   "folder: 'a photo of a sneaker'; a class-conditional generator gets class 'sneaker')")
     p.add_argument("--token", default=None)
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     a = p.parse_args()
     levels = [int(c) for c in a.clients.split(",")]
     if a.response == "image" and a.num_images != 1:
         p.error("--response image returns one image; use --num-images 1 or --response json")
-    body = {"class": "sneaker", "num_images": a.num_images, "response": a.response}
+    text = a.prompt or ((Path(a.generator) / "model_index.json").is_file() and "a photo of a sneaker")
+    body = ({"prompt": text} if text else {"class": "sneaker"}) | {"num_images": a.num_images, "response": a.response}
     rows = []
 
     def measure(url: str, batching):
@@ -99,6 +103,7 @@ if __name__ == "__main__":
                 "http_over_in_process_same_batch": best and best["images_per_s"] / refs[0]["images_per_s"],
                 "http_over_in_process_max_batch": best and best["images_per_s"] / refs[-1]["images_per_s"],
                 "batching_gain": best and off and best["images_per_s"] / off["images_per_s"]}
+    settings, rows = merge_generators(a.out, shown, settings, rows)  # other generators' rows stay
     path = write_record(a.out, "serve", settings, rows, "python jobs/loadtest.py " + shlex.join(sys.argv[1:]))
     print(f"[loadtest] HTTP images/s at {top} clients over in-process: same batch "
           f"{settings['http_over_in_process_same_batch']}, largest batch {settings['http_over_in_process_max_batch']}; "

@@ -182,3 +182,23 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+def merge_generators(out_dir: str | Path, generator: str, settings: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """One serve record holds every generator's levels: this run's rows (each tagged with
+    ``generator``) replace the earlier rows of the same generator; the other generators' rows
+    stay, with the settings, commit, date and machine they were measured with under
+    ``settings["other_generators"][name]``. Returns (settings, rows) to write."""
+    rows = [r | {"generator": generator} for r in rows]
+    path = Path(out_dir) / "serve.json"
+    if not path.is_file():
+        return settings, rows
+    old = json.loads(path.read_text())
+    old_settings = dict(old.get("settings", {}))
+    others = old_settings.pop("other_generators", {})
+    old_gen = old_settings.get("generator")
+    others[old_gen] = old_settings | {k: old.get(k) for k in ("commit", "date", "machine", "command")}
+    others.pop(generator, None)
+    kept = [r | {"generator": r.get("generator", old_gen)} for r in old.get("rows", [])]
+    kept = [r for r in kept if r["generator"] in others]
+    return settings | ({"other_generators": others} if others else {}), kept + rows

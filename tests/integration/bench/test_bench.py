@@ -244,3 +244,22 @@ def test_rederived_eps_without_clipping_is_refused_in_settings_and_cli():
                         "--use-clipped-model-output"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "use_clipped_model_output re-derives eps from the clipped x0: it needs clip_x0" in r.stderr
+
+
+def test_serve_record_keeps_other_generators_rows(tmp_path):
+    """jobs/loadtest.py on a second generator adds its rows to serve.json; a rerun replaces its own."""
+    from hyperscale.bench.serving import merge_generators
+    from hyperscale.storage.records import write_record
+
+    pixel = [{"clients": 1, "images_per_s": 30.0}, {"clients": 32, "images_per_s": 80.0}]
+    write_record(tmp_path, "serve", {"generator": "assets/sim-generator", "batching_gain": 1.5}, pixel)  # no tags
+    settings, rows = merge_generators(tmp_path, "t2i", {"generator": "t2i"}, [{"clients": 1, "images_per_s": 9.0}])
+    assert [(r["generator"], r["clients"]) for r in rows] == [("assets/sim-generator", 1),
+                                                              ("assets/sim-generator", 32), ("t2i", 1)]
+    old = settings["other_generators"]["assets/sim-generator"]
+    assert old["batching_gain"] == 1.5 and old["commit"] and old["date"]
+    write_record(tmp_path, "serve", settings, rows)
+    settings, rows = merge_generators(tmp_path, "t2i", {"generator": "t2i"}, [{"clients": 8, "images_per_s": 7.0}])
+    assert [(r["generator"], r["clients"]) for r in rows] == [("assets/sim-generator", 1),
+                                                              ("assets/sim-generator", 32), ("t2i", 8)]
+    assert list(settings["other_generators"]) == ["assets/sim-generator"]
