@@ -109,10 +109,16 @@ if __name__ == "__main__":
         print(f"[bench] wrote {run_gpu_suite(a.out, s, command=command)}")
         raise SystemExit(0)
     if a.suite == "memory-plan":
-        from hyperscale.bench.memory_plan import run_memory_plan
+        from hyperscale.bench.memory_plan import PRESETS, run_memory_plan
+        from hyperscale.pipeline.run import preset_runs
 
+        names = a.presets.split(",") if a.presets else PRESETS
+        unknown = [n for n in names if not (ROOT / "jobs" / "configs" / f"{n}.yaml").is_file()]
+        if unknown:
+            p.error(f"--presets {','.join(unknown)}: not in jobs/configs/ (real-checkpoint presets: {','.join(PRESETS)})")
+        runs = {n: preset_runs(ROOT / "jobs" / "configs" / f"{n}.yaml") for n in names}
         ints = lambda arg: [int(x) for x in arg.split(",") if x]  # noqa: E731
-        print(f"[bench] wrote {run_memory_plan(a.out, a.presets.split(',') if a.presets else None, ints(a.gpus), ints(a.zero_stages), command=command)}")
+        print(f"[bench] wrote {run_memory_plan(a.out, runs, ints(a.gpus), ints(a.zero_stages), command=command)}")
         raise SystemExit(0)
     if a.suite in ("memory", "reliability"):
         import tempfile

@@ -245,22 +245,12 @@ PRESETS = ("sd15-sim", "sd15-hypersd", "sdxl-dmd", "sdxl-hypersd", "pixart-sim",
 GB = 1e9
 
 
-def preset_runs(path: str | Path) -> list[tuple[str, object]]:
-    """(phase name, config) of every run a preset starts: one, or one per pipeline phase."""
-    from hyperscale.config import load_config
-    from hyperscale.pipeline.run import is_pipeline_file, load_pipeline, phase_configs
-
-    if is_pipeline_file(path):
-        pipe = load_pipeline(path)
-        return [(phase.name, cfg) for phase, cfg in zip(pipe.phases, phase_configs(pipe))]
-    return [("", load_config(path))]
-
-
-def plan_preset(path: str | Path, worlds: list[int], stages: list[int]) -> list[dict]:
-    """Plan rows of every run of a real-checkpoint preset for each world size and ZeRO stage
-    (trainable roles: the rank with the most bytes; see ``plan_roles``)."""
+def plan_preset(name: str, runs: list[tuple[str, object]], worlds: list[int], stages: list[int]) -> list[dict]:
+    """Plan rows of every run of a real-checkpoint preset (``runs``: (phase, config) pairs,
+    ``hyperscale.pipeline.run.preset_runs``) for each world size and ZeRO stage (trainable roles:
+    the rank with the most bytes; see ``plan_roles``)."""
     rows = []
-    for phase, cfg in preset_runs(path):
+    for phase, cfg in runs:
         for world in worlds:
             for stage in stages:
                 teacher, frontend = published_teacher(cfg.model.pretrained_teacher_model)
@@ -272,7 +262,7 @@ def plan_preset(path: str | Path, worlds: list[int], stages: list[int]) -> list[
                     if key not in worst or total > sum(worst[key][f] for f in FIELDS):
                         worst[key] = r
                 for r in worst.values():
-                    rows.append({"preset": Path(path).stem, "phase": phase, "workers": world, "zero_stage": stage,
+                    rows.append({"preset": name, "phase": phase, "workers": world, "zero_stage": stage,
                                  "mixed_precision": cfg.train.mixed_precision,
                                  "student": getattr(cfg.method, "student", "full"), "method": cfg.method.name}
                                 | r | {"total_bytes": sum(r[f] for f in FIELDS)})
@@ -312,22 +302,19 @@ def markdown(rows: list[dict], preset: str, world: int) -> str:
     return "\n".join(lines)
 
 
-def run_memory_plan(out_dir: str | Path, presets: list[str] | None = None, worlds: list[int] | None = None,
+def run_memory_plan(out_dir: str | Path, runs: dict[str, list[tuple[str, object]]], worlds: list[int] | None = None,
                     stages: list[int] | None = None, command: str | None = None) -> Path:
-    """docs/bench/memory-plan.json: plan rows of every real-checkpoint preset, and the tables."""
-    from hyperscale.storage.local import REPO
+    """docs/bench/memory-plan.json: plan rows of presets (``runs``: preset name -> its (phase, config)
+    pairs, ``hyperscale.pipeline.run.preset_runs``), with the tables printed."""
     from hyperscale.storage.records import write_record
 
-    presets, worlds, stages = list(presets or PRESETS), list(worlds or [8]), list(stages or [2, 3])
-    unknown = [n for n in presets if not (REPO / "jobs" / "configs" / f"{n}.yaml").is_file()]
-    if unknown:
-        raise ValueError(f"presets {unknown} are not in jobs/configs/; real-checkpoint presets: {', '.join(PRESETS)}")
+    worlds, stages = list(worlds or [8]), list(stages or [2, 3])
     rows = []
-    for name in presets:
-        rows += plan_preset(REPO / "jobs" / "configs" / f"{name}.yaml", worlds, stages)
+    for name, preset in runs.items():
+        rows += plan_preset(name, preset, worlds, stages)
         for world in worlds:
             print(f"\n{name}, {world} GPUs\n{markdown(rows, name, world)}", flush=True)
-    settings = {"presets": presets, "workers": worlds, "stages": stages, "sources": sorted(PUBLISHED),
+    settings = {"presets": list(runs), "workers": worlds, "stages": stages, "sources": sorted(PUBLISHED),
                 "computed": "bytes per GPU from parameter counts of meta-built networks (hyperscale/bench/memory_plan.py)",
                 "activations": "not planned: measured per role on a GPU by the gpu suite (peak_bytes, §11)",
                 "gb": "1e9 bytes"}

@@ -71,7 +71,9 @@ def test_straddling_gradients_and_padding():
 
 
 def test_real_preset_plan_from_published_configs():
-    rows = plan_preset(REPO / "jobs/configs/sd15-hypersd.yaml", [8], [2, 3])
+    from hyperscale.pipeline.run import preset_runs
+
+    rows = plan_preset("sd15-hypersd", preset_runs(REPO / "jobs/configs/sd15-hypersd.yaml"), [8], [2, 3])
     by = {(r["phase"], r["zero_stage"], r["role"]): r for r in rows}
     unet = by[("tscd", 2, "teacher")]["numel"]
     from hyperscale.bench.gpu_shapes import SHAPES, build_denoiser
