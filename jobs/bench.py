@@ -14,6 +14,9 @@
     # memory (docs/benchmarks.md §8): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
     # workers, checkpoint save/resume times -> docs/bench/memory.json
     python jobs/bench.py --suite memory
+    # memory-plan (docs/benchmarks.md §8): computed bytes per GPU and role of every real-checkpoint preset
+    # (published configs, meta device, nothing downloaded) -> docs/bench/memory-plan.json, tables printed
+    python jobs/bench.py --suite memory-plan [--presets sd15-sim,flux-hypersd] [--gpus 8,16]
     # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss, SIGTERM/SIGINT to the driver,
     # a truncated checkpoint, a Serve replica killed under load -> docs/bench/reliability.json
     # (--scenarios a,b: only those; the other rows stay)
@@ -40,7 +43,7 @@ from hyperscale.bench.speed import SpeedSettings, run_speed  # noqa: E402
 if __name__ == "__main__":
     d, sd, dd = QualitySettings(), SpeedSettings(), DenoiseSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["quality", "speed", "memory", "reliability", "denoise", "gpu"], default="quality")
+    p.add_argument("--suite", choices=["quality", "speed", "memory", "memory-plan", "reliability", "denoise", "gpu"], default="quality")
     p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
     p.add_argument("--student", action="append", default=[], metavar="NAME=PATH[@STEPS[:SAMPLER]]",
                    help="an exported 1-step generator to add as a row, or any student export with step counts "
@@ -72,6 +75,10 @@ if __name__ == "__main__":
                    help="reliability: comma-separated scenarios to run (default all: worker_sigkill, s3_outage, "
                         "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed); "
                         "the record's other rows stay")
+    m = p.add_argument_group("memory-plan suite (docs/benchmarks.md §8)")
+    m.add_argument("--presets", default=None, help="real-checkpoint presets, comma separated (default: all)")
+    m.add_argument("--gpus", default="8", help="GPU counts N, comma separated (default 8)")
+    m.add_argument("--zero-stages", default="2,3", help="ZeRO stages, comma separated (default 2,3)")
     g = p.add_argument_group("gpu suite (docs/benchmarks.md §11)")
     g.add_argument("--shape", default=None, help="shapes, comma separated: sd15, sdxl, tiny, tiny-xl "
                    "(default: sd15 on CUDA, tiny,tiny-xl on CPU)")
@@ -100,6 +107,18 @@ if __name__ == "__main__":
         except ValueError as e:
             p.error(str(e))
         print(f"[bench] wrote {run_gpu_suite(a.out, s, command=command)}")
+        raise SystemExit(0)
+    if a.suite == "memory-plan":
+        from hyperscale.bench.memory_plan import PRESETS, run_memory_plan
+        from hyperscale.pipeline.run import preset_runs
+
+        names = a.presets.split(",") if a.presets else PRESETS
+        unknown = [n for n in names if not (ROOT / "jobs" / "configs" / f"{n}.yaml").is_file()]
+        if unknown:
+            p.error(f"--presets {','.join(unknown)}: not in jobs/configs/ (real-checkpoint presets: {','.join(PRESETS)})")
+        runs = {n: preset_runs(ROOT / "jobs" / "configs" / f"{n}.yaml") for n in names}
+        ints = lambda arg: [int(x) for x in arg.split(",") if x]  # noqa: E731
+        print(f"[bench] wrote {run_memory_plan(a.out, runs, ints(a.gpus), ints(a.zero_stages), command=command)}")
         raise SystemExit(0)
     if a.suite in ("memory", "reliability"):
         import tempfile

@@ -88,55 +88,98 @@ class MemorySettings:
     mixed_precision: str = "no"
     throughput_steps: int = 30  # teacher.yaml steps per throughput run
     throughput_batch: int = 64
+    # a preset (and overrides) to measure instead of SIM on ``teacher``: e.g. a *-tiny twin
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
-def probe(rank: int, world: int, stage: int, s: MemorySettings) -> list[dict]:
-    """On each of ``world`` ranks: SIM's roles (generator, fake score: copies of the teacher) as
-    engines at ``stage``; two updates per role, measured after the second's backward and step."""
+def probe_config(stage: int, world: int, s: MemorySettings):
+    """The config ``probe`` measures: ``s.config`` (or SIM on ``s.teacher``) at ``stage``."""
     from hyperscale.config import load_config
-    from hyperscale.data.stream import LabelStream
-    from hyperscale.methods.base import Batch
+
+    base = [] if s.config else ["method.name=sim", f"model.pretrained_teacher_model={s.teacher}"]
+    return load_config(s.config, base + list(s.overrides) + [
+        f"train.zero_stage={stage}", f"train.mixed_precision={s.mixed_precision}", "train.engine=deepspeed",
+        f"data.batch_size={s.batch_size}", f"train.num_workers={world}"])
+
+
+def held_bytes(module) -> int:
+    """Parameter bytes a frozen module holds (storages counted once)."""
+    return sum(_storages(p.data for p in module.parameters()).values())
+
+
+def frontend_modules(model) -> dict:
+    """The frozen text encoders and VAE a text-to-image denoiser shares (loaded), by component name."""
+    from torch import nn
+
+    from hyperscale.models.denoiser import unwrap
+
+    holder = unwrap(model, lambda m: hasattr(m, "frontend"))
+    pipe = getattr(getattr(holder, "frontend", None), "_pipe", None)
+    return {} if pipe is None else {n: m for n, m in pipe.components.items() if isinstance(m, nn.Module)}
+
+
+def probe(rank: int, world: int, stages: list[int], s: MemorySettings) -> list[dict]:
+    """``probe_stage`` for each of ``stages`` in turn (one process group: one start-up)."""
+    return [row for stage in stages for row in probe_stage(rank, world, stage, s)]
+
+
+def probe_stage(rank: int, world: int, stage: int, s: MemorySettings) -> list[dict]:
+    """On each of ``world`` ranks: the method's roles as the trainer builds them (``build_modules``,
+    the generator's EMA, one engine per trainable role at ``stage``); two updates per trainable
+    role, measured after the second's backward and step. Frozen roles, the EMA and the frontend
+    (text encoders and VAE, one per process) are rows of parameter bytes."""
     from hyperscale.methods import build_method
+    from hyperscale.models.ema import EMA
     from hyperscale.train import engines
-    from hyperscale.train.step import StepCounters, role_models, update
-    from hyperscale.train.loop import build_modules
+    from hyperscale.train.loop import build_modules, build_stream, draw_batch
+    from hyperscale.train.step import StepCounters, role_models, update, trainable_parameters
 
     engines.init_distributed("gloo")
-    cfg = load_config(None, ["method.name=sim", f"model.pretrained_teacher_model={s.teacher}",
-                             f"train.zero_stage={stage}", f"train.mixed_precision={s.mixed_precision}",
-                             f"data.batch_size={s.batch_size}", f"train.num_workers={world}"])
+    cfg = probe_config(stage, world, s)
+    cpu = torch.device("cpu")
     torch.manual_seed(0)
     method = build_method(cfg.method)
-    modules, frozen = build_modules(cfg, method, torch.device("cpu"))
-    roles = {n: engines.build_role(n, m, cfg.train, s.batch_size, world, torch.device("cpu"))
-             for n, m in modules.items()}
-    labels = LabelStream(s.batch_size, cfg.model.num_classes, rank)
+    built = build_modules(cfg, method, cpu)
+    gen = built.trainable[method.generator]
+    ema = EMA(gen, cfg.train.ema_decay, cfg.train.ema_warmup)  # as the loop keeps it
+    numels = {n: (sum(p.numel() for p in m.parameters()), sum(p.numel() for p in trainable_parameters(m)))
+              for n, m in built.trainable.items()}
+    roles = {n: engines.build_role(n, m, cfg.train, s.batch_size, world, cpu) for n, m in built.trainable.items()}
+    stream = build_stream(cfg, method, gen, rank, world)
     counters, rows = StepCounters(), []
+    head = {"zero_stage": stage, "workers": world, "rank": rank}
     for name, role in roles.items():
         loss = method.critic_loss if name == method.critic else method.generator_loss
         measured: dict[str, int] = {}
         for _ in range(2):
-            update(role, lambda: loss(Batch(next(labels)[1]), **role_models(roles, frozen, role)),
+            update(role, lambda: loss(draw_batch(stream, gen, cpu), **role_models(roles, built.frozen, role)),
                    list(roles.values()), counters, after_backward=lambda r: measured.update(memory_footprint(r)))
         after = memory_footprint(role)
-        rows.append({"zero_stage": stage, "workers": world, "rank": rank, "role": name,
-                     "numel": sum(getattr(p, "ds_numel", p.numel()) for p in role.params),
-                     "param_bytes": after["param_bytes"],
-                     "master_bytes": after["master_bytes"], "grad_bytes": measured["grad_bytes"],
-                     "optim_bytes": after["optim_bytes"]})
+        rows.append(head | {"role": name, "kind": built.specs[name].kind, "numel": numels[name][0],
+                            "trainable_numel": numels[name][1], "param_bytes": after["param_bytes"],
+                            "master_bytes": after["master_bytes"], "grad_bytes": measured["grad_bytes"],
+                            "optim_bytes": after["optim_bytes"]})
+    held = dict(built.frozen) | {"ema": ema.model}
+    held |= {f"frontend/{n}": m for n, m in frontend_modules(gen).items()}
+    for name, module in held.items():
+        kind = "ema" if name == "ema" else "frontend" if name.startswith("frontend/") else "frozen"
+        rows.append(head | {"role": name, "kind": kind, "numel": sum(p.numel() for p in module.parameters()),
+                            "trainable_numel": 0, "param_bytes": held_bytes(module), "master_bytes": 0,
+                            "grad_bytes": 0, "optim_bytes": 0})
     return rows
 
 
 def with_theory(rows: list[dict]) -> list[dict]:
     """Add theory_* (ZeRO-0's figure of the same role and rank / N where the stage partitions it)
-    and optim_ratio (measured / theory)."""
+    and optim_ratio (measured / theory; None for roles without optimizer state)."""
     base = {(r["role"], r["rank"]): r for r in rows if r["zero_stage"] == 0}
     for r in rows:
         b, n = base[(r["role"], r["rank"])], r["workers"]
         r["theory_optim_bytes"] = b["optim_bytes"] // (n if r["zero_stage"] >= 1 else 1)
         r["theory_grad_bytes"] = b["grad_bytes"] // (n if r["zero_stage"] >= 2 else 1)
         r["theory_param_bytes"] = b["param_bytes"] // (n if r["zero_stage"] >= 3 else 1)
-        r["optim_ratio"] = round(r["optim_bytes"] / r["theory_optim_bytes"], 4)
+        r["optim_ratio"] = round(r["optim_bytes"] / r["theory_optim_bytes"], 4) if r["theory_optim_bytes"] else None
     return rows
 
 
@@ -173,6 +216,15 @@ def throughput(s: MemorySettings, work: Path) -> list[dict]:
     return rows
 
 
+def measure(s: MemorySettings) -> list[dict]:
+    """``probe``'s rows on ``s.workers`` local gloo ranks for every stage of ``s.stages``, with theory."""
+    from hyperscale.train.local import run_local
+
+    rows = [row for rank_rows in run_local(probe, s.workers, list(s.stages), s, timeout=3600) for row in rank_rows]
+    print(f"[bench] memory: ZeRO-{','.join(map(str, s.stages))} measured", flush=True)
+    return with_theory(rows) if 0 in s.stages else rows
+
+
 def run_memory_suite(out_dir: str | Path, s: MemorySettings, command: str | None = None,
                      work: Path | None = None) -> Path:
     """docs/bench/memory.json: per-rank memory rows (with theory) and throughput rows."""
@@ -180,18 +232,12 @@ def run_memory_suite(out_dir: str | Path, s: MemorySettings, command: str | None
 
     from hyperscale.storage.records import write_record
     from hyperscale.storage.local import REPO, absolute_local, atomic_file
-    from hyperscale.train.local import run_local
 
     recorded = asdict(s)  # no machine paths in the record: the teacher relative to the repo when inside it
     if Path(s.teacher).resolve().is_relative_to(REPO):
         recorded["teacher"] = str(Path(s.teacher).resolve().relative_to(REPO))
     s.teacher = absolute_local(s.teacher)
-    rows = []
-    for stage in s.stages:
-        for rank_rows in run_local(probe, s.workers, stage, s):
-            rows.extend(rank_rows)
-        print(f"[bench] memory: ZeRO-{stage} measured", flush=True)
-    rows = with_theory(rows)
+    rows = measure(s)
     work = Path(work or tempfile.mkdtemp(prefix="hs-bench-"))
     speed = throughput(s, work)
     settings = recorded | {"method": "sim: generator and fake_score, both copies of the teacher",

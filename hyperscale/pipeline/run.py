@@ -199,6 +199,15 @@ def phase_configs(pipe: Pipeline) -> list[Config]:
     return cfgs
 
 
+def preset_runs(path: str | Path) -> list[tuple[str, Config]]:
+    """(phase name, config) of every run a preset starts: one ("", config) for a distill preset, one
+    per phase for a pipeline file (its memory plan: hyperscale/bench/memory_plan.py)."""
+    if is_pipeline_file(path):
+        pipe = load_pipeline(path)
+        return [(phase.name, cfg) for phase, cfg in zip(pipe.phases, phase_configs(pipe))]
+    return [("", load_config(path))]
+
+
 def _check_chain(pipe: Pipeline, cfgs: list[Config]) -> None:
     """Consecutive phases must agree on the student: a LoRA continues only from a LoRA of the same
     shape, and on the same teacher."""

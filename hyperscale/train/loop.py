@@ -130,6 +130,14 @@ def build_stream(cfg: Config, method, model: nn.Module, rank: int, world: int):
     return InMemoryStream(images, labels, d.batch_size, rank, world, seed=cfg.run.seed)
 
 
+def draw_batch(stream, model: nn.Module, device: torch.device) -> Batch:
+    """The next batch of ``stream`` (``build_stream``) as the losses take it: data on ``device``,
+    conditions encoded by ``model``'s family (class labels, or prompts through its text encoders)."""
+    family = family_of(model)
+    x, y, items = to_model_inputs(next(stream), family, model, device)
+    return Batch(cond=family.encode_condition(model, y, device), x0=x, items=items).to(device)
+
+
 @torch.no_grad()
 def write_sample_grid(method, model, cfg: Config, path: Path) -> None:
     """10 x 10 samples from the (EMA) generator, fixed seed: one class per row, or for a
@@ -231,7 +239,6 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
              for n, m in modules.items()}
     timing = {"time/engine_init_s": time.perf_counter() - t0}
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # then per-rank noise and time draws
-    family = family_of(modules[gen_name])
     stream = build_stream(cfg, method, modules[gen_name], rank, world)
     counters = StepCounters()
 
@@ -251,8 +258,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
             print(f"[hyperscale] resumed at step {counters.step} from {where}", flush=True)
 
     def next_batch() -> Batch:
-        x, y, items = to_model_inputs(next(stream), family, modules[gen_name], device)
-        return Batch(cond=family.encode_condition(modules[gen_name], y, device), x0=x, items=items).to(device)
+        return draw_batch(stream, modules[gen_name], device)
 
     def save_checkpoint(step: int, metrics: dict) -> float:
         """Every rank writes its shards into its own temp dir and reports it; Ray merges them."""
