@@ -28,9 +28,13 @@ def prompts_of(cfg) -> list[str]:
 
 
 def grid_prompts(cfg, rows: int = 10) -> list[str]:
-    """The sample grid's row prompts: the first ``rows`` prompts of the run's source, cycled."""
+    """The sample grid's row prompts: ``rows`` prompts evenly spaced over the run's source (a
+    prompt file grouped by subject shows one row per group, not ten phrasings of its first),
+    cycled when the source has fewer."""
     prompts = prompts_of(cfg)
-    return [prompts[i % len(prompts)] for i in range(rows)]
+    if len(prompts) < rows:
+        return [prompts[i % len(prompts)] for i in range(rows)]
+    return [prompts[i * len(prompts) // rows] for i in range(rows)]
 
 
 def image_side(model: nn.Module) -> int:
