@@ -104,7 +104,7 @@ class QualityRun:
     def _score(self, generator: str, steps: int, images: Tensor, sps: float | None, extra: dict | None = None) -> dict:
         m = evaluate_samples(images, self.labels, self.ref, self.extractor, self.classifier, pr_k=self.s.pr_k)
         row = {"generator": generator, "steps": steps, **m, "samples_per_s": sps, **(extra or {})}
-        grid = self.out_dir / "grids" / f"{generator}-{steps}.png"
+        grid = self.out_dir / ("grids/t2i" if self.text is not None else "grids") / f"{generator}-{steps}.png"
         n = min(100, len(self.labels))
         order = torch.argsort(self.labels[:n] * 1000 + torch.arange(n))  # one class per row
         save_grid(images[:n][order], grid, nrow=10)
@@ -158,8 +158,9 @@ class QualityRun:
                                      "classifier_test_acc": classifier_card().get("test_accuracy")}
         if self.text is not None:
             settings["text_to_image"] = self.text.describe()
-        path = write_record(self.out_dir, "quality", settings, self.rows, command)
-        plot_fid_vs_steps(self.rows, self.out_dir / "quality_fid_vs_steps.png")
+        suite = "quality" if self.text is None else "quality-t2i"  # both can live in docs/bench/
+        path = write_record(self.out_dir, suite, settings, self.rows, command)
+        plot_fid_vs_steps(self.rows, self.out_dir / f"{suite}_fid_vs_steps.png")
         return path
 
 

@@ -72,6 +72,7 @@ def test_quality_suite_on_a_text_to_image_teacher(tmp_path, teacher):
     path = run_quality(str(teacher), str(tmp_path / "bench"), s, command="test",
                        students={"one-step": str(student), "multi": f"{student}@2:ddim"})
     rec = json.loads(path.read_text())
+    assert path.name == "quality-t2i.json" and rec["suite"] == "quality-t2i"  # beside the pixel record, not over it
     names = [(r["generator"], r["steps"]) for r in rec["rows"]]
     assert names == [("real-data", 0), ("vae-recon", 0), ("teacher-ddim", 1), ("teacher-ddim", 2),
                      ("one-step", 1), ("multi", 2)]
