@@ -15,7 +15,8 @@
     # workers, checkpoint save/resume times -> docs/bench/memory.json
     python jobs/bench.py --suite memory
     # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss, SIGTERM/SIGINT to the driver,
-    # a truncated checkpoint, a Serve replica killed under load -> docs/bench/reliability.json
+    # a truncated checkpoint, a Serve replica killed under load, a worker node of a two-node `ray start`
+    # cluster lost mid-run (run it as root inside `unshare -n`: scripts/test.sh) -> docs/bench/reliability.json
     # (--scenarios a,b: only those; the other rows stay)
     python jobs/bench.py --suite reliability [--scenarios sigterm_driver,truncated_checkpoint]
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
@@ -70,7 +71,8 @@ if __name__ == "__main__":
     p.add_argument("--work", default=None, help="memory/reliability: scratch directory for the runs")
     p.add_argument("--scenarios", default=None,
                    help="reliability: comma-separated scenarios to run (default all: worker_sigkill, s3_outage, "
-                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed); "
+                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed, "
+                        "worker_node_preempted); "
                         "the record's other rows stay")
     g = p.add_argument_group("gpu suite (docs/benchmarks.md §11)")
     g.add_argument("--shape", default=None, help="shapes, comma separated: sd15, sdxl, tiny, tiny-xl "
