@@ -18,7 +18,8 @@
     # (published configs, meta device, nothing downloaded) -> docs/bench/memory-plan.json, tables printed
     python jobs/bench.py --suite memory-plan [--presets sd15-sim,flux-hypersd] [--gpus 8,16]
     # reliability (docs/benchmarks.md §9): worker SIGKILL, S3 outage, NaN loss, SIGTERM/SIGINT to the driver,
-    # a truncated checkpoint, a Serve replica killed under load -> docs/bench/reliability.json
+    # a truncated checkpoint, a Serve replica killed under load, a worker node of a two-node `ray start`
+    # cluster lost mid-run (run it as root inside `unshare -n`: scripts/test.sh) -> docs/bench/reliability.json
     # (--scenarios a,b: only those; the other rows stay)
     python jobs/bench.py --suite reliability [--scenarios sigterm_driver,truncated_checkpoint]
     # denoise: eps- and x0-MSE on test images per timestep, the teacher and other denoisers
@@ -73,7 +74,8 @@ if __name__ == "__main__":
     p.add_argument("--work", default=None, help="memory/reliability: scratch directory for the runs")
     p.add_argument("--scenarios", default=None,
                    help="reliability: comma-separated scenarios to run (default all: worker_sigkill, s3_outage, "
-                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed); "
+                        "nan_loss, sigterm_driver, sigint_driver, truncated_checkpoint, serve_replica_killed, "
+                        "worker_node_preempted); "
                         "the record's other rows stay")
     m = p.add_argument_group("memory-plan suite (docs/benchmarks.md §8)")
     m.add_argument("--presets", default=None, help="real-checkpoint presets, comma separated (default: all)")

@@ -19,6 +19,10 @@ workers) in a subprocess with its own embedded Ray, injects the fault, and retur
 - ``truncated_checkpoint``: the newest checkpoint's state.pt cut in half; ``latest`` resumes
   from the previous complete one with a warning naming both, and ends where an uninterrupted
   run ends.
+- ``worker_node_preempted`` (hyperscale/bench/node_faults.py): a real two-node Ray cluster
+  (``ray start``), the distill job sent with ``ray job submit``, checkpoints on S3 (moto); the
+  worker node is SIGKILLed mid-run and a fresh one joins; the job must finish bit-identical to
+  an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -379,7 +383,7 @@ def nan_loss(stage: int = 2) -> dict:
 
 
 SCENARIOS = ("worker_sigkill", "s3_outage", "nan_loss", "sigterm_driver", "sigint_driver", "truncated_checkpoint",
-             "serve_replica_killed")
+             "serve_replica_killed", "worker_node_preempted")
 
 
 def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None = None,
@@ -387,6 +391,7 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
     """docs/bench/reliability.json: one row per scenario (private ``_`` fields dropped).
     ``scenarios``: only these (default: all); the record's other rows are kept as they were, each
     row naming the commit, date, machine and command that measured it."""
+    from hyperscale.bench.node_faults import worker_node_preempted  # it imports this module
     from hyperscale.storage.records import commit, machine, write_record
 
     work = Path(work)
@@ -394,7 +399,8 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
             "nan_loss": nan_loss, "sigterm_driver": lambda: sigterm_driver(work / "sigterm"),
             "sigint_driver": lambda: sigterm_driver(work / "sigint", "SIGINT"),
             "truncated_checkpoint": lambda: truncated_checkpoint(work / "truncated"),
-            "serve_replica_killed": lambda: serve_replica_killed(work / "serve")}
+            "serve_replica_killed": lambda: serve_replica_killed(work / "serve"),
+            "worker_node_preempted": lambda: worker_node_preempted(work / "node")}
     chosen = list(scenarios or SCENARIOS)
     unknown = [s for s in chosen if s not in runs]
     if unknown:
@@ -414,5 +420,7 @@ def run_reliability_suite(out_dir: str | Path, work: Path, command: str | None =
     order = [s for s in SCENARIOS if s in rows] + [s for s in rows if s not in SCENARIOS]
     settings = {"preset": "jobs/configs/teacher-tiny.yaml", "workers": 2, "engine": "deepspeed ZeRO-2",
                 "truncated_checkpoint": "1 worker, --no-ray, plain torch",
-                "serve_replica_killed": "jobs/serve.py on assets/sim-generator, 1 replica, 4 clients"}
+                "serve_replica_killed": "jobs/serve.py on assets/sim-generator, 1 replica, 4 clients",
+                "worker_node_preempted": "jobs/configs/sim-tiny.yaml via ray job submit, 2 ray start nodes x 1 CPU, "
+                                         "checkpoints on S3 (moto)"}
     return write_record(out_dir, "reliability", settings, [rows[s] for s in order], command)

@@ -351,8 +351,8 @@ def download_dir(url: str, directory: str | os.PathLike, retry: Retry | None = N
         s3 = client()
         for obj in objects:
             rel = parse_s3_url(obj.url)[1][len(prefix):]
-            if rel.endswith("/") and not obj.size:
-                continue  # a "directory" marker object (pyarrow, consoles), not a file
+            if (not rel or rel.endswith("/")) and not obj.size:
+                continue  # a "directory" marker object (pyarrow, consoles), the prefix's own included
             dest = (tmp / rel).resolve()
             if not rel or tmp.resolve() not in dest.parents:
                 raise ValueError(f"{obj.url}: key does not map to a file under the prefix")

@@ -6,6 +6,7 @@ run's paths); nothing comes from module globals.
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -20,7 +21,9 @@ from hyperscale.train.loop import Paths, run
 
 # Fault injection (the reliability suite, hyperscale/bench/reliability.py): with this set, each
 # worker writes its PID to <dir>/rank<r>.pid when it starts and its last finished step to
-# <dir>/rank<r>.step, so a test can kill it by PID and count the steps lost.
+# <dir>/rank<r>.step, so a test can kill it by PID and count the steps lost; and appends where it
+# runs (Ray node id and address, PID) as one JSON line to <dir>/rank<r>.nodes at every start, so
+# a test can see which node each rank ran on before and after a restart.
 WATCH_DIR_ENV = "HYPERSCALE_TEST_PID_DIR"
 
 
@@ -44,6 +47,10 @@ class RaySession:
         self.watch_dir = Path(watch_dir) if watch_dir else None
         if self.watch_dir is not None:
             (self.watch_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+            where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                     "pid": os.getpid()}
+            with open(self.watch_dir / f"rank{rank}.nodes", "a") as f:
+                f.write(json.dumps(where) + "\n")
 
     def step_done(self, step: int) -> None:
         if self.watch_dir is not None:

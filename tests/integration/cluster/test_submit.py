@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperscale.bench.ray_cluster import wait_for_dashboard
 from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.models.build import build_denoiser, save_denoiser
@@ -29,24 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "ray start exited early"
-        try:
-            with urllib.request.urlopen(address + "/api/version", timeout=5):
-                return
-        except urllib.error.HTTPError:
-            return  # answering (401 while Ray's token auth is on; the ray CLI sends the token)
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"no Ray dashboard at {address} after {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,8 @@ def _fake_checkpoint(tmp: Path, url: str, step: int, run_id: str, drop_rank1_sha
     s3.upload_dir(r0, url)
     s3.upload_dir(r1, url)
     bucket, key = s3.parse_s3_url(url)
-    s3.client().put_object(Bucket=bucket, Key=key + "/engines/", Body=b"")  # a pyarrow "directory"
+    for marker in ("/", "/engines/"):  # pyarrow "directories" (Ray's storage writes the checkpoint's own)
+        s3.client().put_object(Bucket=bucket, Key=key + marker, Body=b"")
 
 
 def test_checkpoints_on_s3_are_found_checked_and_copied(moto, tmp_path, monkeypatch):
