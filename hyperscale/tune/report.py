@@ -39,6 +39,8 @@ def compute(rows: list[dict], max_steps: int) -> dict:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, list) and v and all(isinstance(x, dict) and {"segments", "steps"} <= x.keys() for x in v):
+        return " > ".join(f"{x['segments']}seg x {x['steps']}" for x in v)  # a TSCD stage list
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -83,12 +85,11 @@ def plot_histories(rows: list[dict], metric: str, path: str | os.PathLike, title
     ax.set_xlabel("training steps")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per trial (dashed: stopped early)", fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)  # below: never over the lines
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 

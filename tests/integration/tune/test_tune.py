@@ -175,3 +175,13 @@ def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(tmp_path
     assert len(rows) == 2 and all(r["steps"] == 8 and r["error"] is None for r in rows)
     # every evaluation of every trial is in the history exactly once across the two runs
     assert all([s for s, _ in r["history"]] == [2, 4, 6, 8] for r in rows), [r["history"] for r in rows]
+
+
+def test_report_shows_tscd_stage_lists_compactly():
+    from hyperscale.tune.report import markdown
+
+    row = {"trial": "t0", "overrides": {"method.stages": [{"segments": 8, "steps": 70}, {"segments": 1, "steps": 60}],
+                                         "train.lr": 0.00086113}, "metric": 1601.0, "best_metric": 551.2,
+           "steps": 200, "stopped_early": False, "history": [], "error": None}
+    table = markdown([row], "eval/fid")
+    assert "| 8seg x 70 > 1seg x 60 | 0.0008611 | 1601 |" in table
