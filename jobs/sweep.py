@@ -16,17 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyperscale.config import ConfigError  # noqa: E402
-from hyperscale.storage.local import REPO  # noqa: E402
+from hyperscale.storage.local import repo_relative  # noqa: E402
 from hyperscale.eval.quick import QuickEval  # noqa: E402
 from hyperscale.tune.report import write_sweep_report  # noqa: E402
 from hyperscale.tune.space import load_sweep, trial_config  # noqa: E402
 from hyperscale.tune.sweep import collect_rows, interrupted, run_sweep, write_best_preset  # noqa: E402
-
-
-def repo_relative(path: Path) -> str:
-    """No machine paths in records: a path inside the repo is recorded relative to it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,11 @@ def _sampler_lines(extra: dict) -> list[str]:
 
 
 def _shown(path: str) -> str:
-    """A local teacher path as the card shows it: relative to the repository, never the machine's layout."""
-    from hyperscale.storage.local import REPO
+    """A teacher as the card shows it: relative to the repository, else its folder's name (never the machine's layout)."""
+    from hyperscale.storage.local import repo_relative
 
-    p = Path(path)
-    if not p.is_absolute():
-        return path
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+    shown = repo_relative(path)
+    return Path(shown).name if Path(shown).is_absolute() else shown
 
 
 def model_card(meta: dict, directory: Path) -> str:

@@ -74,6 +74,16 @@ def absolute_local(value: str | None) -> str | None:
     return value  # a hub id, or a path that does not exist yet: the loader says which
 
 
+def repo_relative(value: str | os.PathLike) -> str:
+    """An absolute path inside the repository -> relative to it (records and exports name no
+    machine paths); anything else (relative paths, URLs, hub ids, paths elsewhere) unchanged."""
+    p = Path(value)
+    if "://" in str(value) or not p.is_absolute():
+        return str(value)
+    p = p.resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(value)
+
+
 # ------------------------------------------------------------- local or s3:// outputs
 
 def location(value: str | os.PathLike) -> str:

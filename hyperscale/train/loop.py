@@ -33,7 +33,7 @@ from hyperscale.data.stream import InMemoryStream, LabelStream
 from hyperscale.methods.base import Batch
 from hyperscale.methods import build_method
 from hyperscale.methods.roles import Roles, build_roles
-from hyperscale.storage.local import location, staged_dir
+from hyperscale.storage.local import location, repo_relative, staged_dir
 from hyperscale.models.build import EXPORT_META, build_denoiser, load_denoiser
 from hyperscale.models.denoiser import unwrap
 from hyperscale.models.ema import EMA
@@ -167,7 +167,7 @@ def export(method, gen: Role, ema: EMA, cfg: Config, step: int, export_dir: Path
     # the model card's facts (models/card.py): what made it, from what, and the last logged losses
     measured = {k: float(v) for k, v in (metrics or {}).items() if k.startswith("loss/")}
     meta = method.sampler(ema.model).to_extra() | {"run": cfg.run.name, "method": cfg.method.name,
-                                                   "teacher": cfg.model.pretrained_teacher_model, "metrics": measured}
+                                                   "teacher": repo_relative(cfg.model.pretrained_teacher_model), "metrics": measured}
     with staged_dir(Path(export_dir).parent, last=(EXPORT_META,)) as run_dir:
         out = run_dir / Path(export_dir).name
         save_student(ema.model, out / "ema", meta | {"step": step, "ema_decay": cfg.train.ema_decay})
