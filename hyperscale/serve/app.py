@@ -1,6 +1,6 @@
 """Ray Serve application: a FastAPI ingress composed with a generator deployment.
 
-    serve run hyperscale.serve.app:build_app generator=assets/sim-generator
+    serve run hyperscale.serve.app:build_app generator=assets/fmnist-t2i/sim-generator
     serve deploy jobs/configs/serve.yaml          # or: python jobs/serve.py
 
 Routes: ``POST /v1/generate`` (JSON in; base64 JSON or raw PNG/JPEG out; a class or prompts, as the

@@ -38,7 +38,8 @@ class Autoscaling(BaseModel):
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    generator: str = Field("assets/sim-generator", description="the default model: export dir, s3:// or hub id")
+    generator: str = Field("assets/fmnist-t2i/sim-generator",
+                           description="the default model: export dir, s3:// or hub id (default: the 1-step SIM text-to-image generator)")
     adapters_dir: Optional[str] = Field(None, description="named exports, one sub-directory each (request 'adapter')")
     max_adapters_per_replica: int = Field(4, ge=1, description="LRU bound of multiplexed adapters per replica")
     lora_base: Optional[str] = Field(None, description="the export LoRA-only adapters apply to (e.g. the teacher)")
