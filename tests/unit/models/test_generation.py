@@ -174,4 +174,3 @@ def test_class_models_describe_themselves_and_refuse_text_only_fields(exports):
                        ({"negative_prompt": "a bag"}, "negative_prompt")]:
         with pytest.raises(RequestError, match=match):
             gen.prepare(req(**{"class": 1, **bad}), lim)
-
