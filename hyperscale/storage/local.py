@@ -74,9 +74,11 @@ def absolute_local(value: str | None) -> str | None:
     return value  # a hub id, or a path that does not exist yet: the loader says which
 
 
-def repo_relative(value: str | os.PathLike) -> str:
+def repo_relative(value: str | os.PathLike | None) -> str | None:
     """An absolute path inside the repository -> relative to it (records and exports name no
-    machine paths); anything else (relative paths, URLs, hub ids, paths elsewhere) unchanged."""
+    machine paths); anything else (relative paths, URLs, hub ids, paths elsewhere, None) unchanged."""
+    if value is None:
+        return None
     p = Path(value)
     if "://" in str(value) or not p.is_absolute():
         return str(value)

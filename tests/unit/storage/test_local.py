@@ -21,3 +21,4 @@ def test_repo_relative_names_no_machine_paths():
     assert repo_relative(REPO / "runs" / "x" / ".." / "y") == "runs/y"
     for kept in ("assets/teacher", "s3://bucket/run", "stable-diffusion-v1-5/stable-diffusion-v1-5", "/elsewhere/model"):
         assert repo_relative(kept) == kept
+    assert repo_relative(None) is None  # a teacher trained from scratch has no source
