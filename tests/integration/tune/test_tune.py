@@ -152,7 +152,9 @@ def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(tmp_path
         first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.monotonic() + 240
-            while not list(exp.glob("*/checkpoint_000000")):
+            # a trial's second checkpoint on disk: Tune has taken in its first by then (SIGINT right
+            # after the first could come before Tune registered it, and the resume started over)
+            while not list(exp.glob("*/checkpoint_000001")):
                 assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no trial checkpoint within 240 s"
                 time.sleep(0.5)
