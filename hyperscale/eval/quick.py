@@ -74,7 +74,8 @@ class QuickEval:
         extractor, ref, classifier, labels = self.prepare()._state
         family = family_of(model)
         text = family.condition == "text"
-        items = [class_prompts()[int(i)] for i in labels] if text else labels
+        prompts = class_prompts() if text else None  # "a photo of a {class}", label order
+        items = [prompts[int(i)] for i in labels] if text else labels
         noise = self.noise(tuple(family.sample_shape(model)))
         out = []
         for i in range(0, self.num_samples, self.batch_size):
