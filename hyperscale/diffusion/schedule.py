@@ -280,6 +280,6 @@ def convert(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor,
     return -eps / s
 
 
-def cfg_combine(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+def cfg_combine(uncond: Tensor, cond: Tensor, scale: float | Tensor) -> Tensor:
     """Classifier-free guidance (Ho & Salimans eq. 6): uncond + w (cond - uncond); w = 1 is no guidance."""
     return uncond + scale * (cond - uncond)

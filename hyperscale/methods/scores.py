@@ -28,6 +28,16 @@ def _check_range(r: tuple[float, float]) -> tuple[float, float]:
 TimeRange = Annotated[tuple[float, float], AfterValidator(_check_range)]
 
 
+def _check_sigmas(r: tuple[float, float]) -> tuple[float, float]:
+    if not 0 <= r[0] < r[1]:
+        raise ValueError(f"must satisfy 0 <= lo < hi (VE noise levels sigma~), got {tuple(r)}")
+    return r
+
+
+# a (lo, hi] interval of VE noise levels sigma~ (a guidance interval, docs/algorithms.md §1.7)
+SigmaRange = Annotated[tuple[float, float], AfterValidator(_check_sigmas)]
+
+
 def fake_score_dsm(fake_score, x0: Tensor, cond, times: TimeDist,
                    weighting: Literal["uniform", "min_snr"] = "uniform", min_snr_gamma: float = 5.0) -> LossOut:
     """Denoising score matching of the online fake score on (detached) generator samples x0

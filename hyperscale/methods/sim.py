@@ -17,7 +17,7 @@ of the teacher and fake networks; only their parameters are frozen (by the train
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -28,7 +28,7 @@ from hyperscale.diffusion.sampling import NoiseInput, one_step
 from hyperscale.diffusion.schedule import Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.diffusion.timedist import TimeSampling, time_dist
-from hyperscale.methods.scores import TimeRange, fake_score_dsm, generator_noise
+from hyperscale.methods.scores import SigmaRange, TimeRange, fake_score_dsm, generator_noise
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.export import OneStepCall, SamplerSpec
 
@@ -47,6 +47,7 @@ class SimConfig(MethodSection):
     sid_alpha: float = 1.2  # SiD's alpha for variant "sid" (SiD's shipped value)
     init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1); flow exports: .inf
     teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher only, fake score unguided; 1.0 = none (§1.7)
+    teacher_guidance_sigma: Optional[SigmaRange] = None  # CFG only at VE sigma~ in (lo, hi]; None: at all (§1.7)
     teacher_clip_x0: bool = False  # clamp the teacher's x0-prediction D_phi to [-1, 1] (§1.12)
     fake_clip_x0: bool = False  # clamp the fake score's D_psi too, in y and the Stein term (§1.12)
     generator_clip_x0: bool = False  # clamp the generator's x0 to [-1, 1] in the forward pass (§1.12)
@@ -154,7 +155,7 @@ class Sim(Method):
             sched, x0.shape[0], x0.device)
         x_t = sched.add_noise(x0, torch.randn_like(x0), t)
         if self.config.teacher_guidance_scale != 1.0:
-            teacher = CFGDenoiser(teacher, self.config.teacher_guidance_scale)
+            teacher = CFGDenoiser(teacher, self.config.teacher_guidance_scale, self.config.teacher_guidance_sigma)
         d_phi = teacher(x_t, t, cond, out=Prediction.x0)
         if self.config.teacher_clip_x0:
             d_phi = d_phi.clamp(-1, 1)

@@ -61,12 +61,20 @@ def batch_times(t, x_t: Tensor) -> Tensor:
 
 
 class CFGDenoiser(nn.Module):
-    """Classifier-free guidance around any denoiser: one batched call on [uncond; cond]."""
+    """Classifier-free guidance around any denoiser: one batched call on [uncond; cond].
 
-    def __init__(self, inner: nn.Module, guidance_scale: float):
+    ``sigma_range`` (lo, hi): guide only samples whose VE noise level sigma~ lies in (lo, hi],
+    scale 1 elsewhere (Kynkaenniemi et al. 2024, "Applying guidance in a limited interval",
+    docs/algorithms.md §1.7); None guides every level."""
+
+    def __init__(self, inner: nn.Module, guidance_scale: float,
+                 sigma_range: tuple[float, float] | None = None):
         super().__init__()
         self.inner = inner
         self.guidance_scale = float(guidance_scale)
+        if sigma_range is not None and not 0 <= sigma_range[0] < sigma_range[1]:
+            raise ValueError(f"guidance sigma range must satisfy 0 <= lo < hi, got {tuple(sigma_range)}")
+        self.sigma_range = None if sigma_range is None else (float(sigma_range[0]), float(sigma_range[1]))
 
     @property
     def schedule(self) -> Schedule:
@@ -88,7 +96,16 @@ class CFGDenoiser(nn.Module):
         both = self.inner(torch.cat([x_t, x_t]), torch.cat([t, t]),
                           cond_cat([self.null_cond(cond), cond]), out=out)
         uncond, cnd = both.chunk(2)
-        return cfg_combine(uncond, cnd, self.guidance_scale)
+        return cfg_combine(uncond, cnd, self.scales(t, x_t))
+
+    def scales(self, t: Tensor, x_t: Tensor) -> Tensor | float:
+        """The guidance scale per sample, (B, 1, ...) on x_t's dtype; a float without an interval."""
+        if self.sigma_range is None:
+            return self.guidance_scale
+        s = self.schedule.sigma_ve(t).to(x_t.device)
+        inside = (s > self.sigma_range[0]) & (s <= self.sigma_range[1])
+        w = torch.where(inside, self.guidance_scale, 1.0).to(x_t.dtype)
+        return w.view(-1, *([1] * (x_t.ndim - 1)))
 
 
 def unwrap(module, until: Callable[[object], bool]):

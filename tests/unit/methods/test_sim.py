@@ -304,11 +304,13 @@ SIM_GPU = REPO / "jobs" / "configs" / "sim-gpu.yaml"
     {"generator_weighting": "sid"},
     {"teacher_guidance_scale": 1.3},
     {"generator_weighting": "sid", "teacher_guidance_scale": 2.0, "generator_t_sampling": "karras"},
-    "sim-gpu.yaml"], ids=["sid-weighting", "guidance-1.3", "sid+guidance-2", "sim-gpu-preset"])
+    {"teacher_guidance_scale": 2.0, "teacher_guidance_sigma": (0.5, 10.0), "generator_t_sampling": "karras"},
+    "sim-gpu.yaml"], ids=["sid-weighting", "guidance-1.3", "sid+guidance-2", "guidance-interval", "sim-gpu-preset"])
 def test_generator_loss_applies_sid_weighting_and_teacher_guidance_exactly(settings):
     """generator_weighting "sid" divides each sample's loss by mean|x0 - D_phi| (stop-grad, clamped
     at 1e-5); teacher_guidance_scale w != 1 makes D_phi = D_u + w (D_c - D_u) on the teacher alone
-    (the fake score stays unguided). Replayed draw for draw as above, loss and generator gradients;
+    (the fake score stays unguided); with teacher_guidance_sigma (lo, hi], w applies only to samples
+    whose sigma~ lies inside, 1 elsewhere. Replayed draw for draw as above, loss and generator gradients;
     the last case is jobs/configs/sim-gpu.yaml's method section as is (sid, w = 1.3, karras,
     generator clamp, t in [0, 0.8])."""
     from hyperscale.config import load_config
@@ -342,7 +344,14 @@ def test_generator_loss_applies_sid_weighting_and_teacher_guidance_exactly(setti
     d_phi = d_cond
     if w != 1.0:
         d_null = teacher(x_t, tt, torch.ones_like(cond), out="sample")
-        d_phi = d_null + w * (d_cond - d_null)
+        ws = torch.full((8, 1), w)
+        if cfg.teacher_guidance_sigma is not None:
+            s_lo, s_hi = cfg.teacher_guidance_sigma
+            sig = sched.sigma_ve(tt)
+            inside = (sig > s_lo) & (sig <= s_hi)
+            assert 0 < int(inside.sum()) < 8  # both kinds of sample in this draw
+            ws = torch.where(inside, w, 1.0).view(8, 1)
+        d_phi = d_null + ws * (d_cond - d_null)
         assert (d_phi - d_cond).abs().max() > 0.05  # guidance changes the target here
     d_psi = fake(x_t, tt, cond, out="sample")
     loss = Sim(cfg.model_copy(update={"generator_weighting": "uniform"})).per_sample(d_phi, d_psi, x0)[0]
@@ -480,3 +489,11 @@ def test_sim_converges_on_a_2d_gaussian_mixture_and_covers_every_mode(one_thread
     assert counters.skipped == {}
     assert w2 <= 0.12 and w2 <= 0.35 * w2_init
     assert min_share >= 0.15 and near >= 0.75
+
+
+def test_a_guidance_interval_must_be_increasing_noise_levels():
+    import pydantic
+    for bad in ((2.0, 1.0), (1.0, 1.0), (-0.1, 1.0)):
+        with pytest.raises(pydantic.ValidationError, match="0 <= lo < hi"):
+            SimConfig(teacher_guidance_sigma=bad)
+    assert SimConfig(teacher_guidance_sigma=(0.5, 10.0)).teacher_guidance_sigma == (0.5, 10.0)

@@ -49,6 +49,21 @@ def test_cfg_wrapper_is_the_guidance_combination(model):
         torch.testing.assert_close(CFGDenoiser(model, 1.0)(x, t, c), cond)
 
 
+def test_cfg_interval_guides_only_the_noise_levels_inside_it(model):
+    x, t, c = _inputs()  # t = 5, 100, 500, 999
+    s = model.schedule.sigma_ve(t)
+    lo, hi = float(s[0] + s[1]) / 2, float(s[2])  # (lo, hi] holds t = 100 and 500 only
+    with torch.no_grad():
+        got = CFGDenoiser(model, 3.0, (lo, hi))(x, t, c)
+        guided = CFGDenoiser(model, 3.0)(x, t, c)
+        cond = model(x, t, c)
+    torch.testing.assert_close(got[1:3], guided[1:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[[0, 3]], cond[[0, 3]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(guided[[0, 3]], cond[[0, 3]], atol=1e-3)  # the levels outside would differ
+    with pytest.raises(ValueError, match="guidance sigma range"):
+        CFGDenoiser(model, 3.0, (2.0, 1.0))
+
+
 def test_export_round_trip_is_exact_and_atomic(model, tmp_path):
     save_denoiser(model, tmp_path / "export", {"note": "test"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dirs left behind
