@@ -47,7 +47,7 @@ class SimConfig(MethodSection):
     sid_alpha: float = 1.2  # SiD's alpha for variant "sid" (SiD's shipped value)
     init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1); flow exports: .inf
     teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher only, fake score unguided; 1.0 = none (§1.7)
-    teacher_guidance_sigma: Optional[SigmaRange] = None  # CFG only at VE sigma~ in (lo, hi]; None: at all (§1.7)
+    teacher_guidance_sigma: Optional[SigmaRange] = None  # CFG only at VE sigma~ in (lo, hi]; None: at every level (§1.7)
     teacher_clip_x0: bool = False  # clamp the teacher's x0-prediction D_phi to [-1, 1] (§1.12)
     fake_clip_x0: bool = False  # clamp the fake score's D_psi too, in y and the Stein term (§1.12)
     generator_clip_x0: bool = False  # clamp the generator's x0 to [-1, 1] in the forward pass (§1.12)
