@@ -14,7 +14,7 @@ from hyperscale.diffusion.schedule import Prediction, RectifiedFlow
 from hyperscale.diffusion.timedist import TimeDist
 from hyperscale.methods.base import LossOut
 from hyperscale.models.cond import cond_len
-from hyperscale.models.denoiser import unwrap
+from hyperscale.models.denoiser import check_sigma_range, unwrap
 from hyperscale.models.generator import sample_shape
 
 
@@ -28,14 +28,8 @@ def _check_range(r: tuple[float, float]) -> tuple[float, float]:
 TimeRange = Annotated[tuple[float, float], AfterValidator(_check_range)]
 
 
-def _check_sigmas(r: tuple[float, float]) -> tuple[float, float]:
-    if not 0 <= r[0] < r[1]:
-        raise ValueError(f"must satisfy 0 <= lo < hi (VE noise levels sigma~), got {tuple(r)}")
-    return r
-
-
 # a (lo, hi] interval of VE noise levels sigma~ (a guidance interval, docs/algorithms.md §1.7)
-SigmaRange = Annotated[tuple[float, float], AfterValidator(_check_sigmas)]
+SigmaRange = Annotated[tuple[float, float], AfterValidator(check_sigma_range)]
 
 
 def fake_score_dsm(fake_score, x0: Tensor, cond, times: TimeDist,

@@ -60,6 +60,13 @@ def batch_times(t, x_t: Tensor) -> Tensor:
     return t.expand(x_t.shape[0]) if t.ndim == 0 else t
 
 
+def check_sigma_range(r: tuple[float, float]) -> tuple[float, float]:
+    """A guidance interval (lo, hi] of VE noise levels sigma~, as floats; 0 <= lo < hi or ValueError."""
+    if not 0 <= r[0] < r[1]:
+        raise ValueError(f"guidance sigma range must satisfy 0 <= lo < hi (VE noise levels sigma~), got {tuple(r)}")
+    return float(r[0]), float(r[1])
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance around any denoiser: one batched call on [uncond; cond].
 
@@ -72,9 +79,7 @@ class CFGDenoiser(nn.Module):
         super().__init__()
         self.inner = inner
         self.guidance_scale = float(guidance_scale)
-        if sigma_range is not None and not 0 <= sigma_range[0] < sigma_range[1]:
-            raise ValueError(f"guidance sigma range must satisfy 0 <= lo < hi, got {tuple(sigma_range)}")
-        self.sigma_range = None if sigma_range is None else (float(sigma_range[0]), float(sigma_range[1]))
+        self.sigma_range = None if sigma_range is None else check_sigma_range(sigma_range)
 
     @property
     def schedule(self) -> Schedule:
