@@ -135,15 +135,21 @@ def read_checkpoint(directory: Path) -> dict:
     return torch.load(directory / STATE, map_location="cpu", weights_only=False)
 
 
-def restore(directory: Path, roles: dict[str, Role]) -> tuple[dict, float]:
+def restore(directory: Path, roles: dict[str, Role]) -> tuple[dict, float, list[str]]:
     """Load ``directory`` into ``roles`` (engine shards included, collective); returns the
-    rank-0 state for the caller's part (EMA, counters, cursors, RNG) and the seconds it took."""
+    rank-0 state for the caller's part (EMA, counters, cursors, RNG), the seconds it took, and
+    the optimizer settings of this run that differ from the checkpoint's ("fake_score: lr 5e-05 ->
+    0.0001"): weights, moments and the schedule's position come from the checkpoint, the settings
+    from the run's config."""
     t0 = time.perf_counter()
     state = read_checkpoint(directory)
+    changed = []
     for name, role in roles.items():
+        own = role.settings()
         role.load_state_dict(state["roles"][name])
         role.load_shards(Path(directory) / ENGINES)
-    return state, time.perf_counter() - t0
+        changed += [f"{name}: {c}" for c in role.use_settings(own)]
+    return state, time.perf_counter() - t0, changed
 
 
 def _read_meta(directory: Where) -> dict:

@@ -245,7 +245,7 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
     with restore_source(session, t, paths) as (path, where):
         state = None
         if path is not None:
-            state, timing["time/restore_s"] = ckpt.restore(path, roles)
+            state, timing["time/restore_s"], changed = ckpt.restore(path, roles)
     if state is not None:
         ema.load_state_dict(state["ema"])
         for name, (tracker, _source) in trackers.items():
@@ -256,6 +256,9 @@ def run(cfg: Config, session: Session, paths: Paths, device: torch.device,
         timing["restored_at_step"] = counters.step
         if rank == 0:
             print(f"[hyperscale] resumed at step {counters.step} from {where}", flush=True)
+            if changed:
+                print(f"[hyperscale] this run's optimizer settings replace the checkpoint's: {'; '.join(changed)}",
+                      flush=True)
 
     def next_batch() -> Batch:
         return draw_batch(stream, modules[gen_name], device)

@@ -98,11 +98,43 @@ class Role:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def settings(self) -> list[dict]:
+        """This run's optimizer settings per parameter group: the base lr of the schedule, betas,
+        eps, weight decay (a checkpoint's optimizer state carries its own; see ``use_settings``)."""
+        return [{"lr": base, **{k: g[k] for k in _SETTINGS if k in g}}
+                for base, g in zip(self.scheduler.base_lrs, self.optimizer.param_groups)]
+
+    def use_settings(self, settings: list[dict]) -> list[str]:
+        """After a restore, put this run's ``settings`` back over the checkpoint's, so a resumed run
+        with a new ``train.lr`` (or betas, ...) trains with it; the schedule keeps its restored
+        position. Returns what changed, e.g. "lr 5e-05 -> 1e-05", for the console."""
+        changed, sched = [], self.scheduler
+        for g, base, own in zip(self.optimizer.param_groups, sched.base_lrs, settings):
+            for k in _SETTINGS:
+                if k in own and _plain(g.get(k)) != _plain(own[k]):
+                    changed.append(f"{k} {g.get(k)} -> {own[k]}")
+                    g[k] = own[k]
+            if base != own["lr"]:
+                changed.append(f"lr {base:g} -> {own['lr']:g}")
+        sched.base_lrs = [own["lr"] for own in settings]
+        for g, base, f in zip(self.optimizer.param_groups, sched.base_lrs, getattr(sched, "lr_lambdas", ())):
+            g["initial_lr"] = base
+            g["lr"] = base * f(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        return list(dict.fromkeys(changed))
+
     def save_shards(self, directory) -> None:
         """Per-rank state beside the rank-0 state file (none for plain torch roles)."""
 
     def load_shards(self, directory) -> None:
         """Restore what ``save_shards`` wrote."""
+
+
+_SETTINGS = ("betas", "eps", "weight_decay")  # optimizer settings a resumed run takes from its config
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from hyperscale.storage.local import REPO
 from hyperscale.config import load_config
 from hyperscale.models.build import load_denoiser
+from hyperscale.train import engines
 from hyperscale.train.checkpoint import find_latest, problems
 
 ROOT = REPO  # the repository root
@@ -71,6 +72,13 @@ def test_teacher_trains_checkpoints_and_resumes_exactly(ray_cluster, tmp_path, e
         out = model(torch.randn(2, 1, 28, 28), torch.tensor([10, 900]), torch.tensor([1, 2]))
     assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
 
+    # Resumed with a new learning rate, the run trains with it (the checkpoint's optimizer state
+    # carries the old one, which used to win silently).
+    assert resumed["lr/generator"] == pytest.approx(5e-4)  # the default, constant after warm-up
+    slower = _run(tmp_path / "b", "train.max_steps=7", "train.resume_from_checkpoint=latest", "train.lr=0.0001",
+                  *engine)
+    assert slower["step"] == 7 and slower["lr/generator"] == pytest.approx(1e-4)
+
 
 def test_resume_from_a_bad_path_is_a_clear_error(ray_cluster, tmp_path):
     with pytest.raises(Exception, match="not a checkpoint directory"):
@@ -86,6 +94,43 @@ def test_a_run_directory_with_checkpoints_needs_resume_latest(tmp_path, resume):
     extra = [f"train.resume_from_checkpoint={resume}"] if resume else []
     with pytest.raises(ValueError, match=r"already holds an earlier run's checkpoints.*resume_from_checkpoint=latest"):
         _run(tmp_path, *extra)
+
+
+def test_a_restored_role_keeps_the_checkpoint_moments_and_takes_this_runs_optimizer_settings():
+    from hyperscale.train.engines import make_optimizer
+    from hyperscale.train.step import Role
+
+    def role(**train):
+        t = load_config(TINY, [f"train.{k}={v}" for k, v in train.items()]).train
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 2)
+        opt = make_optimizer(list(module.parameters()), t)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, engines.lr_lambda(t, 10))
+        return Role("generator", module, opt, sched, t.max_grad_norm)
+
+    old = role(lr=0.001, adam_beta2=0.999, lr_warmup_steps=4)
+    for _ in range(3):
+        old.module(torch.randn(5, 3)).square().mean().backward()
+        old.optimizer.step()
+        old.zero_grad()
+        old.scheduler.step()
+    saved = old.state_dict()
+
+    new = role(lr=0.0002, adam_beta2=0.99, lr_warmup_steps=4)
+    own = new.settings()
+    new.load_state_dict(saved)
+    assert new.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * 4 / 4)  # the checkpoint's, so far
+    changed = new.use_settings(own)
+    assert changed == ["betas (0.9, 0.999) -> (0.9, 0.99)", "lr 0.001 -> 0.0002"]
+    group = new.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.0002) and new.scheduler.get_last_lr() == [group["lr"]]
+    assert tuple(group["betas"]) == (0.9, 0.99)
+    # the moments and the schedule's position are the checkpoint's
+    for p_old, p_new in zip(old.module.parameters(), new.module.parameters()):
+        assert torch.equal(old.optimizer.state[p_old]["exp_avg_sq"], new.optimizer.state[p_new]["exp_avg_sq"])
+    assert new.scheduler.last_epoch == 3
+    new.scheduler.step()
+    assert group["lr"] == pytest.approx(0.0002) and new.use_settings(new.settings()) == []
 
 
 def _expected_ema(snapshots: list[dict], decay: float, warmup: bool) -> dict:
