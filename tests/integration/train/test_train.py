@@ -79,6 +79,36 @@ def test_teacher_trains_checkpoints_and_resumes_exactly(ray_cluster, tmp_path, e
                   *engine)
     assert slower["step"] == 7 and slower["lr/generator"] == pytest.approx(1e-4)
 
+    _check_averages(tmp_path / "b", stage)
+
+
+def _check_averages(run: Path, stage: int | None) -> None:
+    """jobs/average_checkpoints.py's averages against weights read another way: the raw export of
+    the last step, and the EMA in the step-6 checkpoint's state.pt."""
+    from hyperscale.train.averaging import average_run, complete_checkpoints
+
+    if stage == 3:
+        with pytest.raises(ValueError, match="ZeRO-3.*zero_stage <= 2"):
+            average_run(run, run / "avg")
+        return
+    assert [s for s, _ in complete_checkpoints(run)] == [6, 7]
+    raw7 = load_file(str(run / "export/raw/model.safetensors"))
+    uniform = average_run(run, run / "avg-last", from_step=6)
+    assert uniform == {"kind": "uniform", "steps": [7]}
+    got = load_file(str(run / "avg-last/model.safetensors"))
+    assert got.keys() == raw7.keys() and all(torch.equal(got[k], raw7[k]) for k in got)
+
+    six = dict(complete_checkpoints(run))[6]
+    ema6 = torch.load(six / "state.pt", map_location="cpu", weights_only=False)["ema"]["model"]
+    average_run(run, run / "avg-ema", decay=0.9)
+    got = load_file(str(run / "avg-ema/model.safetensors"))
+    assert all(torch.allclose(got[k], 0.9 * ema6[k] + 0.1 * raw7[k], atol=1e-6) for k in got)
+    assert not all(torch.allclose(got[k], raw7[k]) for k in got)
+    meta = json.loads((run / "avg-ema/hyperscale_model.json").read_text())["extra"]
+    assert meta["step"] == 7 and meta["average"]["decay"] == 0.9 and "ema_decay" not in meta
+    with pytest.raises(ValueError, match="1 complete checkpoint.*2 or more"):
+        average_run(run, run / "nope", decay=0.9, from_step=6)
+
 
 def test_resume_from_a_bad_path_is_a_clear_error(ray_cluster, tmp_path):
     with pytest.raises(Exception, match="not a checkpoint directory"):

@@ -1,0 +1,112 @@
+"""Post-hoc weight averages of a run's generator from its checkpoints (docs/benchmarks.md §12.3).
+
+A one-step generator's raw weights move a lot from step to step (SIM on the text-to-image
+teacher: FID 287 to 323 within 300 steps), so the average over a longer window than the
+training EMA's can be the better model. ``average_run`` reads the generator's raw weights from
+every complete checkpoint of a run and writes, as an export beside the run's own, either
+
+- their uniform mean (stochastic weight averaging), or
+- an EMA with a given decay: started from the EMA held in the earliest checkpoint used, then
+  ``e <- d^k e + (1 - d^k) w`` per later checkpoint, ``k`` the steps since the one before (each
+  snapshot stands for the steps that led to it).
+
+Checkpoints closer together make the EMA closer to one updated every step; write them with
+``train.checkpoint_every=25 train.keep_checkpoints=<enough>``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hyperscale.train.checkpoint import ENGINES, meta_step, problems, read_checkpoint
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file (ZeRO <= 2: the whole module)
+
+
+def role_weights(checkpoint: Path, role: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(raw weights of ``role``, the generator EMA) from one complete checkpoint."""
+    state = read_checkpoint(checkpoint)
+    if role not in state["roles"]:
+        raise ValueError(f"{checkpoint}: no role '{role}' (roles: {', '.join(state['roles'])})")
+    held = state["roles"][role]
+    if "module" in held:  # train.engine=torch: everything is in state.pt
+        raw = held["module"]
+    elif held.get("zero_stage") == 3:
+        raise ValueError(f"{checkpoint}: role '{role}' was trained with ZeRO-3, whose checkpoints hold the "
+                         f"weights in per-rank shards; average runs trained with train.zero_stage <= 2")
+    else:
+        raw = torch.load(Path(checkpoint) / ENGINES / role / "state" / MODEL_STATES, map_location="cpu",
+                         weights_only=False)["module"]
+    return raw, state["ema"]["model"]
+
+
+def complete_checkpoints(run_dir: Path, from_step: int = -1) -> list[tuple[int, Path]]:
+    """(step, directory) of the run's complete checkpoints after ``from_step``, oldest first."""
+    found = [(meta_step(d), d) for d in sorted((Path(run_dir) / "checkpoints").glob("checkpoint_*"))
+             if d.is_dir() and not problems(d)]
+    return sorted((s, d) for s, d in found if s > from_step)
+
+
+def average(snapshots: list[tuple[int, dict[str, Tensor]]], decay: float | None = None,
+            start: dict[str, Tensor] | None = None, start_step: int | None = None) -> dict[str, Tensor]:
+    """Uniform mean of the snapshots' weights (``decay`` None), or their EMA from ``start`` at
+    ``start_step`` (module docstring); float64 sums, returned in each weight's own dtype."""
+    if not snapshots:
+        raise ValueError("no checkpoints to average")
+    dtypes = {k: v.dtype for k, v in snapshots[0][1].items()}
+    if decay is None:
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in snapshots[0][1].items()}
+        for _, w in snapshots:
+            for k in total:
+                total[k] += w[k].double()
+        out = {k: v / len(snapshots) for k, v in total.items()}
+    else:
+        if not 0 < decay < 1 or start is None or start_step is None:
+            raise ValueError("an EMA needs 0 < decay < 1 and a start (weights and step)")
+        out, prev = {k: v.double() for k, v in start.items()}, start_step
+        for step, w in snapshots:
+            f = decay ** (step - prev)
+            out = {k: f * out[k] + (1 - f) * w[k].double() for k in out}
+            prev = step
+    return {k: v.to(dtypes[k]) for k, v in out.items()}
+
+
+def average_run(run_dir: Path, out: Path, decay: float | None = None, from_step: int = -1,
+                role: str = "generator") -> dict:
+    """Average the run's generator (module docstring) into an export at ``out``, built on the run's
+    ``export/ema``; returns what was averaged (also in the export's metadata)."""
+    import json
+
+    from hyperscale.models.build import EXPORT_META, load_denoiser
+    from hyperscale.models.lora import save_student
+
+    run_dir = Path(run_dir)
+    chosen = complete_checkpoints(run_dir, from_step)
+    if len(chosen) < (1 if decay is None else 2):
+        raise ValueError(f"{run_dir}/checkpoints: {len(chosen)} complete checkpoint(s) after step {from_step}; "
+                         f"an average needs {1 if decay is None else 2} or more")
+    snapshots = []
+    for step, d in chosen:
+        raw, ema = role_weights(d, role)
+        snapshots.append((step, raw))
+        if len(snapshots) == 1:
+            first_ema = ema
+    if decay is None:
+        weights, how = average(snapshots), {"kind": "uniform"}
+    else:
+        weights = average(snapshots[1:], decay, start=first_ema, start_step=snapshots[0][0])
+        how = {"kind": "ema", "decay": decay, "start": "the EMA of the first checkpoint"}
+    base = run_dir / "export" / "ema"
+    model = load_denoiser(base)
+    missing = set(model.state_dict()) ^ set(weights)
+    if missing:
+        raise ValueError(f"{base}: its weights do not match the checkpoints' '{role}' ({len(missing)} keys differ, "
+                         f"e.g. {sorted(missing)[0]}); a LoRA student is averaged from its own training, not here")
+    model.load_state_dict(weights)
+    extra = json.loads((base / EXPORT_META).read_text()).get("extra", {})
+    how |= {"steps": [s for s, _ in snapshots]}
+    extra = {k: v for k, v in extra.items() if k != "ema_decay"} | {"step": snapshots[-1][0], "average": how}
+    save_student(model, out, extra)
+    return how
