@@ -20,33 +20,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hyperscale.train.checkpoint import ENGINES, meta_step, problems, read_checkpoint
+from hyperscale.train.checkpoint import ENGINES, complete_checkpoints, read_checkpoint
+from hyperscale.train.engines import TAG
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file (ZeRO <= 2: the whole module)
 
 
-def role_weights(checkpoint: Path, role: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(raw weights of ``role``, the generator EMA) from one complete checkpoint."""
-    state = read_checkpoint(checkpoint)
+def role_weights(state: dict, checkpoint: Path, role: str) -> dict[str, Tensor]:
+    """The raw weights of ``role`` in one complete checkpoint (``state``: its rank-0 state)."""
     if role not in state["roles"]:
         raise ValueError(f"{checkpoint}: no role '{role}' (roles: {', '.join(state['roles'])})")
     held = state["roles"][role]
     if "module" in held:  # train.engine=torch: everything is in state.pt
-        raw = held["module"]
-    elif held.get("zero_stage") == 3:
+        return held["module"]
+    if held.get("zero_stage") == 3:
         raise ValueError(f"{checkpoint}: role '{role}' was trained with ZeRO-3, whose checkpoints hold the "
                          f"weights in per-rank shards; average runs trained with train.zero_stage <= 2")
-    else:
-        raw = torch.load(Path(checkpoint) / ENGINES / role / "state" / MODEL_STATES, map_location="cpu",
-                         weights_only=False)["module"]
-    return raw, state["ema"]["model"]
-
-
-def complete_checkpoints(run_dir: Path, from_step: int = -1) -> list[tuple[int, Path]]:
-    """(step, directory) of the run's complete checkpoints after ``from_step``, oldest first."""
-    found = [(meta_step(d), d) for d in sorted((Path(run_dir) / "checkpoints").glob("checkpoint_*"))
-             if d.is_dir() and not problems(d)]
-    return sorted((s, d) for s, d in found if s > from_step)
+    return torch.load(Path(checkpoint) / ENGINES / role / TAG / MODEL_STATES, map_location="cpu",
+                      weights_only=False)["module"]
 
 
 def average(snapshots: list[tuple[int, dict[str, Tensor]]], decay: float | None = None,
@@ -83,20 +74,16 @@ def average_run(run_dir: Path, out: Path, decay: float | None = None, from_step:
     from hyperscale.models.lora import save_student
 
     run_dir = Path(run_dir)
-    chosen = complete_checkpoints(run_dir, from_step)
+    chosen = [(s, d) for s, d in complete_checkpoints(run_dir / "checkpoints") if s > from_step]
     if len(chosen) < (1 if decay is None else 2):
         raise ValueError(f"{run_dir}/checkpoints: {len(chosen)} complete checkpoint(s) after step {from_step}; "
                          f"an average needs {1 if decay is None else 2} or more")
-    snapshots = []
-    for step, d in chosen:
-        raw, ema = role_weights(d, role)
-        snapshots.append((step, raw))
-        if len(snapshots) == 1:
-            first_ema = ema
+    states = [(s, d, read_checkpoint(d)) for s, d in chosen]
+    snapshots = [(s, role_weights(state, d, role)) for s, d, state in states]
     if decay is None:
         weights, how = average(snapshots), {"kind": "uniform"}
     else:
-        weights = average(snapshots[1:], decay, start=first_ema, start_step=snapshots[0][0])
+        weights = average(snapshots[1:], decay, start=states[0][2]["ema"]["model"], start_step=snapshots[0][0])
         how = {"kind": "ema", "decay": decay, "start": "the EMA of the first checkpoint"}
     base = run_dir / "export" / "ema"
     model = load_denoiser(base)

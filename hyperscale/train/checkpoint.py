@@ -170,8 +170,22 @@ def find_latest(root: Where, run_id: str | None = None) -> Where | None:
     ``run_id``, only those written by that run (one ``run_training`` call)."""
     if is_remote(root):
         return _find_latest_s3(location(root), run_id)
-    best, best_step, broken = None, -1, []
-    for meta in Path(root).glob("**/" + META):
+    complete, broken = _local_checkpoints(Path(root), run_id)
+    best_step, best = complete[-1] if complete else (-1, None)
+    _warn_skipped([b for b in broken if b[0] > best_step], best, best_step)
+    return best
+
+
+def complete_checkpoints(root: Path, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under the local ``root``, oldest first."""
+    return _local_checkpoints(Path(root), run_id)[0]
+
+
+def _local_checkpoints(root: Path, run_id: str | None) -> tuple[list[tuple[int, Path]], list[tuple[int, Path, str]]]:
+    """Complete checkpoints under ``root`` as sorted (step, dir), and the incomplete ones as
+    (step, dir, first problem); with ``run_id``, only that run's."""
+    complete, broken = [], []
+    for meta in root.glob("**/" + META):
         d = meta.parent
         if d.name.startswith(".tmp-"):
             continue
@@ -181,10 +195,9 @@ def find_latest(root: Where, run_id: str | None = None) -> Where | None:
         wrong = problems(d)
         if wrong:
             broken.append((info.get("step", -1), d, wrong[0]))
-        elif info.get("step", -1) > best_step:
-            best, best_step = d, info.get("step", -1)
-    _warn_skipped([b for b in broken if b[0] > best_step], best, best_step)
-    return best
+        else:
+            complete.append((info.get("step", -1), d))
+    return sorted(complete, key=lambda c: c[0]), broken
 
 
 def _warn_skipped(broken: list[tuple[int, Where, str]], chosen: Where | None, step: int) -> None:

@@ -85,20 +85,21 @@ def test_teacher_trains_checkpoints_and_resumes_exactly(ray_cluster, tmp_path, e
 def _check_averages(run: Path, stage: int | None) -> None:
     """jobs/average_checkpoints.py's averages against weights read another way: the raw export of
     the last step, and the EMA in the step-6 checkpoint's state.pt."""
-    from hyperscale.train.averaging import average_run, complete_checkpoints
+    from hyperscale.train.averaging import average_run
+    from hyperscale.train.checkpoint import complete_checkpoints
 
     if stage == 3:
         with pytest.raises(ValueError, match="ZeRO-3.*zero_stage <= 2"):
             average_run(run, run / "avg")
         return
-    assert [s for s, _ in complete_checkpoints(run)] == [6, 7]
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [6, 7]
     raw7 = load_file(str(run / "export/raw/model.safetensors"))
     uniform = average_run(run, run / "avg-last", from_step=6)
     assert uniform == {"kind": "uniform", "steps": [7]}
     got = load_file(str(run / "avg-last/model.safetensors"))
     assert got.keys() == raw7.keys() and all(torch.equal(got[k], raw7[k]) for k in got)
 
-    six = dict(complete_checkpoints(run))[6]
+    six = dict(complete_checkpoints(run / "checkpoints"))[6]
     ema6 = torch.load(six / "state.pt", map_location="cpu", weights_only=False)["ema"]["model"]
     average_run(run, run / "avg-ema", decay=0.9)
     got = load_file(str(run / "avg-ema/model.safetensors"))
