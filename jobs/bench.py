@@ -41,6 +41,18 @@ from hyperscale.bench.quality import QualitySettings, StudentSpec, parse_student
 from hyperscale.bench.denoise import DenoiseSettings, run_denoise  # noqa: E402
 from hyperscale.bench.speed import SpeedSettings, run_speed  # noqa: E402
 
+
+def parse_pair(p: argparse.ArgumentParser, flag: str, value: str | None) -> tuple[float, float] | None:
+    """'LO,HI' as two floats (None stays None); a malformed value is a usage error naming the flag."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+    except ValueError:
+        p.error(f"{flag} takes two numbers LO,HI (e.g. 0,5), got {value!r}")
+    return lo, hi
+
+
 if __name__ == "__main__":
     d, sd, dd = QualitySettings(), SpeedSettings(), DenoiseSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +73,9 @@ if __name__ == "__main__":
                    f"(quality default {d.teacher_steps}, speed default {sd.teacher_steps})")
     p.add_argument("--repeats", type=int, default=sd.repeats, help="speed: timed batches per teacher row")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--guidance-sigma", default=None, metavar="LO,HI",
+                   help="quality: the teacher's CFG only at VE noise levels sigma~ in (LO, HI] (a guidance "
+                        "interval, as SIM's method.teacher_guidance_sigma); default every level")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing)
     p.add_argument("--no-clip-x0", action="store_true",
                    help="quality: teacher DDIM keeps its x0 unclipped (the teacher's own ODE, the distribution "
@@ -145,6 +160,7 @@ if __name__ == "__main__":
         try:
             s = QualitySettings(fid_samples=a.fid_samples, batch_size=a.batch_size or d.batch_size, seed=a.seed,
                                 teacher_steps=steps or d.teacher_steps, guidance_scale=a.guidance_scale,
+                                guidance_sigma=parse_pair(p, "--guidance-sigma", a.guidance_sigma),
                                 spacing=a.spacing, student_eta=a.eta,
                                 clip_x0=not a.no_clip_x0, use_clipped_model_output=a.use_clipped_model_output)
         except ValueError as e:

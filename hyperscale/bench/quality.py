@@ -26,7 +26,7 @@ from hyperscale.models.classifier import classifier_card, load_classifier
 from hyperscale.eval.features import FeatureExtractor, reference_stats
 from hyperscale.eval.images import plot_fid_vs_steps, save_grid
 from hyperscale.eval.metrics import FID_NOTE, PR_K, PR_NOTE, PR_SEED, evaluate_samples, pr_sample_count
-from hyperscale.models.denoiser import CFGDenoiser
+from hyperscale.models.denoiser import CFGDenoiser, check_sigma_range
 from hyperscale.models.families import family_of
 from hyperscale.progress import Progress
 from hyperscale.storage.records import write_record
@@ -41,6 +41,7 @@ class QualitySettings:
     seed: int = 0
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])
     guidance_scale: float = 1.3  # teacher CFG (w = 1: none); calibrated, see docs/benchmarks.md §3.3
+    guidance_sigma: tuple[float, float] | None = None  # teacher CFG only at VE sigma~ in (lo, hi] (docs/algorithms.md §1.7)
     spacing: str = "trailing"  # DDIM grid; "trailing" starts every row at t = T-1
     clip_x0: bool = True
     use_clipped_model_output: bool = False  # re-derive eps from the clipped x0 (diffusers' flag)
@@ -54,6 +55,8 @@ class QualitySettings:
         if self.use_clipped_model_output and not self.clip_x0:
             # else a row equal to the unclipped one would be recorded under settings that refuse to carry it
             raise ValueError("use_clipped_model_output re-derives eps from the clipped x0: it needs clip_x0")
+        if self.guidance_sigma is not None:
+            self.guidance_sigma = check_sigma_range(self.guidance_sigma)
         if not 1 <= self.pr_k < self.fid_samples:
             raise ValueError(f"pr_k must be in [1, fid_samples): the k-th neighbour of each of the "
                              f"{self.fid_samples} samples among the others; got {self.pr_k}")
@@ -80,7 +83,7 @@ def generate(fn: SampleFn, noise: Tensor, labels: Tensor, batch_size: int, desc:
 
 
 def teacher_ddim(teacher, steps: int, s: QualitySettings) -> SampleFn:
-    guided = CFGDenoiser(teacher, s.guidance_scale)
+    guided = CFGDenoiser(teacher, s.guidance_scale, s.guidance_sigma)
     return lambda z, y: sample_ddim(guided, z, y, steps, spacing=s.spacing, clip_x0=s.clip_x0,
                                     use_clipped_model_output=s.use_clipped_model_output)
 
@@ -228,10 +231,10 @@ def student_sampler(denoiser, steps: int, sampler: dict, seed: int) -> SampleFn:
 
 
 # Settings that change a row's numbers; rows carry over between runs only when all are equal.
-ROW_SETTINGS = ("fid_samples", "seed", "guidance_scale", "spacing", "clip_x0", "use_clipped_model_output",
+ROW_SETTINGS = ("fid_samples", "seed", "guidance_scale", "guidance_sigma", "spacing", "clip_x0", "use_clipped_model_output",
                 "image_size", "reference_limit")
 # what a record written before a setting existed was computed with
-PREDATING = {"use_clipped_model_output": False}
+PREDATING = {"use_clipped_model_output": False, "guidance_sigma": None}
 
 
 def weights_digest(export_dir: str | os.PathLike) -> str:
@@ -254,6 +257,11 @@ PR_FIELDS = ("precision", "recall")
 FLOORS = ("real-data", "vae-recon")  # rows of real images (a latent teacher's: also through its VAE)
 
 
+def _json(v):
+    """A setting as a record holds it (tuples are lists there)."""
+    return list(v) if isinstance(v, tuple) else v
+
+
 def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha256: str) -> list[dict]:
     """The real-data and teacher rows of an earlier record, reusable only when every setting that
     changes their numbers is equal (fixed seeds, deterministic DDIM: recomputing gives the same
@@ -265,7 +273,7 @@ def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha
     them; nothing is filled in. A record with another ``pr_k`` is refused like any other setting."""
     rec = json.loads(Path(record_path).read_text())
     old = rec.get("settings", {})
-    diff = [k for k in ROW_SETTINGS if old.get(k, PREDATING.get(k)) != getattr(s, k)]
+    diff = [k for k in ROW_SETTINGS if _json(old.get(k, PREDATING.get(k))) != _json(getattr(s, k))]
     if old.get("pr_k") not in (None, s.pr_k):
         diff.append("pr_k")
     if old.get("teacher_sha256") not in (None, teacher_sha256):

@@ -1,5 +1,6 @@
 """The quality benchmark runs end to end on tiny settings and writes the record format of docs/benchmarks.md §1.4."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -231,6 +232,36 @@ def test_quality_rows_carry_over_only_with_equal_settings(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="settings differ: use_clipped_model_output"):
         carried_rows(old_rec, QualitySettings(fid_samples=20, teacher_steps=[1], reference_limit=200,
                                               use_clipped_model_output=True), rec["settings"]["teacher_sha256"])
+    # a record from before guidance intervals guided every level; an interval is a setting of its own
+    with pytest.raises(ValueError, match="settings differ: guidance_sigma"):
+        carried_rows(old_rec, replace(s, guidance_sigma=(0, 5)), rec["settings"]["teacher_sha256"])
+
+
+def test_teacher_guidance_interval_applies_only_inside_it(tmp_path, monkeypatch):
+    """One trailing DDIM step evaluates the teacher at t = T - 1 only (sigma~ far above 5): guided only in
+    (0, 5], that row is the unguided teacher's (to rounding: it still runs both branches, at scale 1); guided
+    in (0, inf) it is the fully guided one."""
+    monkeypatch.setenv("HYPERSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    teacher, _ = tiny_teacher_and_student(tmp_path)
+    s = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[1], reference_limit=200, guidance_scale=2.0)
+
+    def teacher_row(name, **kw):
+        rec = json.loads(run_quality(teacher, str(tmp_path / name), replace(s, **kw), command=name).read_text())
+        return rec, rec["rows"][1]
+
+    _, guided = teacher_row("guided")
+    _, unguided = teacher_row("unguided", guidance_scale=1.0)
+    rec, low = teacher_row("low", guidance_sigma=(0, 5))
+    _, every = teacher_row("every", guidance_sigma=(0, float("inf")))
+    assert guided["fid"] != unguided["fid"]
+    assert low["fid"] == pytest.approx(unguided["fid"], rel=1e-6)
+    assert abs(low["fid"] - unguided["fid"]) < 1e-3 * abs(guided["fid"] - unguided["fid"])
+    assert every["fid"] == pytest.approx(guided["fid"], rel=1e-6)
+    assert rec["settings"]["guidance_sigma"] == [0.0, 5.0]
+    assert len(carried_rows(tmp_path / "low" / "quality.json", replace(s, guidance_sigma=(0, 5)),
+                            rec["settings"]["teacher_sha256"])) == 2
+    with pytest.raises(ValueError, match="guidance sigma range"):
+        QualitySettings(guidance_sigma=(5, 1))
 
 
 def test_rederived_eps_without_clipping_is_refused_in_settings_and_cli():
@@ -244,6 +275,9 @@ def test_rederived_eps_without_clipping_is_refused_in_settings_and_cli():
                         "--use-clipped-model-output"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "use_clipped_model_output re-derives eps from the clipped x0: it needs clip_x0" in r.stderr
+    r = subprocess.run([sys.executable, str(root / "jobs" / "bench.py"), "--suite", "quality", "--guidance-sigma",
+                        "5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--guidance-sigma takes two numbers LO,HI" in r.stderr
 
 
 def test_serve_record_keeps_other_generators_rows(tmp_path):
