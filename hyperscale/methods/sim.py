@@ -20,7 +20,7 @@ import math
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from hyperscale.config.schema import MethodSection
@@ -29,6 +29,7 @@ from hyperscale.diffusion.schedule import Prediction, bcast
 from hyperscale.methods.base import Batch, LossOut, Method, RoleSpec
 from hyperscale.diffusion.timedist import TimeSampling, time_dist
 from hyperscale.methods.scores import SigmaRange, TimeRange, fake_score_dsm, generator_noise
+from hyperscale.models.cond import cond_len, cond_where
 from hyperscale.models.denoiser import CFGDenoiser
 from hyperscale.models.export import OneStepCall, SamplerSpec
 
@@ -48,6 +49,10 @@ class SimConfig(MethodSection):
     init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1); flow exports: .inf
     teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher only, fake score unguided; 1.0 = none (§1.7)
     teacher_guidance_sigma: Optional[SigmaRange] = None  # CFG only at VE sigma~ in (lo, hi]; None: at every level (§1.7)
+    # the fake score's own CFG in the generator loss, D_psi(null) + s (D_psi(c) - D_psi(null)); 1.0 = none,
+    # 0: an unconditional fake score (SiD's Zero-CFG with teacher scale 1), < 0: Anti-CFG (§1.7)
+    fake_guidance_scale: float = 1.0
+    fake_cond_dropout: float = Field(0.0, ge=0, le=1)  # p(condition -> null) in the fake score's DSM (§1.7)
     teacher_clip_x0: bool = False  # clamp the teacher's x0-prediction D_phi to [-1, 1] (§1.12)
     fake_clip_x0: bool = False  # clamp the fake score's D_psi too, in y and the Stein term (§1.12)
     generator_clip_x0: bool = False  # clamp the generator's x0 to [-1, 1] in the forward pass (§1.12)
@@ -59,6 +64,18 @@ class SimConfig(MethodSection):
     fake_t_sampling: TimeSampling = "grid"  # fake-score t draw: "grid" (DMD2), "karras" or "lognormal" (SiD, DI; §1.5)
     min_snr_gamma: float = Field(5.0, gt=0)  # gamma of fake_weighting "min_snr"
     critic_steps: int = Field(1, ge=1)  # fake-score updates per generator update; 1 as SiD and DI (§1.6)
+
+    @model_validator(mode="after")
+    def _fake_branches_trained(self):
+        s, p = self.fake_guidance_scale, self.fake_cond_dropout
+        if s != 1.0 and p == 0.0:
+            raise ValueError(f"fake_guidance_scale {s} reads the fake score's unconditional branch, which it "
+                             "never trains with fake_cond_dropout 0: set fake_cond_dropout > 0 (1.0 with "
+                             "fake_guidance_scale 0 for an unconditional fake score)")
+        if p == 1.0 and s != 0.0:
+            raise ValueError("fake_cond_dropout 1.0 trains only the fake score's unconditional branch: use it "
+                             f"with fake_guidance_scale 0, not {s}")
+        return self
 
 
 def distance_terms(y: Tensor, distance: Distance, c: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
@@ -159,7 +176,11 @@ class Sim(Method):
         d_phi = teacher(x_t, t, cond, out=Prediction.x0)
         if self.config.teacher_clip_x0:
             d_phi = d_phi.clamp(-1, 1)
-        d_psi = fake_score(x_t, t, cond, out=Prediction.x0)
+        s = self.config.fake_guidance_scale
+        if s == 0.0:  # the unconditional branch alone: one call
+            d_psi = fake_score(x_t, t, fake_score.null_cond(cond), out=Prediction.x0)
+        else:
+            d_psi = (CFGDenoiser(fake_score, s) if s != 1.0 else fake_score)(x_t, t, cond, out=Prediction.x0)
         if self.config.fake_clip_x0:
             d_psi = d_psi.clamp(-1, 1)
         loss, dist = self.per_sample(d_phi, d_psi, x0)
@@ -173,5 +194,8 @@ class Sim(Method):
         with torch.no_grad():  # §1.5: DSM on detached generator samples
             x0 = self._samples(generator, cond)
         cfg = self.config
+        if cfg.fake_cond_dropout > 0:  # §1.7: the unconditional branch the fake score's guidance reads
+            drop = torch.rand((cond_len(cond),), device=x0.device) < cfg.fake_cond_dropout
+            cond = cond_where(drop, fake_score.null_cond(cond), cond)
         return fake_score_dsm(fake_score, x0, cond, time_dist(cfg.fake_t_sampling, *cfg.fake_t_range),
                               cfg.fake_weighting, cfg.min_snr_gamma)

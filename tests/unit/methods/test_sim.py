@@ -497,3 +497,76 @@ def test_a_guidance_interval_must_be_increasing_noise_levels():
         with pytest.raises(pydantic.ValidationError, match="0 <= lo < hi"):
             SimConfig(teacher_guidance_sigma=bad)
     assert SimConfig(teacher_guidance_sigma=(0.5, 10.0)).teacher_guidance_sigma == (0.5, 10.0)
+
+
+class _ScaledRing(_TwoClassRing):
+    """A conditional fake score that differs from the teacher ring: the same rings, x0 scaled by 0.9."""
+
+    def raw(self, x_t, t, cond):
+        return 0.9 * super().raw(x_t, t, cond)
+
+
+@pytest.mark.parametrize("w,s,p", [(1.0, 0.0, 1.0), (1.5, -0.5, 0.2), (1.5, 1.5, 0.1)],
+                         ids=["zero-cfg", "anti-cfg", "equal-scales"])
+def test_fake_guidance_reads_the_fake_scores_own_cfg(w, s, p):
+    """fake_guidance_scale s makes D_psi = D_psi(null) + s (D_psi(c) - D_psi(null)) in the generator loss
+    (s = 0: the unconditional branch alone), beside the teacher's own w; replayed draw for draw, loss
+    and generator gradients. With a fake equal to the teacher and s = w, y = 0 for every sample."""
+    sched = DiscreteVP.from_config()
+    torch.manual_seed(0)
+    gen = MLPDenoiser(sched, 2, 16)
+    teacher, fake = _TwoClassRing(sched), _ScaledRing(sched)
+    cfg = SimConfig(teacher_guidance_scale=w, fake_guidance_scale=s, fake_cond_dropout=p)
+    cond = torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(1)
+    out = Sim(cfg).generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
+    g1 = torch.autograd.grad(out.loss.mean(), list(gen.parameters()))
+
+    torch.manual_seed(1)  # replay: z, then t, then eps
+    x0 = _generator_call(gen, torch.randn(8, 2), cond)
+    tt = torch.randint(round(0.02 * 999), round(0.8 * 999) + 1, (8,))
+    x_t = sched.add_noise(x0, torch.randn_like(x0), tt)
+    null = torch.ones_like(cond)
+
+    def guided(net, scale):
+        d_c, d_u = net(x_t, tt, cond, out="sample"), net(x_t, tt, null, out="sample")
+        return d_u + scale * (d_c - d_u)
+
+    d_phi, d_psi = guided(teacher, w), guided(fake, s)
+    assert (d_psi - fake(x_t, tt, cond, out="sample")).abs().max() > 0.05  # the fake's guidance matters here
+    loss = Sim(cfg).per_sample(d_phi, d_psi, x0)[0]
+    torch.testing.assert_close(out.loss, loss)
+    for a, b in zip(g1, torch.autograd.grad(loss.mean(), list(gen.parameters()))):
+        torch.testing.assert_close(a, b)
+    if w == s:
+        torch.manual_seed(1)
+        same = Sim(cfg).generator_loss(Batch(cond), generator=gen, fake_score=teacher, teacher=teacher)
+        assert float(same.metrics["sim/y_norm"]) < 1e-6
+
+
+def test_fake_cond_dropout_trains_the_unconditional_branch_and_is_required_by_fake_guidance():
+    """critic_loss with fake_cond_dropout p: each sample's condition is the null one with probability
+    p (one uniform draw per sample after z), then DSM as before; a fake guidance scale other than 1
+    needs p > 0, and p = 1 (nothing conditional trained) allows only s = 0."""
+    import pydantic
+    sched = DiscreteVP.from_config()
+    torch.manual_seed(0)
+    gen, fake = MLPDenoiser(sched, 2, 16), _ScaledRing(sched)
+    method = Sim(SimConfig(fake_cond_dropout=0.5, fake_guidance_scale=0.5))
+    cond = torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(1)
+    out = method.critic_loss(Batch(cond), generator=gen, fake_score=fake)
+    torch.manual_seed(1)  # replay: z, then the drop draw, then t, then eps
+    with torch.no_grad():
+        x0 = method.generate(gen, torch.randn(8, 2), cond)
+    drop = torch.rand(8) < 0.5
+    assert 0 < int(drop.sum()) < 8  # both kinds in this draw
+    c = torch.where(drop, torch.ones_like(cond), cond)
+    tt = torch.randint(0, 1000, (8,))
+    eps = torch.randn_like(x0)
+    want = (fake(sched.add_noise(x0, eps, tt), tt, c, out=Prediction.eps) - eps).pow(2).mean(1)
+    torch.testing.assert_close(out.loss, want)
+    with pytest.raises(pydantic.ValidationError, match="set fake_cond_dropout > 0"):
+        SimConfig(fake_guidance_scale=0.0)
+    with pytest.raises(pydantic.ValidationError, match="use it with fake_guidance_scale 0"):
+        SimConfig(fake_guidance_scale=0.5, fake_cond_dropout=1.0)
