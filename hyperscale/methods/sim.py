@@ -47,7 +47,7 @@ class SimConfig(MethodSection):
     variant: Literal["sim", "sid"] = "sim"  # "sid": SiD's generator loss in place of SIM's, a baseline (§1.3)
     sid_alpha: float = 1.2  # SiD's alpha for variant "sid" (SiD's shipped value)
     init_sigma: float = Field(2.5, gt=0)  # the generator's fixed VE input level sigma~_init (§1.1); flow exports: .inf
-    teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher only, fake score unguided; 1.0 = none (§1.7)
+    teacher_guidance_scale: float = Field(1.0, ge=0)  # CFG on the teacher; 1.0 = none (§1.7)
     teacher_guidance_sigma: Optional[SigmaRange] = None  # CFG only at VE sigma~ in (lo, hi]; None: at every level (§1.7)
     # the fake score's own CFG in the generator loss, D_psi(null) + s (D_psi(c) - D_psi(null)); 1.0 = none,
     # 0: an unconditional fake score (SiD's Zero-CFG with teacher scale 1), < 0: Anti-CFG (§1.7)
