@@ -360,7 +360,9 @@ class DriverConsole:
     def __init__(self, desc: str, poll_s: float = 0.5):
         from ray.util.queue import Queue
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        from hyperscale.train.preemption import on_driver_node
+
+        self.queue = Queue(actor_options=on_driver_node())
         self.sink = ConsoleSink(desc)
         self.poll_s = poll_s
         self.errors: dict[int, str] = {}  # rank -> the full traceback of its failure

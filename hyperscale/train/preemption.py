@@ -157,8 +157,19 @@ def run_until_stopped(fn: Callable[[], object], stop: SignalStop, poll_s: float 
 
 # ---------------------------------------------------------------- Ray: driver -> workers
 
+def on_driver_node() -> dict:
+    """Actor options that place an actor on the driver's own node (a hard affinity): the driver's
+    helpers (the stop flag, the console queue) then live and die with the driver, never with a
+    worker node that is preempted mid-run (docs/benchmarks.md §10)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def stop_flag():
-    """A new :class:`StopFlag` actor (Ray must be running)."""
+    """A new :class:`StopFlag` actor on the driver's node (Ray must be running)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -175,7 +186,7 @@ def stop_flag():
         def get(self):
             return self.reason
 
-    return StopFlag.remote()
+    return StopFlag.options(**on_driver_node()).remote()
 
 
 class StopPoller:

@@ -144,3 +144,33 @@ def test_a_drained_node_checkpoints_at_the_next_step_then_raises_for_a_restart(t
         torch.set_num_threads(threads)
     assert _checkpoint_steps(tmp_path) == [2]
     assert not (tmp_path / "export").exists()
+
+
+def test_the_drivers_helper_actors_are_pinned_to_the_drivers_node(ray_cluster):
+    """The stop flag and the console queue are placed on the driver's node by a hard node affinity,
+    so that losing a worker node mid-run cannot take them along (tests/integration/cluster covers the
+    node loss itself); both answer from there."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from hyperscale.train.console import DriverConsole
+    from hyperscale.train.preemption import on_driver_node, stop_flag
+
+    ray = ray_cluster
+    here = ray.get_runtime_context().get_node_id()
+    opts = on_driver_node()
+    strategy = opts["scheduling_strategy"]
+    assert isinstance(strategy, NodeAffinitySchedulingStrategy) and strategy.node_id == here and not strategy.soft
+    assert opts["num_cpus"] == 0
+    flag = stop_flag()
+    flag.set.remote("test")
+    assert ray.get(flag.get.remote()) == "test"
+    console = DriverConsole("t")
+    console.queue.put("x")
+    assert console.queue.get(timeout=10) == "x"
+    # the GCS actor table (Ray's state API needs the dashboard, which the test cluster does not run)
+    table = ray._private.state.actors()
+    for handle in (flag, console.queue.actor):
+        info = table[handle._actor_id.hex()]
+        assert info["State"] == "ALIVE" and info["Address"]["NodeID"] == here
+    ray.kill(flag)
+    ray.kill(console.queue.actor)
