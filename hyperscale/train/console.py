@@ -231,16 +231,23 @@ def training_resume_hint(cfg, argv: list[str] | None = None):
         if latest is None:
             return (f"no checkpoint yet (one every {cfg.train.checkpoint_every} steps); "
                     f"start again with: {resume_command(argv)}")
-        return f"continue from its checkpoint at step {meta_step(latest)} with: {resume_command(argv)}"
+        return (f"continue from its checkpoint at step {meta_step(latest)} with: "
+                f"{resume_command(argv, own_checkpoint=True)}")
     return hint
 
 
-def resume_command(argv: list[str] | None = None, key: str = "train.resume_from_checkpoint=latest") -> str:
-    """The command line that continues an interrupted training job: the same, resuming."""
+def resume_command(argv: list[str] | None = None, key: str = "train.resume_from_checkpoint=latest",
+                   own_checkpoint: bool = False) -> str:
+    """The command line that continues an interrupted training job: the same, resuming. With
+    ``own_checkpoint`` (the run wrote one), from that: a ``train.resume_from_checkpoint`` the job
+    started from (another run's checkpoint) is replaced by ``key``, else the rerun would go back to it."""
     import shlex
 
     argv = list(sys.argv if argv is None else argv)
-    if not any(a.startswith("train.resume_from_checkpoint=") for a in argv):
+    given = [a for a in argv if a.startswith("train.resume_from_checkpoint=")]
+    if own_checkpoint:
+        argv = [a for a in argv if a not in given] + [key]
+    elif not given:
         argv.append(key)
     return "python " + shlex.join(argv)
 

@@ -260,3 +260,19 @@ def test_the_sweep_display_counts_ended_trials_in_full_and_tracks_the_best_metri
     restored = pickle.loads(pickle.dumps(console))  # Tune restores its callbacks on --resume
     assert restored.display is not console.display and restored.best == 250.0
     SweepConsole.close_all()
+
+
+def test_the_resume_hint_continues_from_the_runs_own_checkpoint():
+    """A job that started from another run's checkpoint and was stopped after writing its own is told
+    to resume from ``latest`` (its own), not sent back to the checkpoint it started from; without a
+    checkpoint of its own the command keeps what it was given."""
+    from hyperscale.train.console import resume_command
+
+    start = ["jobs/distill.py", "--config", "c.yaml", "train.resume_from_checkpoint=runs/a/checkpoints/x",
+             "run.output_dir=runs/b"]
+    assert resume_command(start, own_checkpoint=True) == (
+        "python jobs/distill.py --config c.yaml run.output_dir=runs/b train.resume_from_checkpoint=latest")
+    assert resume_command(start) == "python " + " ".join(start)
+    fresh = ["jobs/distill.py", "--config", "c.yaml"]
+    assert resume_command(fresh) == resume_command(fresh, own_checkpoint=True) == (
+        "python jobs/distill.py --config c.yaml train.resume_from_checkpoint=latest")
