@@ -78,12 +78,15 @@ def average_run(run_dir: Path, out: Path, decay: float | None = None, from_step:
     if len(chosen) < (1 if decay is None else 2):
         raise ValueError(f"{run_dir}/checkpoints: {len(chosen)} complete checkpoint(s) after step {from_step}; "
                          f"an average needs {1 if decay is None else 2} or more")
-    states = [(s, d, read_checkpoint(d)) for s, d in chosen]
-    snapshots = [(s, role_weights(state, d, role)) for s, d, state in states]
+    snapshots, first_ema = [], None
+    for s, d in chosen:  # one checkpoint's state in memory at a time; only its weights are kept
+        state = read_checkpoint(d)
+        snapshots.append((s, role_weights(state, d, role)))
+        first_ema = state["ema"]["model"] if first_ema is None else first_ema
     if decay is None:
         weights, how = average(snapshots), {"kind": "uniform"}
     else:
-        weights = average(snapshots[1:], decay, start=states[0][2]["ema"]["model"], start_step=snapshots[0][0])
+        weights = average(snapshots[1:], decay, start=first_ema, start_step=snapshots[0][0])
         how = {"kind": "ema", "decay": decay, "start": "the EMA of the first checkpoint"}
     base = run_dir / "export" / "ema"
     model = load_denoiser(base)
