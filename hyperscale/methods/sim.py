@@ -52,6 +52,7 @@ class SimConfig(MethodSection):
     # the fake score's own CFG in the generator loss, D_psi(null) + s (D_psi(c) - D_psi(null)); 1.0 = none,
     # 0: an unconditional fake score (SiD's Zero-CFG with teacher scale 1), < 0: Anti-CFG (§1.7)
     fake_guidance_scale: float = 1.0
+    fake_guidance_sigma: Optional[SigmaRange] = None  # the fake score's CFG only at VE sigma~ in (lo, hi] (§1.7)
     fake_cond_dropout: float = Field(0.0, ge=0, le=1)  # p(condition -> null) in the fake score's DSM (§1.7)
     teacher_clip_x0: bool = False  # clamp the teacher's x0-prediction D_phi to [-1, 1] (§1.12)
     fake_clip_x0: bool = False  # clamp the fake score's D_psi too, in y and the Stein term (§1.12)
@@ -75,6 +76,9 @@ class SimConfig(MethodSection):
         if p == 1.0 and s != 0.0:
             raise ValueError("fake_cond_dropout 1.0 trains only the fake score's unconditional branch: use it "
                              f"with fake_guidance_scale 0, not {s}")
+        if p == 1.0 and self.fake_guidance_sigma is not None:
+            raise ValueError("fake_cond_dropout 1.0 never trains the conditional branch that fake_guidance_sigma "
+                             "uses outside its interval: lower fake_cond_dropout or drop fake_guidance_sigma")
         return self
 
 
@@ -177,10 +181,11 @@ class Sim(Method):
         if self.config.teacher_clip_x0:
             d_phi = d_phi.clamp(-1, 1)
         s = self.config.fake_guidance_scale
-        if s == 0.0:  # the unconditional branch alone: one call
+        interval = self.config.fake_guidance_sigma
+        if s == 0.0 and interval is None:  # the unconditional branch alone: one call
             d_psi = fake_score(x_t, t, fake_score.null_cond(cond), out=Prediction.x0)
         else:
-            d_psi = (CFGDenoiser(fake_score, s) if s != 1.0 else fake_score)(x_t, t, cond, out=Prediction.x0)
+            d_psi = (CFGDenoiser(fake_score, s, interval) if s != 1.0 else fake_score)(x_t, t, cond, out=Prediction.x0)
         if self.config.fake_clip_x0:
             d_psi = d_psi.clamp(-1, 1)
         loss, dist = self.per_sample(d_phi, d_psi, x0)

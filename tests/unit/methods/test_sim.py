@@ -506,17 +506,20 @@ class _ScaledRing(_TwoClassRing):
         return 0.9 * super().raw(x_t, t, cond)
 
 
-@pytest.mark.parametrize("w,s,p", [(1.0, 0.0, 1.0), (1.5, -0.5, 0.2), (1.5, 1.5, 0.1)],
-                         ids=["zero-cfg", "anti-cfg", "equal-scales"])
-def test_fake_guidance_reads_the_fake_scores_own_cfg(w, s, p):
+@pytest.mark.parametrize("w,s,p,interval", [
+    (1.0, 0.0, 1.0, None), (1.5, -0.5, 0.2, None), (1.5, 1.5, 0.1, None), (1.5, 1.25, 0.1, (0.5, 10.0)),
+    (1.0, 0.0, 0.5, (0.0, 5.0))], ids=["zero-cfg", "anti-cfg", "equal-scales", "interval", "zero-cfg-interval"])
+def test_fake_guidance_reads_the_fake_scores_own_cfg(w, s, p, interval):
     """fake_guidance_scale s makes D_psi = D_psi(null) + s (D_psi(c) - D_psi(null)) in the generator loss
-    (s = 0: the unconditional branch alone), beside the teacher's own w; replayed draw for draw, loss
-    and generator gradients. With a fake equal to the teacher and s = w, y = 0 for every sample."""
+    (s = 0: the unconditional branch alone), beside the teacher's own w; with fake_guidance_sigma (lo, hi]
+    s applies only to samples whose sigma~ lies inside, 1 (the conditional branch) elsewhere. Replayed
+    draw for draw, loss and generator gradients. With a fake equal to the teacher and s = w, y = 0."""
     sched = DiscreteVP.from_config()
     torch.manual_seed(0)
     gen = MLPDenoiser(sched, 2, 16)
     teacher, fake = _TwoClassRing(sched), _ScaledRing(sched)
-    cfg = SimConfig(teacher_guidance_scale=w, fake_guidance_scale=s, fake_cond_dropout=p)
+    cfg = SimConfig(teacher_guidance_scale=w, fake_guidance_scale=s, fake_cond_dropout=p,
+                    fake_guidance_sigma=interval)
     cond = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(1)
     out = Sim(cfg).generator_loss(Batch(cond), generator=gen, fake_score=fake, teacher=teacher)
@@ -532,7 +535,13 @@ def test_fake_guidance_reads_the_fake_scores_own_cfg(w, s, p):
         d_c, d_u = net(x_t, tt, cond, out="sample"), net(x_t, tt, null, out="sample")
         return d_u + scale * (d_c - d_u)
 
-    d_phi, d_psi = guided(teacher, w), guided(fake, s)
+    scale = torch.full((8, 1), s)
+    if interval is not None:
+        sig = sched.sigma_ve(tt)
+        inside = (sig > interval[0]) & (sig <= interval[1])
+        assert 0 < int(inside.sum()) < 8  # both kinds of sample in this draw
+        scale = torch.where(inside, s, 1.0).view(8, 1)
+    d_phi, d_psi = guided(teacher, w), guided(fake, scale)
     assert (d_psi - fake(x_t, tt, cond, out="sample")).abs().max() > 0.05  # the fake's guidance matters here
     loss = Sim(cfg).per_sample(d_phi, d_psi, x0)[0]
     torch.testing.assert_close(out.loss, loss)
@@ -570,3 +579,7 @@ def test_fake_cond_dropout_trains_the_unconditional_branch_and_is_required_by_fa
         SimConfig(fake_guidance_scale=0.0)
     with pytest.raises(pydantic.ValidationError, match="use it with fake_guidance_scale 0"):
         SimConfig(fake_guidance_scale=0.5, fake_cond_dropout=1.0)
+    with pytest.raises(pydantic.ValidationError, match="drop fake_guidance_sigma"):
+        SimConfig(fake_guidance_scale=0.0, fake_cond_dropout=1.0, fake_guidance_sigma=(0.0, 5.0))
+    with pytest.raises(pydantic.ValidationError, match="0 <= lo < hi"):
+        SimConfig(fake_guidance_scale=1.2, fake_cond_dropout=0.1, fake_guidance_sigma=(5.0, 1.0))
