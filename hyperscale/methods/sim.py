@@ -185,7 +185,7 @@ class Sim(Method):
         if s == 0.0 and interval is None:  # the unconditional branch alone: one call
             d_psi = fake_score(x_t, t, fake_score.null_cond(cond), out=Prediction.x0)
         else:
-            d_psi = (CFGDenoiser(fake_score, s, interval) if s != 1.0 else fake_score)(x_t, t, cond, out=Prediction.x0)
+            d_psi = CFGDenoiser(fake_score, s, interval)(x_t, t, cond, out=Prediction.x0)  # s = 1: fake_score itself
         if self.config.fake_clip_x0:
             d_psi = d_psi.clamp(-1, 1)
         loss, dist = self.per_sample(d_phi, d_psi, x0)

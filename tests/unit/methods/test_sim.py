@@ -300,6 +300,17 @@ class _TwoClassRing(_ToyDenoiser):
 SIM_GPU = REPO / "jobs" / "configs" / "sim-gpu.yaml"
 
 
+def _interval_scales(sched, tt, scale, interval):
+    """(B, 1) guidance scales: ``scale`` where sigma~(tt) lies in (lo, hi], 1 elsewhere; everywhere
+    without an interval. Asserts the draw holds samples both inside and outside it."""
+    if interval is None:
+        return torch.full((len(tt), 1), scale)
+    sig = sched.sigma_ve(tt)
+    inside = (sig > interval[0]) & (sig <= interval[1])
+    assert 0 < int(inside.sum()) < len(tt)  # both kinds of sample in this draw
+    return torch.where(inside, scale, 1.0).view(-1, 1)
+
+
 @pytest.mark.parametrize("settings", [
     {"generator_weighting": "sid"},
     {"teacher_guidance_scale": 1.3},
@@ -344,13 +355,7 @@ def test_generator_loss_applies_sid_weighting_and_teacher_guidance_exactly(setti
     d_phi = d_cond
     if w != 1.0:
         d_null = teacher(x_t, tt, torch.ones_like(cond), out="sample")
-        ws = torch.full((8, 1), w)
-        if cfg.teacher_guidance_sigma is not None:
-            s_lo, s_hi = cfg.teacher_guidance_sigma
-            sig = sched.sigma_ve(tt)
-            inside = (sig > s_lo) & (sig <= s_hi)
-            assert 0 < int(inside.sum()) < 8  # both kinds of sample in this draw
-            ws = torch.where(inside, w, 1.0).view(8, 1)
+        ws = _interval_scales(sched, tt, w, cfg.teacher_guidance_sigma)
         d_phi = d_null + ws * (d_cond - d_null)
         assert (d_phi - d_cond).abs().max() > 0.05  # guidance changes the target here
     d_psi = fake(x_t, tt, cond, out="sample")
@@ -535,13 +540,7 @@ def test_fake_guidance_reads_the_fake_scores_own_cfg(w, s, p, interval):
         d_c, d_u = net(x_t, tt, cond, out="sample"), net(x_t, tt, null, out="sample")
         return d_u + scale * (d_c - d_u)
 
-    scale = torch.full((8, 1), s)
-    if interval is not None:
-        sig = sched.sigma_ve(tt)
-        inside = (sig > interval[0]) & (sig <= interval[1])
-        assert 0 < int(inside.sum()) < 8  # both kinds of sample in this draw
-        scale = torch.where(inside, s, 1.0).view(8, 1)
-    d_phi, d_psi = guided(teacher, w), guided(fake, scale)
+    d_phi, d_psi = guided(teacher, w), guided(fake, _interval_scales(sched, tt, s, interval))
     assert (d_psi - fake(x_t, tt, cond, out="sample")).abs().max() > 0.05  # the fake's guidance matters here
     loss = Sim(cfg).per_sample(d_phi, d_psi, x0)[0]
     torch.testing.assert_close(out.loss, loss)
