@@ -292,21 +292,31 @@ def carried_rows(record_path: str | os.PathLike, s: QualitySettings, teacher_sha
     return out
 
 
-def _student_rows(students: dict[str, str], s: QualitySettings) -> list[tuple[str, int, SampleFn, dict]]:
+def _student_rows(students: dict[str, str], s: QualitySettings,
+                  teacher_dir: str) -> list[tuple[str, int, SampleFn, dict]]:
     """(generator, steps, sample fn, extra row fields) per student row; every export is loaded here,
-    before the slow part, so a bad path fails at once."""
-    from hyperscale.models.build import load_denoiser
+    before the slow part, so a bad path fails at once. A bare diffusers LoRA (a shipped Hyper-SD
+    adapter) is applied to the teacher and merged."""
+    from hyperscale.models.build import load_denoiser, resolve_source
+    from hyperscale.models.export import SamplerSpec
     from hyperscale.models.generator import OneStepGenerator, export_sampler, load_generator
+    from hyperscale.models.lora import is_bare_adapter, merged_adapter
 
     rows = []
     for name, source in students.items():
         spec = StudentSpec.parse(source)
+        adapter = is_bare_adapter(resolve_source(spec.path))
+        if spec.steps is None and adapter:
+            raise ValueError(f"student '{name}': {spec.path} is a LoRA adapter (applied to the teacher); "
+                             f"give its step counts, e.g. {name}={spec.path}@1,2,4,8")
         if spec.steps is None:  # an exported 1-step generator, as before
             rows.append((name, 1, load_generator(spec.path), {}))
             continue
-        denoiser = load_denoiser(spec.path).eval()
+        if adapter:
+            denoiser, exported = merged_adapter(load_denoiser(teacher_dir), resolve_source(spec.path)), SamplerSpec()
+        else:
+            denoiser, exported = load_denoiser(spec.path).eval(), export_sampler(spec.path)
         sampler = spec.describe(s.student_eta)
-        exported = export_sampler(spec.path)
         for n in spec.steps:
             call = exported.one_step_at(n, spec.sampler)
             if call is not None:  # the unified export's own 1-step call (DMD's)
@@ -338,7 +348,7 @@ def run_quality(teacher_dir: str, out_dir: str, s: QualitySettings, command: str
         text = TextRows(teacher.eval(), s.seed)
     digest = weights_digest(teacher_dir)
     carried = carried_rows(carry_from, s, digest) if carry_from else []
-    student_rows = _student_rows(students or {}, s)
+    student_rows = _student_rows(students or {}, s, teacher_dir)
     run = QualityRun(s, Path(out_dir), text=text)
     run.teacher_sha256 = digest
     have = {(r["generator"], r["steps"]) for r in carried}

@@ -216,15 +216,16 @@ class ImageGenerator:
         LoRA (``pytorch_lora_weights.safetensors``, e.g. a Hyper-SD adapter, or the ``lora/`` of a
         LoRA student's export) is applied to ``lora_base`` and merged, so it samples as fast as
         plain weights; text-to-image adapters share the base's text encoders and VAE."""
-        from hyperscale.models.lora import LORA_WEIGHTS, load_lora, merge_lora
+        from hyperscale.models.lora import is_bare_adapter, merged_adapter
 
         path = Path(resolve_source(str(source)))
-        if (path / LORA_WEIGHTS).is_file() and not (path / EXPORT_META).is_file():
+        if is_bare_adapter(path):
             if lora_base is None:
                 raise FileNotFoundError(f"{source}: a LoRA adapter, but no base model to apply it to "
                                         f"(set the server's lora_base)")
             base = _load_denoiser(resolve_source(str(lora_base)))
-            return cls(merge_lora(load_lora(base, path)).eval(), False, family_of(base).class_names(base), name=name)
+            names = family_of(base).class_names(base)
+            return cls(merged_adapter(base, path), False, names, name=name)
         meta = json.loads((path / EXPORT_META).read_text())
         extra = meta.get("extra", {})
         spec = SamplerSpec.from_extra(extra)

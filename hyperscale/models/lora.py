@@ -300,6 +300,20 @@ def export_has_lora(directory: str | os.PathLike) -> bool:
     return (Path(directory) / "lora" / LORA_WEIGHTS).is_file()
 
 
+def is_bare_adapter(directory: str | os.PathLike) -> bool:
+    """Whether a directory holds only a diffusers-format LoRA (``pytorch_lora_weights.safetensors``,
+    no export metadata), e.g. a shipped Hyper-SD adapter: it needs a base model to sample."""
+    from hyperscale.models.build import EXPORT_META
+
+    return (Path(directory) / LORA_WEIGHTS).is_file() and not (Path(directory) / EXPORT_META).is_file()
+
+
+def merged_adapter(base: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """``base`` (consumed) with the adapter in ``directory`` applied and merged: samples as fast as
+    plain weights."""
+    return merge_lora(load_lora(base, directory)).eval()
+
+
 def _check_same_base(denoiser: nn.Module, directory: Path) -> None:
     """The export must come from the same architecture and noise schedule as ``denoiser``."""
     from hyperscale.models.build import EXPORT_META

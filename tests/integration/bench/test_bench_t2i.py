@@ -89,3 +89,29 @@ def test_quality_suite_on_a_text_to_image_teacher(tmp_path, teacher):
     again = json.loads(run_quality(str(teacher), str(tmp_path / "again"), s, command="again",
                                    carry_from=str(path)).read_text())
     assert [(r["generator"], r["fid"]) for r in again["rows"]] == [(r["generator"], r["fid"]) for r in rec["rows"][:4]]
+
+
+def test_a_bare_lora_adapter_is_scored_on_the_teacher(tmp_path, teacher):
+    """A shipped diffusers LoRA (a folder with only pytorch_lora_weights.safetensors) is applied to
+    the teacher and merged: a zero adapter scores exactly as the teacher's own DDIM row, a non-zero
+    one differently; without step counts it is refused by name."""
+    from hyperscale.models.lora import apply_lora, save_lora
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lora = apply_lora(load_denoiser(teacher), rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    save_lora(lora, tmp_path / "zero")  # lora_B starts at zero
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_lora(lora, tmp_path / "adapter")
+    s = QualitySettings(fid_samples=20, batch_size=10, teacher_steps=[2], reference_limit=200, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="LoRA adapter .*give its step counts"):
+        run_quality(str(teacher), str(tmp_path / "bad"), s, students={"zero": str(tmp_path / "zero")})
+    rec = json.loads(run_quality(str(teacher), str(tmp_path / "bench"), s, command="test", students={
+        "zero": f"{tmp_path / 'zero'}@2:ddim", "adapter": f"{tmp_path / 'adapter'}@2:ddim"}).read_text())
+    rows = {r["generator"]: r for r in rec["rows"]}
+    assert rows["zero"]["fid"] == pytest.approx(rows["teacher-ddim"]["fid"], rel=1e-5)
+    assert rows["zero"]["class_acc"] == rows["teacher-ddim"]["class_acc"]
+    assert abs(rows["adapter"]["fid"] - rows["teacher-ddim"]["fid"]) > 1e-3
