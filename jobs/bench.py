@@ -9,6 +9,9 @@
         --student hypersd-unified=runs/hypersd/unified@1,2,4,8 \\
         --student hypersd-tscd=runs/hypersd/tscd/export/ema@1,2,4,8:ddim \\
         --student cd-baseline=runs/cd/export/ema@1,2,4,8:ddim
+    # a bare diffusers LoRA folder (pytorch_lora_weights.safetensors) is applied to --teacher and merged
+    python jobs/bench.py --suite quality --teacher assets/fmnist-t2i/teacher --guidance-scale 1.5 \
+        --student hypersd-unified=assets/fmnist-t2i/hypersd-lora@1,2,4,8
     # speed: 1-step students vs the teacher at 25 and 50 steps, same batch, same process
     python jobs/bench.py --suite speed --student sim-pseudo-huber=runs/sim/export/ema
     # memory (docs/benchmarks.md §8): per-rank bytes under ZeRO 0-3 (2 local ranks), samples/s with 1 and 2 Ray
@@ -60,7 +63,8 @@ if __name__ == "__main__":
     p.add_argument("--teacher", default=str(ROOT / "assets" / "teacher"), help="teacher export (dir, hub id)")
     p.add_argument("--student", action="append", default=[], metavar="NAME=PATH[@STEPS[:SAMPLER]]",
                    help="an exported 1-step generator to add as a row, or any student export with step counts "
-                        "and a sampler (tcd, tcd=ETA, ddim) for one row per count (repeatable)")
+                        "and a sampler (tcd, tcd=ETA, ddim) for one row per count; a bare LoRA folder with step "
+                        "counts is applied to --teacher (repeatable)")
     p.add_argument("--eta", type=float, default=d.student_eta,
                    help="quality: TCD gamma for multi-step students without their own")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
